@@ -1,0 +1,114 @@
+"""Typed stage configuration, parsed once from Triton's ``args`` in ``initialize``.
+
+Every ``model.py`` builds a :class:`StageConfig` from ``args``; a missing or bad parameter raises
+:class:`~triton_backend.errors.ConfigError`, which fails the model load and names the parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+from .paths import MODEL_DIR_ENV, default_model_dir
+from .schema import RequestLimits
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """What one Triton model instance needs to know, resolved from ``config.pbtxt`` and the instance."""
+
+    model_name: str
+    model_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    num_threads: int
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    #: Names of other stages this one calls over BLS (``unet_model`` → ``"unet"``).
+    stages: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_triton_args(cls, args: dict[str, Any]) -> StageConfig:
+        """Parse Triton's ``initialize`` args: ``model_config`` JSON, instance kind and device id."""
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        kind = args.get("model_instance_kind", "CPU")
+        device_id = int(args.get("model_instance_device_id", 0) or 0)
+        instance_count = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+        return cls.from_params(config.get("name", "?"), params, kind=kind, device_id=device_id,
+                               instance_count=instance_count)
+
+    @classmethod
+    def from_params(
+        cls, model_name: str, params: dict[str, str], kind: str = "CPU", device_id: int = 0, instance_count: int = 1
+    ) -> StageConfig:
+        """Build from plain string parameters (what ``config.pbtxt`` holds); used directly by tests."""
+        if kind == "GPU":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"{model_name}: instance_group KIND_GPU but CUDA is not available")
+            device = torch.device(f"cuda:{device_id}")
+        else:
+            device = torch.device("cpu")
+
+        dtype_name = params.get("dtype", "auto") or "auto"
+        if dtype_name == "auto":
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+        elif dtype_name in _DTYPES:
+            dtype = _DTYPES[dtype_name]
+        else:
+            raise ConfigError(f"{model_name}: parameter dtype={dtype_name!r}; allowed: auto, {', '.join(_DTYPES)}")
+
+        model_dir = resolve_model_dir(params.get("model_dir", ""))
+        threads = _int_param(model_name, params, "num_threads", 0)
+        if threads <= 0:
+            threads = max(1, (os.cpu_count() or 1) // max(1, instance_count))
+        limits = RequestLimits(
+            max_steps=_int_param(model_name, params, "max_steps", RequestLimits.max_steps, minimum=1),
+            max_height=_int_param(model_name, params, "max_height", RequestLimits.max_height, minimum=8),
+            max_width=_int_param(model_name, params, "max_width", RequestLimits.max_width, minimum=8),
+            max_prompt_chars=_int_param(model_name, params, "max_prompt_chars", RequestLimits.max_prompt_chars, minimum=1),
+        )
+        stages = {k[: -len("_model")]: v for k, v in params.items() if k.endswith("_model") and v}
+        return cls(model_name, model_dir, device, dtype, threads, limits, stages, dict(params))
+
+    def apply_threads(self) -> None:
+        """Set torch's intra-op threads for this instance (CPU instances share the machine's cores)."""
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.num_threads)
+
+    def stage(self, role: str) -> str:
+        """Triton model name of the stage with ``role`` (config parameter ``{role}_model``), default ``role``."""
+        return self.stages.get(role, role)
+
+
+def resolve_model_dir(value: str) -> Path:
+    """``model_dir`` parameter → ``$SWIFTDIFFUSION_MODEL_DIR`` → the generated default model; must exist."""
+    raw = value or os.environ.get(MODEL_DIR_ENV, "") or str(default_model_dir())
+    path = Path(os.path.expanduser(raw))
+    if not (path / "model_index.json").is_file() and not (path / "unet" / "config.json").is_file():
+        raise ConfigError(
+            f"model_dir={str(path)!r} is not a diffusers model directory (no model_index.json); set the model_dir "
+            f"parameter or ${MODEL_DIR_ENV}, or run `swiftdiffusion default-model --out DIR`"
+        )
+    return path
+
+
+def _int_param(model: str, params: dict[str, str], name: str, default: int, minimum: int | None = None) -> int:
+    raw = params.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{model}: parameter {name}={raw!r} is not an integer") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{model}: parameter {name}={value} must be >= {minimum}")
+    return value

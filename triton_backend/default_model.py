@@ -1,0 +1,170 @@
+"""Generate the small, deterministic, random-weight default model (diffusers format).
+
+No model hub is reachable where SwiftDiffusion is built and tested, so the default model is written locally:
+a Stable-Diffusion-1.x-architecture pipeline (``UNet2DConditionModel``, ``AutoencoderKL``, ``CLIPTextModel``,
+a ``CLIPTokenizer`` whose vocabulary and merges are built here, a scheduler config) that
+``StableDiffusionPipeline.from_pretrained(DIR)`` loads. It is sized so a 4-step 64x64 request takes well under a
+second on a laptop CPU, and its weights are scaled up from the default init so that prompt, seed and scheduler
+visibly change the image (a near-constant gray image would make every equivalence test pass).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+#: Bump when the generated weights change, so a stale cached default model is regenerated.
+DEFAULT_MODEL_VERSION = "1"
+_MARKER = "swiftdiffusion_default_model.json"
+
+# Words that get whole-word BPE merges; everything else falls back to byte-level characters.
+_WORDS = (
+    "a an the of and with in on at photo painting portrait cat dog red blue green yellow black white house tree "
+    "mountain river city night day sky sun moon astronaut horse riding forest ocean beach car street flower garden "
+    "old young man woman robot castle snow rain fire water light dark bright blurry lowres ugly bad quality best "
+    "detailed landscape oil sketch watercolor cinematic style art"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte → printable-unicode table (the base alphabet of its byte-level BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def build_tokenizer_files(out: Path) -> int:
+    """Write ``vocab.json`` and ``merges.txt`` for a small CLIP BPE; returns the vocabulary size."""
+    base = list(_bytes_to_unicode().values())
+    vocab: list[str] = base + [c + "</w>" for c in base]
+    merges: list[str] = []
+    seen = set(vocab)
+    for word in _WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        current = symbols[0]
+        for nxt in symbols[1:]:
+            merged = current + nxt
+            rule = f"{current} {nxt}"
+            if merged not in seen:
+                merges.append(rule)
+                vocab.append(merged)
+                seen.add(merged)
+            current = merged
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return len(vocab)
+
+
+def _scale_weights(module: torch.nn.Module, factor: float) -> None:
+    """Scale every conv/linear weight so random features do not collapse to a flat gray image."""
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, (torch.nn.Conv2d, torch.nn.Linear)):
+                sub.weight.mul_(factor)
+
+
+def build_components(vocab_size: int) -> dict:
+    """Build the random-weight modules deterministically (fixed seeds, CPU, float32)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    _scale_weights(unet, 1.5)
+    torch.manual_seed(1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    _scale_weights(vae.decoder, 1.3)
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        )
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading",
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+def write_default_model(out: str | os.PathLike, force: bool = False) -> Path:
+    """Write the default model to ``out`` (atomically: a temp dir renamed into place); return its path.
+
+    Skips the work when ``out`` already holds this version of the default model, unless ``force``.
+    """
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    out = Path(out)
+    if not force and is_current_default_model(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".default-model-", dir=out.parent))
+    try:
+        tok_dir = tmp / "_tok"
+        vocab_size = build_tokenizer_files(tok_dir)
+        tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+        parts = build_components(vocab_size)
+        pipe = StableDiffusionPipeline(
+            **parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+        pipe.save_pretrained(tmp / "model", safe_serialization=True)
+        shutil.rmtree(tok_dir)
+        (tmp / "model" / _MARKER).write_text(json.dumps({"version": DEFAULT_MODEL_VERSION, "arch": "sd1"}))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp / "model", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def is_current_default_model(path: Path) -> bool:
+    """True when ``path`` holds a complete default model of the current version."""
+    try:
+        return json.loads((Path(path) / _MARKER).read_text()).get("version") == DEFAULT_MODEL_VERSION
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,144 @@
+"""Stage ``denoise``: the step loop (scheduler + classifier-free guidance), as ``StableDiffusionPipeline.__call__``.
+
+The loop is written against a ``UNetFn`` so the same code runs in-process (tests, against diffusers) and inside
+Triton, where ``UNetFn`` is a BLS call to the ``unet`` model. All request state lives in a :class:`DenoiseState`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+import dataclasses
+
+from .components import ModelInfo
+from .config import StageConfig
+from .errors import CancelledError, InvalidRequestError
+from .schedulers import make_scheduler
+from .schema import GenerationRequest, parse_request
+
+#: Request fields this stage consumes, besides ``PROMPT_EMBEDS`` from ``text_encoder``.
+INPUTS = ("SEED", "STEPS", "GUIDANCE_SCALE", "HEIGHT", "WIDTH", "SCHEDULER")
+
+#: ``(sample [B, C, h, w], timestep [B], encoder_hidden_states [B, S, D]) -> noise_pred [B, C, h, w]``
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DenoiseState:
+    """Everything one generation request owns during denoising (never stored on a shared object)."""
+
+    request: GenerationRequest
+    scheduler: SchedulerMixin
+    generator: torch.Generator
+    latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+    timesteps: torch.Tensor
+    extra_step_kwargs: dict[str, Any] = field(default_factory=dict)
+    step_index: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= len(self.timesteps)
+
+
+def resolve_size(request: GenerationRequest, info: ModelInfo) -> tuple[int, int]:
+    """Height and width in pixels; 0 means the model's native size; must be a multiple of the VAE factor."""
+    height = request.height or info.native_size
+    width = request.width or info.native_size
+    for name, value in (("HEIGHT", height), ("WIDTH", width)):
+        if value % info.vae_scale_factor:
+            raise InvalidRequestError(name, f"{value} must be a multiple of {info.vae_scale_factor}")
+    return height, width
+
+
+def prepare(request: GenerationRequest, prompt_embeds: torch.Tensor, info: ModelInfo) -> DenoiseState:
+    """Timesteps, initial noise and per-request scheduler, in diffusers' order (timesteps before noise)."""
+    expected = 2 if request.do_classifier_free_guidance else 1
+    if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != expected or prompt_embeds.shape[2] != info.cross_attention_dim:
+        raise InvalidRequestError(
+            "PROMPT_EMBEDS",
+            f"expected [{expected}, S, {info.cross_attention_dim}] for guidance_scale={request.guidance_scale}, "
+            f"got {list(prompt_embeds.shape)}",
+        )
+    height, width = resolve_size(request, info)
+    scheduler = make_scheduler(request.scheduler, info.scheduler_config)
+    scheduler.set_timesteps(request.steps, device="cpu")
+    generator = torch.Generator("cpu").manual_seed(request.seed)
+    shape = (1, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
+    latents = torch.randn(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
+    params = set(inspect.signature(scheduler.step).parameters)
+    extra = {}
+    if "eta" in params:
+        extra["eta"] = 0.0
+    if "generator" in params:
+        extra["generator"] = generator
+    return DenoiseState(request, scheduler, generator, latents, prompt_embeds.float(), scheduler.timesteps, extra)
+
+
+def model_input(state: DenoiseState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The UNet inputs of the current step: batch 2 (uncond, cond) with guidance, else batch 1."""
+    t = state.timesteps[state.step_index]
+    cfg = state.request.do_classifier_free_guidance
+    sample = torch.cat([state.latents] * 2) if cfg else state.latents
+    sample = state.scheduler.scale_model_input(sample, t)
+    timestep = t.reshape(1).float().expand(sample.shape[0]).contiguous()
+    return sample, timestep, state.prompt_embeds
+
+
+def apply_step(state: DenoiseState, noise_pred: torch.Tensor) -> None:
+    """Guidance ``u + g·(c − u)`` then ``scheduler.step``; advances the state by one step."""
+    if state.request.do_classifier_free_guidance:
+        uncond, cond = noise_pred.chunk(2)
+        noise_pred = uncond + state.request.guidance_scale * (cond - uncond)
+    t = state.timesteps[state.step_index]
+    state.latents = state.scheduler.step(noise_pred, t, state.latents, **state.extra_step_kwargs, return_dict=False)[0]
+    state.step_index += 1
+
+
+def run(
+    state: DenoiseState,
+    unet: UNetFn,
+    on_step: Callable[[DenoiseState], None] | None = None,
+    is_cancelled: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Run every remaining step; returns ``LATENTS [1, C, h, w]`` float32."""
+    while not state.done:
+        if is_cancelled is not None and is_cancelled():
+            raise CancelledError(f"cancelled by the client at step {state.step_index}")
+        apply_step(state, unet(*model_input(state)))
+        if on_step is not None:
+            on_step(state)
+    return state.latents.numpy()
+
+
+class Denoiser:
+    """The ``denoise`` stage of one model instance: parses its fields, owns no per-request state."""
+
+    def __init__(self, cfg: StageConfig):
+        self.cfg = cfg
+        self.info = ModelInfo.read(cfg.model_dir)
+        self.limits = dataclasses.replace(cfg.limits, size_multiple=self.info.vae_scale_factor)
+
+    def start(self, tensors: dict[str, np.ndarray]) -> DenoiseState:
+        """Validate the request fields and ``PROMPT_EMBEDS``; returns the request's fresh state."""
+        request = parse_request(tensors, self.limits, only=INPUTS)
+        embeds = tensors.get("PROMPT_EMBEDS")
+        if embeds is None:
+            raise InvalidRequestError("PROMPT_EMBEDS", "is required")
+        if embeds.dtype != np.float32:
+            raise InvalidRequestError("PROMPT_EMBEDS", f"expected FP32, got {embeds.dtype}")
+        return prepare(request, torch.from_numpy(np.array(embeds)), self.info)
+
+    def handle(
+        self, tensors: dict[str, np.ndarray], unet: UNetFn, is_cancelled: Callable[[], bool] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Triton entry: request fields + ``PROMPT_EMBEDS`` → ``LATENTS``."""
+        state = self.start(tensors)
+        return {"LATENTS": run(state, unet, is_cancelled=is_cancelled)}

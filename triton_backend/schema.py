@@ -1,0 +1,177 @@
+"""The public request schema of ``txt2img``: one frozen dataclass, parsed in one place.
+
+Pure (numpy only) so that the client library builds its inputs from the same table without importing torch.
+
+Inputs of ``txt2img`` (all shape ``[1]``)::
+
+    PROMPT           BYTES  required, UTF-8, non-empty; tokens beyond the text encoder's 77 are truncated
+                            like diffusers does (the tokenizer's ``truncation=True``)
+    NEGATIVE_PROMPT  BYTES  optional, default none (diffusers' empty unconditional prompt)
+    SEED             INT64  optional, default 0; seeds a CPU ``torch.Generator`` exactly as diffusers does
+    STEPS            INT32  optional, default 20; 1 .. max_steps
+    GUIDANCE_SCALE   FP32   optional, default 7.5; <= 1 skips the unconditional branch (as diffusers)
+    HEIGHT, WIDTH    INT32  optional, default 0 = the model's native size; multiples of 8, <= max_height/width
+    SCHEDULER        BYTES  optional, default "default" (the model directory's scheduler); see SCHEDULER_NAMES
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidRequestError
+
+SCHEDULER_NAMES = ("default", "euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "unipc")
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One request tensor: its Triton name and dtype, the dataclass attribute, and whether it is required."""
+
+    name: str
+    attr: str
+    triton_dtype: str
+    required: bool = False
+
+
+FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("PROMPT", "prompt", "BYTES", required=True),
+    FieldSpec("NEGATIVE_PROMPT", "negative_prompt", "BYTES"),
+    FieldSpec("SEED", "seed", "INT64"),
+    FieldSpec("STEPS", "steps", "INT32"),
+    FieldSpec("GUIDANCE_SCALE", "guidance_scale", "FP32"),
+    FieldSpec("HEIGHT", "height", "INT32"),
+    FieldSpec("WIDTH", "width", "INT32"),
+    FieldSpec("SCHEDULER", "scheduler", "BYTES"),
+)
+FIELDS_BY_NAME = {f.name: f for f in FIELDS}
+NUMPY_DTYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One text-to-image request, validated. ``height``/``width`` of 0 mean the model's native size."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int = 0
+    steps: int = 20
+    guidance_scale: float = 7.5
+    height: int = 0
+    width: int = 0
+    scheduler: str = "default"
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """diffusers: ``guidance_scale > 1`` runs the unconditional branch too."""
+        return self.guidance_scale > 1.0
+
+    def to_tensors(self) -> dict[str, np.ndarray]:
+        """The request as ``txt2img`` input tensors (shape ``[1]`` each); unset optional fields are omitted."""
+        out: dict[str, np.ndarray] = {}
+        for spec in FIELDS:
+            value = getattr(self, spec.attr)
+            if value is None:
+                continue
+            if spec.triton_dtype == "BYTES":
+                out[spec.name] = np.array([value.encode("utf-8")], dtype=np.object_)
+            else:
+                out[spec.name] = np.array([value], dtype=NUMPY_DTYPES[spec.triton_dtype])
+        return out
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Deployment limits the parser enforces (from the stage's config parameters)."""
+
+    max_steps: int = 150
+    max_height: int = 2048
+    max_width: int = 2048
+    max_prompt_chars: int = 8192
+    size_multiple: int = 8
+
+
+def parse_request(
+    tensors: Mapping[str, Any], limits: RequestLimits | None = None, only: tuple[str, ...] | None = None
+) -> GenerationRequest:
+    """Build a :class:`GenerationRequest` from input tensors, or raise ``InvalidRequestError(field, reason)``.
+
+    ``only`` restricts parsing to the fields one stage consumes (e.g. ``text_encoder`` needs only the prompts);
+    absent fields take their defaults. Required fields are required only when they are in ``only``.
+    """
+    limits = limits or RequestLimits()
+    names = only if only is not None else tuple(f.name for f in FIELDS)
+    values: dict[str, Any] = {}
+    for name in names:
+        spec = FIELDS_BY_NAME[name]
+        if name not in tensors or tensors[name] is None:
+            if spec.required:
+                raise InvalidRequestError(name, "is required")
+            continue
+        values[spec.attr] = _scalar(name, tensors[name], spec.triton_dtype)
+    if "prompt" not in values:
+        values["prompt"] = ""
+    request = GenerationRequest(**values)
+    _check(request, limits, set(names))
+    return request
+
+
+def _scalar(name: str, value: Any, triton_dtype: str) -> Any:
+    arr = np.asarray(value)
+    if arr.size != 1:
+        raise InvalidRequestError(name, f"expected exactly one element, got shape {list(arr.shape)}")
+    item = arr.reshape(-1)[0]
+    if triton_dtype == "BYTES":
+        if isinstance(item, (bytes, np.bytes_)):
+            try:
+                return bytes(item).decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidRequestError(name, "is not valid UTF-8") from None
+        if isinstance(item, str):
+            return item
+        raise InvalidRequestError(name, f"expected BYTES (a string), got {arr.dtype}")
+    expected = NUMPY_DTYPES[triton_dtype]
+    if arr.dtype != expected:
+        raise InvalidRequestError(name, f"expected {triton_dtype}, got {arr.dtype}")
+    return float(item) if triton_dtype == "FP32" else int(item)
+
+
+def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> None:
+    if "PROMPT" in names:
+        if not req.prompt.strip():
+            raise InvalidRequestError("PROMPT", "must not be empty")
+        if len(req.prompt) > limits.max_prompt_chars:
+            raise InvalidRequestError("PROMPT", f"{len(req.prompt)} characters; at most {limits.max_prompt_chars}")
+    if req.negative_prompt is not None and len(req.negative_prompt) > limits.max_prompt_chars:
+        raise InvalidRequestError(
+            "NEGATIVE_PROMPT", f"{len(req.negative_prompt)} characters; at most {limits.max_prompt_chars}"
+        )
+    if not 1 <= req.steps <= limits.max_steps:
+        raise InvalidRequestError("STEPS", f"{req.steps} is out of range; allowed 1 .. {limits.max_steps}")
+    if not math.isfinite(req.guidance_scale) or not 0.0 <= req.guidance_scale <= 100.0:
+        raise InvalidRequestError("GUIDANCE_SCALE", f"{req.guidance_scale} is out of range; allowed 0 .. 100")
+    if req.seed < 0:
+        raise InvalidRequestError("SEED", f"{req.seed} is negative; allowed 0 .. 2**63-1")
+    for field, value, maximum in (("HEIGHT", req.height, limits.max_height), ("WIDTH", req.width, limits.max_width)):
+        if value == 0:
+            continue  # the model's native size
+        if value < 0 or value % limits.size_multiple:
+            raise InvalidRequestError(field, f"{value} must be a positive multiple of {limits.size_multiple}")
+        if value > maximum:
+            raise InvalidRequestError(field, f"{value} exceeds the configured maximum {maximum}")
+    if req.scheduler not in SCHEDULER_NAMES:
+        raise InvalidRequestError("SCHEDULER", f"unknown scheduler {req.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}")
+
+
+def field_names() -> list[str]:
+    """Names of every ``txt2img`` input, in schema order."""
+    return [f.name for f in FIELDS]
+
+
+def request_defaults() -> dict[str, Any]:
+    """Default value of every optional attribute (documented in the README)."""
+    return {f.name: f.default for f in fields(GenerationRequest) if f.name != "prompt"}

@@ -1,0 +1,40 @@
+"""Stage ``vae``: latents → uint8 RGB image, as diffusers' ``vae.decode`` + ``VaeImageProcessor.postprocess``."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+from .components import ModelInfo, load_part
+from .config import StageConfig
+from .errors import InvalidRequestError
+
+
+class VaeDecoder:
+    """Decode ``LATENTS [1, C, h, w]`` float32 into ``IMAGE [h*f, w*f, 3]`` uint8 (f = the VAE scale factor)."""
+
+    def __init__(self, cfg: StageConfig):
+        self.cfg = cfg
+        self.info = ModelInfo.read(cfg.model_dir)
+        self.model = load_part(AutoencoderKL, cfg.model_dir, "vae", cfg.device, cfg.dtype)
+
+    @torch.inference_mode()
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Decode one latent; the uint8 conversion is diffusers' ``numpy_to_pil``: ``(x * 255).round()``."""
+        if latents.ndim != 4 or latents.shape[0] != 1 or latents.shape[1] != self.info.latent_channels:
+            raise InvalidRequestError(
+                "LATENTS", f"expected shape [1, {self.info.latent_channels}, h, w], got {list(latents.shape)}"
+            )
+        if latents.dtype != np.float32:
+            raise InvalidRequestError("LATENTS", f"expected FP32, got {latents.dtype}")
+        z = torch.from_numpy(latents).to(self.cfg.device, self.cfg.dtype) / self.info.scaling_factor
+        image = self.model.decode(z, return_dict=False)[0]
+        image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        return (image[0] * 255).round().astype(np.uint8)
+
+    def handle(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Triton entry: ``LATENTS`` → ``IMAGE``."""
+        if "LATENTS" not in tensors:
+            raise InvalidRequestError("LATENTS", "is required")
+        return {"IMAGE": self.decode(tensors["LATENTS"])}
