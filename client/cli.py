@@ -1,0 +1,77 @@
+"""``swiftdiffusion generate``: the gRPC client CLI (parses arguments, calls :class:`Client`, shows progress)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+
+from triton_backend.schema import SCHEDULER_NAMES, GenerationRequest
+
+from .client import Client, ClientError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``generate`` options; defaults are the schema's (omitted fields use the server-side defaults)."""
+    d = GenerationRequest(prompt="")
+    parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC endpoint HOST:PORT (default %(default)s)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
+    parser.add_argument("--height", type=int, default=d.height, help="pixels; 0 = the model's native size")
+    parser.add_argument("--width", type=int, default=d.width, help="pixels; 0 = the model's native size")
+    parser.add_argument("--scheduler", default=d.scheduler, choices=SCHEDULER_NAMES)
+    parser.add_argument("--timeout", type=float, default=None, help="client timeout in seconds")
+    parser.add_argument("-o", "--output", default="out.png", help="PNG file to write (default %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="do not show the progress line")
+
+
+def request_from_args(args: argparse.Namespace) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        scheduler=args.scheduler,
+    )
+
+
+def _progress(stop: threading.Event, steps: int) -> None:
+    """An elapsed-time progress line on stderr (the server answers once, so progress is indeterminate)."""
+    from tqdm import tqdm
+
+    with tqdm(total=None, desc=f"generating ({steps} steps)", unit="s", bar_format="{desc}: {elapsed}", file=sys.stderr) as bar:
+        while not stop.wait(0.1):
+            bar.refresh()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Send one request, write the PNG; exit code 0 on success, 2 on a rejected request, 1 otherwise."""
+    from PIL import Image
+
+    request = request_from_args(args)
+    stop = threading.Event()
+    spinner = None
+    if not args.no_progress and sys.stderr.isatty():
+        spinner = threading.Thread(target=_progress, args=(stop, request.steps), daemon=True)
+        spinner.start()
+    start = time.perf_counter()
+    try:
+        with Client(args.url, timeout_s=args.timeout) as client:
+            image = client.generate(request)
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if exc.status == "StatusCode.INVALID_ARGUMENT" else 1
+    finally:
+        stop.set()
+        if spinner is not None:
+            spinner.join()
+    Image.fromarray(image).save(args.output)
+    print(f"wrote {args.output} ({image.shape[1]}x{image.shape[0]}) in {time.perf_counter() - start:.2f}s")
+    return 0

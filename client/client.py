@@ -1,0 +1,119 @@
+"""A small typed gRPC client for the ``txt2img`` model, built on ``tritonclient.grpc``.
+
+Inputs are built from the same schema the server parses (:mod:`triton_backend.schema`), so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from triton_backend.schema import FIELDS_BY_NAME, GenerationRequest
+
+
+class ClientError(Exception):
+    """The server answered with an error; ``status`` is the gRPC status, ``message`` the server's message."""
+
+    def __init__(self, status: str, message: str):
+        self.status = status
+        self.message = message
+        super().__init__(f"{status}: {message}")
+
+
+class InvalidArgumentError(ClientError):
+    """A request field was rejected (the message names it)."""
+
+
+class NotFoundError(ClientError):
+    """An unknown model, LoRA or ControlNet (the message lists what exists)."""
+
+
+class RequestCancelledError(ClientError):
+    """The request was cancelled."""
+
+
+class ServerUnavailableError(ClientError):
+    """The server or one of its stages is down or unreachable."""
+
+
+_BY_STATUS = {
+    "StatusCode.INVALID_ARGUMENT": InvalidArgumentError,
+    "StatusCode.NOT_FOUND": NotFoundError,
+    "StatusCode.CANCELLED": RequestCancelledError,
+    "StatusCode.UNAVAILABLE": ServerUnavailableError,
+}
+
+
+def _raise_typed(exc: InferenceServerException) -> None:
+    status = str(exc.status() or "StatusCode.UNKNOWN")
+    raise _BY_STATUS.get(status, ClientError)(status, exc.message() or str(exc)) from exc
+
+
+def build_inputs(request: GenerationRequest) -> list[grpcclient.InferInput]:
+    """``txt2img`` inputs for ``request`` (unset optional fields are omitted; the server applies defaults)."""
+    inputs = []
+    for name, value in request.to_tensors().items():
+        tensor = grpcclient.InferInput(name, list(value.shape), FIELDS_BY_NAME[name].triton_dtype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
+
+
+class Client:
+    """Context-managed client for one server: ``generate`` returns the ``IMAGE [H, W, 3]`` uint8 array."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", model: str = "txt2img", timeout_s: float | None = None):
+        self.url = url
+        self.model = model
+        self.timeout_s = timeout_s
+        self._client = grpcclient.InferenceServerClient(url)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def is_ready(self) -> bool:
+        """True when the server and ``txt2img`` are ready."""
+        try:
+            return bool(self._client.is_server_ready() and self._client.is_model_ready(self.model))
+        except InferenceServerException:
+            return False
+
+    def generate(self, request: GenerationRequest | None = None, **fields: Any) -> np.ndarray:
+        """Generate one image; pass a :class:`GenerationRequest` or its fields as keywords."""
+        if request is None:
+            request = GenerationRequest(**fields)
+        try:
+            result = self._client.infer(
+                self.model,
+                build_inputs(request),
+                outputs=[grpcclient.InferRequestedOutput("IMAGE")],
+                client_timeout=self.timeout_s,
+            )
+        except InferenceServerException as exc:
+            _raise_typed(exc)
+        return result.as_numpy("IMAGE")
+
+    def infer_raw(self, inputs: dict[str, np.ndarray], model: str | None = None) -> dict[str, np.ndarray]:
+        """Send arbitrary tensors (dtype taken from the numpy dtype) — for stage calls and bad-input tests."""
+        from tritonclient.utils import np_to_triton_dtype
+
+        tensors = []
+        for name, value in inputs.items():
+            tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+            tensor.set_data_from_numpy(value)
+            tensors.append(tensor)
+        try:
+            result = self._client.infer(model or self.model, tensors, client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            _raise_typed(exc)
+        response = result.get_response()
+        return {out.name: result.as_numpy(out.name) for out in response.outputs}

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install (same as demo.sh), lint, and run the whole test suite, integration tests against the real
+# tritonserver included. CI (.ci/run) calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+VENV="${SWIFTDIFFUSION_VENV:-.venv}"
+"$VENV/bin/ruff" check .
+exec "$VENV/bin/python" -m pytest -q "$@"

@@ -1,0 +1,90 @@
+"""Shared fixtures: the generated default model, an in-process diffusers reference, the real tritonserver."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+#: Images from Triton must match diffusers within this many uint8 levels at any pixel (see README "Correctness").
+MAX_PIXEL_DIFF = 2
+#: ... and on average.
+MEAN_PIXEL_DIFF = 0.05
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from triton_backend.default_model import write_default_model
+
+    return write_default_model(tmp_path_factory.mktemp("models") / "default")
+
+
+@pytest.fixture(scope="session")
+def reference(model_dir: Path):
+    """A callable: ``GenerationRequest`` → uint8 image from ``StableDiffusionPipeline`` run in-process."""
+    from diffusers import StableDiffusionPipeline
+
+    from triton_backend.schedulers import make_scheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    base = pipe.scheduler
+
+    def run(request) -> np.ndarray:
+        pipe.scheduler = make_scheduler(request.scheduler, base)
+        out = pipe(
+            request.prompt,
+            negative_prompt=request.negative_prompt,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            height=request.height or None,
+            width=request.width or None,
+            generator=torch.Generator("cpu").manual_seed(request.seed),
+            output_type="np",
+        ).images[0]
+        return (out * 255).round().astype(np.uint8)
+
+    run.pipe = pipe
+    return run
+
+
+@pytest.fixture(scope="session")
+def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The real bundled tritonserver on our model repository, on free loopback ports, once per test run."""
+    from triton_backend.server import TritonServer
+
+    log = tmp_path_factory.mktemp("triton") / "server.log"
+    srv = TritonServer(model_dir=model_dir, log_file=log)
+    try:
+        srv.start(timeout=600)
+    except Exception:
+        print(log.read_text()[-5000:] if log.exists() else "(no log)")  # noqa: T201
+        raise
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def client(server):
+    from swiftdiffusion_client import Client
+
+    with Client(server.grpc_url, timeout_s=120) as c:
+        yield c
+
+
+def pixel_diff(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
+    """(max, mean) absolute difference in uint8 levels."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return int(d.max()), float(d.mean())
+
+
+def assert_same_image(a: np.ndarray, b: np.ndarray) -> None:
+    worst, mean = pixel_diff(a, b)
+    assert worst <= MAX_PIXEL_DIFF and mean <= MEAN_PIXEL_DIFF, f"max diff {worst}, mean diff {mean:.4f}"

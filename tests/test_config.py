@@ -1,0 +1,98 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from triton_backend.config import StageConfig
+from triton_backend.errors import ConfigError
+from triton_backend.paths import model_repository_dir
+
+REPO = model_repository_dir()
+
+
+def _load_config(name):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse((REPO / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def test_every_config_parses_and_has_a_model_py():
+    names = sorted(p.parent.name for p in REPO.glob("*/config.pbtxt"))
+    assert names == ["denoise", "text_encoder", "txt2img", "unet", "vae"]
+    for name in names:
+        config = _load_config(name)
+        assert config.name == name
+        if config.platform != "ensemble":
+            assert config.backend == "python"
+            assert (REPO / name / "1" / "model.py").is_file()
+
+
+def test_ensemble_wiring_matches_stage_inputs_and_outputs():
+    ensemble = _load_config("txt2img")
+    public = {i.name for i in ensemble.input}
+    produced = set(public)
+    for step in ensemble.ensemble_scheduling.step:
+        stage = _load_config(step.model_name)
+        stage_inputs = {i.name: i for i in stage.input}
+        assert set(step.input_map) <= set(stage_inputs), step.model_name
+        for key, value in step.input_map.items():
+            assert value in produced, f"{step.model_name}.{key} reads {value} before it is produced"
+        required = {n for n, i in stage_inputs.items() if not i.optional}
+        assert required <= set(step.input_map), f"{step.model_name} misses {required - set(step.input_map)}"
+        assert set(step.output_map) <= {o.name for o in stage.output}
+        produced |= set(step.output_map.values())
+    assert {o.name for o in ensemble.output} <= produced
+
+
+def test_public_contract_names_and_types():
+    ensemble = _load_config("txt2img")
+    types = {i.name: (i.data_type, i.optional) for i in ensemble.input}
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    assert types == {
+        "PROMPT": (pb.TYPE_STRING, True),  # required, enforced by text_encoder (see config.pbtxt)
+        "NEGATIVE_PROMPT": (pb.TYPE_STRING, True),
+        "SEED": (pb.TYPE_INT64, True),
+        "STEPS": (pb.TYPE_INT32, True),
+        "GUIDANCE_SCALE": (pb.TYPE_FP32, True),
+        "HEIGHT": (pb.TYPE_INT32, True),
+        "WIDTH": (pb.TYPE_INT32, True),
+        "SCHEDULER": (pb.TYPE_STRING, True),
+    }
+    (out,) = ensemble.output
+    assert out.name == "IMAGE" and out.data_type == pb.TYPE_UINT8 and list(out.dims) == [-1, -1, 3]
+
+
+def test_stage_config_from_params(model_dir):
+    cfg = StageConfig.from_params("unet", {"model_dir": str(model_dir), "max_steps": "30", "unet_model": "unet_b"},
+                                  instance_count=2)
+    assert cfg.device == torch.device("cpu") and cfg.dtype == torch.float32
+    assert cfg.limits.max_steps == 30
+    assert cfg.stage("unet") == "unet_b" and cfg.stage("vae") == "vae"
+    assert cfg.num_threads >= 1
+
+
+def test_model_dir_from_environment(model_dir, monkeypatch):
+    monkeypatch.setenv("SWIFTDIFFUSION_MODEL_DIR", str(model_dir))
+    assert StageConfig.from_params("x", {}).model_dir == Path(model_dir)
+
+
+@pytest.mark.parametrize(
+    "params,needle",
+    [
+        ({"dtype": "float8"}, "dtype"),
+        ({"max_steps": "many"}, "max_steps"),
+        ({"max_steps": "0"}, "max_steps"),
+        ({"model_dir": "/nonexistent/model"}, "model_dir"),
+    ],
+)
+def test_bad_parameters_fail_the_load_naming_them(model_dir, params, needle):
+    with pytest.raises(ConfigError, match=needle):
+        StageConfig.from_params("unet", {"model_dir": str(model_dir), **params})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_gpu_kind_without_cuda_fails_clearly(model_dir):
+    with pytest.raises(ConfigError, match="KIND_GPU"):
+        StageConfig.from_params("unet", {"model_dir": str(model_dir)}, kind="GPU")

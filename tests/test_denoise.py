@@ -1,0 +1,98 @@
+"""The package's stages, run in-process, equal diffusers' StableDiffusionPipeline (no server)."""
+
+import numpy as np
+import pytest
+import torch
+
+from triton_backend import denoise
+from triton_backend.components import ModelInfo
+from triton_backend.config import StageConfig
+from triton_backend.errors import CancelledError, InvalidRequestError
+from triton_backend.schema import GenerationRequest
+
+from .conftest import assert_same_image
+
+
+@pytest.fixture(scope="module")
+def stages(model_dir):
+    from triton_backend.text_encoding import TextEncoder
+    from triton_backend.unet_step import StepInput, UNetStep
+    from triton_backend.vae_decode import VaeDecoder
+
+    cfg = StageConfig.from_params("test", {"model_dir": str(model_dir)})
+    unet = UNetStep(cfg)
+    return TextEncoder(cfg), (lambda s, t, e: unet.forward(StepInput(s, t, e))), VaeDecoder(cfg), ModelInfo.read(model_dir)
+
+
+def generate(stages, request):
+    te, unet, vae, info = stages
+    state = denoise.prepare(request, torch.from_numpy(te.encode_request(request)), info)
+    return vae.decode(denoise.run(state, unet))
+
+
+@pytest.mark.parametrize("scheduler", ["default", "euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "unipc"])
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_equals_diffusers(stages, reference, scheduler, guidance):
+    req = GenerationRequest(prompt="a photo of a cat", negative_prompt="blurry", seed=5, steps=4,
+                            guidance_scale=guidance, scheduler=scheduler)
+    ours, ref = generate(stages, req), reference(req)
+    assert np.array_equal(ours, ref) or assert_same_image(ours, ref) is None
+
+
+def test_non_square_and_over_long_prompt_equal_diffusers(stages, reference):
+    req = GenerationRequest(prompt=" ".join(["cat"] * 200), seed=1, steps=3, height=48, width=96, scheduler="ddim")
+    ours = generate(stages, req)
+    assert ours.shape == (48, 96, 3)
+    assert_same_image(ours, reference(req))
+
+
+def test_guidance_at_most_one_skips_the_unconditional_branch(stages):
+    te, _, _, info = stages
+    calls = []
+
+    def unet(s, t, e):
+        calls.append(s.shape[0])
+        return torch.zeros_like(s)
+
+    for g, rows in ((1.0, 1), (0.5, 1), (1.01, 2)):
+        calls.clear()
+        req = GenerationRequest(prompt="x", steps=2, guidance_scale=g)
+        denoise.run(denoise.prepare(req, torch.from_numpy(te.encode_request(req)), info), unet)
+        assert calls == [rows, rows]
+
+
+def test_state_is_per_request(stages):
+    """Interleaving two requests step by step gives each its own result (no shared scheduler/generator)."""
+    te, unet, vae, info = stages
+    a = GenerationRequest(prompt="a cat", seed=1, steps=4, scheduler="euler_a")
+    b = GenerationRequest(prompt="a dog", seed=2, steps=4, scheduler="euler_a")
+    sa = denoise.prepare(a, torch.from_numpy(te.encode_request(a)), info)
+    sb = denoise.prepare(b, torch.from_numpy(te.encode_request(b)), info)
+    while not (sa.done and sb.done):
+        for s in (sa, sb):
+            if not s.done:
+                denoise.apply_step(s, unet(*denoise.model_input(s)))
+    assert np.array_equal(vae.decode(sa.latents.numpy()), generate(stages, a))
+    assert np.array_equal(vae.decode(sb.latents.numpy()), generate(stages, b))
+
+
+def test_cancellation_stops_the_loop(stages):
+    te, unet, _, info = stages
+    req = GenerationRequest(prompt="x", steps=5)
+    state = denoise.prepare(req, torch.from_numpy(te.encode_request(req)), info)
+    with pytest.raises(CancelledError):
+        denoise.run(state, unet, on_step=None, is_cancelled=lambda: state.step_index >= 2)
+    assert state.step_index == 2
+
+
+def test_embeds_shape_must_match_guidance(stages):
+    _, _, _, info = stages
+    req = GenerationRequest(prompt="x", guidance_scale=7.5)
+    with pytest.raises(InvalidRequestError, match="PROMPT_EMBEDS"):
+        denoise.prepare(req, torch.zeros(1, 77, info.cross_attention_dim), info)
+
+
+def test_size_must_be_a_multiple_of_the_vae_factor(stages):
+    _, _, _, info = stages
+    with pytest.raises(InvalidRequestError, match="WIDTH"):
+        denoise.resolve_size(GenerationRequest(prompt="x", width=60), info)

@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+
+from triton_backend.errors import InvalidRequestError
+from triton_backend.schema import FIELDS, SCHEDULER_NAMES, GenerationRequest, RequestLimits, parse_request
+
+
+def tensors(**overrides):
+    base = GenerationRequest(prompt="a cat", negative_prompt="blurry", seed=7, steps=4, height=64, width=64)
+    t = base.to_tensors()
+    for k, v in overrides.items():
+        if v is None:
+            t.pop(k, None)
+        else:
+            t[k] = v
+    return t
+
+
+def test_round_trip_through_tensors():
+    req = GenerationRequest(prompt="a cat", negative_prompt="dog", seed=3, steps=9, guidance_scale=2.5,
+                            height=128, width=64, scheduler="ddim")
+    assert parse_request(req.to_tensors()) == req
+
+
+def test_defaults_when_optional_fields_absent():
+    req = parse_request({"PROMPT": np.array([b"x"], dtype=object)})
+    assert req == GenerationRequest(prompt="x")
+    assert req.negative_prompt is None and req.do_classifier_free_guidance
+
+
+def test_every_field_has_a_dtype_and_attribute():
+    names = {f.name for f in FIELDS}
+    assert names == {"PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE_SCALE", "HEIGHT", "WIDTH", "SCHEDULER"}
+    for f in FIELDS:
+        assert hasattr(GenerationRequest(prompt="x"), f.attr)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("PROMPT", None),
+        ("PROMPT", np.array([b""], dtype=object)),
+        ("PROMPT", np.array([b"   "], dtype=object)),
+        ("PROMPT", np.array([b"\xff\xfe"], dtype=object)),
+        ("PROMPT", np.array([b"a", b"b"], dtype=object)),
+        ("STEPS", np.array([0], dtype=np.int32)),
+        ("STEPS", np.array([-3], dtype=np.int32)),
+        ("STEPS", np.array([151], dtype=np.int32)),
+        ("STEPS", np.array([4], dtype=np.int64)),
+        ("HEIGHT", np.array([60], dtype=np.int32)),
+        ("HEIGHT", np.array([4096], dtype=np.int32)),
+        ("WIDTH", np.array([-8], dtype=np.int32)),
+        ("GUIDANCE_SCALE", np.array([np.nan], dtype=np.float32)),
+        ("GUIDANCE_SCALE", np.array([-1.0], dtype=np.float32)),
+        ("SEED", np.array([-1], dtype=np.int64)),
+        ("SCHEDULER", np.array([b"warp_drive"], dtype=object)),
+        ("SCHEDULER", np.array([3], dtype=np.int32)),
+    ],
+)
+def test_bad_fields_name_the_field(field, value):
+    with pytest.raises(InvalidRequestError) as info:
+        parse_request(tensors(**{field: value}))
+    assert info.value.field == field
+    assert str(info.value).startswith(field)
+
+
+def test_unknown_scheduler_lists_valid_names():
+    with pytest.raises(InvalidRequestError) as info:
+        parse_request(tensors(SCHEDULER=np.array([b"nope"], dtype=object)))
+    for name in SCHEDULER_NAMES:
+        assert name in str(info.value)
+
+
+def test_limits_are_configurable():
+    limits = RequestLimits(max_steps=10, max_height=128, max_width=128, max_prompt_chars=6)
+    with pytest.raises(InvalidRequestError, match="STEPS"):
+        parse_request(tensors(STEPS=np.array([11], dtype=np.int32)), limits)
+    with pytest.raises(InvalidRequestError, match="PROMPT"):
+        parse_request(tensors(PROMPT=np.array([b"much too long"], dtype=object)), limits)
+    with pytest.raises(InvalidRequestError, match="WIDTH"):
+        parse_request(tensors(WIDTH=np.array([136], dtype=np.int32)), limits)
+
+
+def test_only_restricts_to_a_stage_fields():
+    req = parse_request({"STEPS": np.array([3], dtype=np.int32)}, only=("STEPS", "SEED"))
+    assert req.steps == 3
+    with pytest.raises(InvalidRequestError, match="PROMPT"):
+        parse_request({}, only=("PROMPT",))

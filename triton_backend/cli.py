@@ -1,0 +1,137 @@
+"""The ``swiftdiffusion`` command: ``default-model``, ``serve``, ``generate`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .paths import default_model_dir
+
+
+def _default_model(args: argparse.Namespace) -> int:
+    from .default_model import write_default_model
+
+    path = write_default_model(args.out, force=args.force)
+    print(f"default model written to {path}")
+    return 0
+
+
+def _ensure_model_dir(model_dir: str | None) -> Path:
+    """An explicit ``--model-dir`` is used as is; otherwise the default model is generated if missing."""
+    if model_dir:
+        return Path(model_dir)
+    from .default_model import write_default_model
+
+    return write_default_model(default_model_dir())
+
+
+def _server_from_args(args: argparse.Namespace):
+    from .server import TritonServer
+
+    kwargs = dict(
+        model_dir=_ensure_model_dir(args.model_dir),
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        log_file=Path(args.log_file) if args.log_file else None,
+    )
+    if args.model_repository:
+        kwargs["model_repository"] = Path(args.model_repository)
+    return TritonServer(**kwargs)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    server = _server_from_args(args)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"starting tritonserver on {server.model_repository} (model: {server.model_dir}) ...", flush=True)
+    server.start(timeout=args.ready_timeout)
+    print(
+        f"ready\n  gRPC:    {server.grpc_url}\n  HTTP:    {server.http_url}\n  metrics: {server.metrics_url}\n"
+        "Ctrl-C to stop.",
+        flush=True,
+    )
+    try:
+        while not stop.wait(0.5):
+            if server.process is None or server.process.poll() is not None:
+                print("tritonserver exited unexpectedly", file=sys.stderr)
+                return 1
+    finally:
+        print("stopping ...", flush=True)
+        server.stop()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The README's main job: start the server on the model, send one gRPC request, write a PNG, stop."""
+    from PIL import Image
+
+    from swiftdiffusion_client import Client, GenerationRequest
+
+    args.grpc_port = args.http_port = args.metrics_port = 0
+    with _server_from_args(args) as server:
+        print(f"server ready on {server.grpc_url}", flush=True)
+        request = GenerationRequest(prompt=args.prompt, seed=args.seed, steps=args.steps)
+        with Client(server.grpc_url) as client:
+            start = time.perf_counter()
+            image = client.generate(request)
+            elapsed = time.perf_counter() - start
+    Image.fromarray(image).save(args.output)
+    print(f"wrote {args.output} ({image.shape[1]}x{image.shape[0]}, {request.steps} steps) in {elapsed:.3f}s")
+    return 0
+
+
+def _add_server_args(p: argparse.ArgumentParser, ports: bool = True) -> None:
+    p.add_argument("--model-dir", default=None, help="diffusers SD model directory (default: the generated model)")
+    p.add_argument("--model-repository", default=None, help="Triton model repository (default: the bundled one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    p.add_argument("--log-file", default=None, help="write the server log here instead of the terminal")
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for all models to load")
+    if ports:
+        p.add_argument("--grpc-port", type=int, default=8001, help="0 = any free port")
+        p.add_argument("--http-port", type=int, default=8000, help="0 = any free port")
+        p.add_argument("--metrics-port", type=int, default=8002, help="0 = any free port")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from swiftdiffusion_client import cli as client_cli
+
+    parser = argparse.ArgumentParser(prog="swiftdiffusion", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("default-model", help="write the small deterministic random-weight default model")
+    p.add_argument("--out", default=str(default_model_dir()), help="output directory (default %(default)s)")
+    p.add_argument("--force", action="store_true", help="rewrite even if the directory is current")
+    p.set_defaults(func=_default_model)
+
+    p = sub.add_parser("serve", help="run the bundled tritonserver on the model repository")
+    _add_server_args(p)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("generate", help="send one txt2img request over gRPC and write a PNG")
+    client_cli.add_arguments(p)
+    p.set_defaults(func=client_cli.run)
+
+    p = sub.add_parser("demo", help="start a server, generate one image over gRPC, write it, stop")
+    _add_server_args(p, ports=False)
+    p.add_argument("--prompt", default="a photo of an astronaut riding a horse")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("-o", "--output", default="swiftdiffusion.png")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
