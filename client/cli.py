@@ -46,7 +46,9 @@ def _progress(stop: threading.Event, steps: int) -> None:
     """An elapsed-time progress line on stderr (the server answers once, so progress is indeterminate)."""
     from tqdm import tqdm
 
-    with tqdm(total=None, desc=f"generating ({steps} steps)", unit="s", bar_format="{desc}: {elapsed}", file=sys.stderr) as bar:
+    with tqdm(
+        total=None, desc=f"generating ({steps} steps)", unit="s", bar_format="{desc}: {elapsed}", file=sys.stderr
+    ) as bar:
         while not stop.wait(0.1):
             bar.refresh()
 

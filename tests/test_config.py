@@ -65,8 +65,9 @@ def test_public_contract_names_and_types():
 
 
 def test_stage_config_from_params(model_dir):
-    cfg = StageConfig.from_params("unet", {"model_dir": str(model_dir), "max_steps": "30", "unet_model": "unet_b"},
-                                  instance_count=2)
+    cfg = StageConfig.from_params(
+        "unet", {"model_dir": str(model_dir), "max_steps": "30", "unet_model": "unet_b"}, instance_count=2
+    )
     assert cfg.device == torch.device("cpu") and cfg.dtype == torch.float32
     assert cfg.limits.max_steps == 30
     assert cfg.stage("unet") == "unet_b" and cfg.stage("vae") == "vae"

@@ -21,7 +21,12 @@ def stages(model_dir):
 
     cfg = StageConfig.from_params("test", {"model_dir": str(model_dir)})
     unet = UNetStep(cfg)
-    return TextEncoder(cfg), (lambda s, t, e: unet.forward(StepInput(s, t, e))), VaeDecoder(cfg), ModelInfo.read(model_dir)
+    return (
+        TextEncoder(cfg),
+        (lambda s, t, e: unet.forward(StepInput(s, t, e))),
+        VaeDecoder(cfg),
+        ModelInfo.read(model_dir),
+    )
 
 
 def generate(stages, request):
@@ -33,8 +38,14 @@ def generate(stages, request):
 @pytest.mark.parametrize("scheduler", ["default", "euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "unipc"])
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
 def test_equals_diffusers(stages, reference, scheduler, guidance):
-    req = GenerationRequest(prompt="a photo of a cat", negative_prompt="blurry", seed=5, steps=4,
-                            guidance_scale=guidance, scheduler=scheduler)
+    req = GenerationRequest(
+        prompt="a photo of a cat",
+        negative_prompt="blurry",
+        seed=5,
+        steps=4,
+        guidance_scale=guidance,
+        scheduler=scheduler,
+    )
     ours, ref = generate(stages, req), reference(req)
     assert np.array_equal(ours, ref) or assert_same_image(ours, ref) is None
 

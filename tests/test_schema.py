@@ -17,8 +17,16 @@ def tensors(**overrides):
 
 
 def test_round_trip_through_tensors():
-    req = GenerationRequest(prompt="a cat", negative_prompt="dog", seed=3, steps=9, guidance_scale=2.5,
-                            height=128, width=64, scheduler="ddim")
+    req = GenerationRequest(
+        prompt="a cat",
+        negative_prompt="dog",
+        seed=3,
+        steps=9,
+        guidance_scale=2.5,
+        height=128,
+        width=64,
+        scheduler="ddim",
+    )
     assert parse_request(req.to_tensors()) == req
 
 

@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
 from swiftdiffusion_client import Client, ClientError, GenerationRequest, InvalidArgumentError
+
 from triton_backend.schema import SCHEDULER_NAMES
 
 from .conftest import assert_same_image, pixel_diff
@@ -18,8 +18,14 @@ pytestmark = pytest.mark.integration
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
 def test_txt2img_equals_diffusers(client, reference, scheduler, guidance):
-    req = GenerationRequest(prompt="a photo of a cat", negative_prompt="blurry", seed=11, steps=4,
-                            guidance_scale=guidance, scheduler=scheduler)
+    req = GenerationRequest(
+        prompt="a photo of a cat",
+        negative_prompt="blurry",
+        seed=11,
+        steps=4,
+        guidance_scale=guidance,
+        scheduler=scheduler,
+    )
     assert_same_image(client.generate(req), reference(req))
 
 
@@ -84,9 +90,14 @@ def test_concurrent_requests_each_get_their_own_result(server, reference):
     requests = [
         GenerationRequest(prompt=p, seed=s, steps=n, scheduler=k, guidance_scale=g)
         for p, s, n, k, g in [
-            ("a cat", 1, 4, "euler", 7.5), ("a dog", 2, 3, "ddim", 5.0), ("a tree", 3, 5, "euler_a", 7.5),
-            ("a house", 4, 2, "dpmpp_2m", 1.0), ("a horse", 5, 4, "unipc", 3.0), ("the moon", 6, 6, "pndm", 7.5),
-            ("a car", 7, 3, "default", 7.5), ("red sky", 8, 4, "euler", 9.0),
+            ("a cat", 1, 4, "euler", 7.5),
+            ("a dog", 2, 3, "ddim", 5.0),
+            ("a tree", 3, 5, "euler_a", 7.5),
+            ("a house", 4, 2, "dpmpp_2m", 1.0),
+            ("a horse", 5, 4, "unipc", 3.0),
+            ("the moon", 6, 6, "pndm", 7.5),
+            ("a car", 7, 3, "default", 7.5),
+            ("red sky", 8, 4, "euler", 9.0),
         ]
     ]
 
@@ -96,7 +107,7 @@ def test_concurrent_requests_each_get_their_own_result(server, reference):
 
     with ThreadPoolExecutor(8) as pool:
         images = list(pool.map(one, requests))
-    for req, image in zip(requests, images):
+    for req, image in zip(requests, images, strict=True):
         assert_same_image(image, reference(req))
 
 
@@ -105,16 +116,22 @@ def test_stages_are_callable_on_their_own(client, reference):
     embeds = client.infer_raw({"PROMPT": np.array([b"a photo of a cat"], dtype=object)}, model="text_encoder")
     assert embeds["PROMPT_EMBEDS"].shape == (2, 77, 32)
     latents = client.infer_raw(
-        {"PROMPT_EMBEDS": embeds["PROMPT_EMBEDS"], "SEED": np.array([9], dtype=np.int64),
-         "STEPS": np.array([3], dtype=np.int32)},
+        {
+            "PROMPT_EMBEDS": embeds["PROMPT_EMBEDS"],
+            "SEED": np.array([9], dtype=np.int64),
+            "STEPS": np.array([3], dtype=np.int32),
+        },
         model="denoise",
     )["LATENTS"]
     assert latents.shape == (1, 4, 8, 8)
     image = client.infer_raw({"LATENTS": latents}, model="vae")["IMAGE"]
     assert_same_image(image, reference(req))
     noise = client.infer_raw(
-        {"SAMPLE": np.zeros((2, 4, 8, 8), np.float32), "TIMESTEP": np.array([[10.0], [900.0]], np.float32),
-         "ENCODER_HIDDEN_STATES": embeds["PROMPT_EMBEDS"]},
+        {
+            "SAMPLE": np.zeros((2, 4, 8, 8), np.float32),
+            "TIMESTEP": np.array([[10.0], [900.0]], np.float32),
+            "ENCODER_HIDDEN_STATES": embeds["PROMPT_EMBEDS"],
+        },
         model="unet",
     )["NOISE_PRED"]
     assert noise.shape == (2, 4, 8, 8) and not np.allclose(noise[0], noise[1])

@@ -24,7 +24,7 @@ def test_batched_equals_single(unet):
     """Rows of different requests at different timesteps in one forward pass give each its own result."""
     steps = [_step(1), _step(2, rows=1), _step(3), _step(4, size=16)]
     batched = unet.forward_many(steps)
-    for step, out in zip(steps, batched):
+    for step, out in zip(steps, batched, strict=True):
         single = unet.forward(step)
         assert out.shape == single.shape
         torch.testing.assert_close(out, single, rtol=1e-4, atol=1e-5)
@@ -47,7 +47,11 @@ def test_per_row_timesteps_matter(unet):
 )
 def test_bad_tensors_are_rejected_by_name(unet, name, bad):
     s = _step(1)
-    fields = {"SAMPLE": s.sample, "TIMESTEP": s.timestep.reshape(-1, 1), "ENCODER_HIDDEN_STATES": s.encoder_hidden_states}
+    fields = {
+        "SAMPLE": s.sample,
+        "TIMESTEP": s.timestep.reshape(-1, 1),
+        "ENCODER_HIDDEN_STATES": s.encoder_hidden_states,
+    }
     fields.update(bad)
     with pytest.raises(InvalidRequestError) as info:
         parse_step({k: v.numpy() for k, v in fields.items()}, unet.info)

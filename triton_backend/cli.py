@@ -71,7 +71,6 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     """The README's main job: start the server on the model, send one gRPC request, write a PNG, stop."""
     from PIL import Image
-
     from swiftdiffusion_client import Client, GenerationRequest
 
     args.grpc_port = args.http_port = args.metrics_port = 0

@@ -43,8 +43,9 @@ class StageConfig:
         kind = args.get("model_instance_kind", "CPU")
         device_id = int(args.get("model_instance_device_id", 0) or 0)
         instance_count = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
-        return cls.from_params(config.get("name", "?"), params, kind=kind, device_id=device_id,
-                               instance_count=instance_count)
+        return cls.from_params(
+            config.get("name", "?"), params, kind=kind, device_id=device_id, instance_count=instance_count
+        )
 
     @classmethod
     def from_params(
@@ -74,7 +75,9 @@ class StageConfig:
             max_steps=_int_param(model_name, params, "max_steps", RequestLimits.max_steps, minimum=1),
             max_height=_int_param(model_name, params, "max_height", RequestLimits.max_height, minimum=8),
             max_width=_int_param(model_name, params, "max_width", RequestLimits.max_width, minimum=8),
-            max_prompt_chars=_int_param(model_name, params, "max_prompt_chars", RequestLimits.max_prompt_chars, minimum=1),
+            max_prompt_chars=_int_param(
+                model_name, params, "max_prompt_chars", RequestLimits.max_prompt_chars, minimum=1
+            ),
         )
         stages = {k[: -len("_model")]: v for k, v in params.items() if k.endswith("_model") and v}
         return cls(model_name, model_dir, device, dtype, threads, limits, stages, dict(params))

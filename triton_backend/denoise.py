@@ -6,6 +6,7 @@ Triton, where ``UNetFn`` is a BLS call to the ``unet`` model. All request state 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,8 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-
-import dataclasses
 
 from .components import ModelInfo
 from .config import StageConfig
@@ -61,7 +60,11 @@ def resolve_size(request: GenerationRequest, info: ModelInfo) -> tuple[int, int]
 def prepare(request: GenerationRequest, prompt_embeds: torch.Tensor, info: ModelInfo) -> DenoiseState:
     """Timesteps, initial noise and per-request scheduler, in diffusers' order (timesteps before noise)."""
     expected = 2 if request.do_classifier_free_guidance else 1
-    if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != expected or prompt_embeds.shape[2] != info.cross_attention_dim:
+    if (
+        prompt_embeds.ndim != 3
+        or prompt_embeds.shape[0] != expected
+        or prompt_embeds.shape[2] != info.cross_attention_dim
+    ):
         raise InvalidRequestError(
             "PROMPT_EMBEDS",
             f"expected [{expected}, S, {info.cross_attention_dim}] for guidance_scale={request.guidance_scale}, "

@@ -164,7 +164,9 @@ def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> No
         if value > maximum:
             raise InvalidRequestError(field, f"{value} exceeds the configured maximum {maximum}")
     if req.scheduler not in SCHEDULER_NAMES:
-        raise InvalidRequestError("SCHEDULER", f"unknown scheduler {req.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}")
+        raise InvalidRequestError(
+            "SCHEDULER", f"unknown scheduler {req.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}"
+        )
 
 
 def field_names() -> list[str]:

@@ -126,9 +126,12 @@ class TritonServer:
             str(pytriton_root() / "bin" / "tritonserver"),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backend_dir()}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
-            f"--http-address={self.host}", f"--http-port={self.http_port}",
-            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
             "--strict-readiness=true",
             "--exit-on-error=true",
@@ -144,7 +147,10 @@ class TritonServer:
                 setattr(self, name, free_port(self._client_host))
         out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
-            self.command(), env=server_env(self.model_dir), stdout=out or None, stderr=subprocess.STDOUT if out else None,
+            self.command(),
+            env=server_env(self.model_dir),
+            stdout=out or None,
+            stderr=subprocess.STDOUT if out else None,
             start_new_session=True,
         )
         try:

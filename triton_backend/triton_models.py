@@ -84,7 +84,11 @@ class DenoiseModel(_StageModel):
             out = bls_infer(
                 self.pb,
                 self.unet_model,
-                {"SAMPLE": sample.numpy(), "TIMESTEP": timestep.reshape(-1, 1).numpy(), "ENCODER_HIDDEN_STATES": hidden.numpy()},
+                {
+                    "SAMPLE": sample.numpy(),
+                    "TIMESTEP": timestep.reshape(-1, 1).numpy(),
+                    "ENCODER_HIDDEN_STATES": hidden.numpy(),
+                },
                 ["NOISE_PRED"],
             )
             return torch.from_numpy(out["NOISE_PRED"])
@@ -94,7 +98,8 @@ class DenoiseModel(_StageModel):
 
 class UNetModel(_StageModel):
     """``unet`` (dynamic batching): ``SAMPLE [b, 4, h, w]``, ``TIMESTEP [b, 1]``, ``ENCODER_HIDDEN_STATES [b, S, D]``
-    → ``NOISE_PRED [b, 4, h, w]``; rows of several requests run in one forward pass."""
+    → ``NOISE_PRED [b, 4, h, w]``; rows of several requests run in one forward pass.
+    """
 
     from .unet_step import INPUTS as inputs
 
@@ -110,5 +115,8 @@ class UNetModel(_StageModel):
             return [{"NOISE_PRED": out.numpy()} for out in self.stage.forward_many(steps)]
 
         return respond_batched(
-            requests, lambda r: parse_step(read_tensors(r, self.inputs, self.pb), self.stage.info), compute_many, self.pb
+            requests,
+            lambda r: parse_step(read_tensors(r, self.inputs, self.pb), self.stage.info),
+            compute_many,
+            self.pb,
         )

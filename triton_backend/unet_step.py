@@ -19,7 +19,7 @@ from .errors import InvalidRequestError
 
 @dataclass
 class StepInput:
-    """One Triton request to ``unet``: ``sample [b, C, h, w]``, ``timestep [b]``, ``encoder_hidden_states [b, S, D]``."""
+    """One ``unet`` request: ``sample [b, C, h, w]``, ``timestep [b]``, ``encoder_hidden_states [b, S, D]``."""
 
     sample: torch.Tensor
     timestep: torch.Tensor
@@ -29,7 +29,9 @@ class StepInput:
         """Shape/dtype checks naming the tensor; run per request so one bad request fails alone."""
         b = self.sample.shape[0] if self.sample.ndim == 4 else -1
         if self.sample.ndim != 4 or self.sample.shape[1] != info.latent_channels:
-            raise InvalidRequestError("SAMPLE", f"expected [b, {info.latent_channels}, h, w], got {list(self.sample.shape)}")
+            raise InvalidRequestError(
+                "SAMPLE", f"expected [b, {info.latent_channels}, h, w], got {list(self.sample.shape)}"
+            )
         if self.timestep.numel() != b:
             raise InvalidRequestError("TIMESTEP", f"expected {b} values (one per row), got {list(self.timestep.shape)}")
         ehs = self.encoder_hidden_states
@@ -79,12 +81,12 @@ class UNetStep:
                 torch.cat([steps[i].encoder_hidden_states for i in indices]),
             )
             noise = self.forward(merged)
-            for i, chunk in zip(indices, noise.split([steps[i].sample.shape[0] for i in indices])):
+            for i, chunk in zip(indices, noise.split([steps[i].sample.shape[0] for i in indices]), strict=True):
                 outputs[i] = chunk
         return outputs  # type: ignore[return-value]
 
 
-def parse_step(tensors: dict[str, "np.ndarray"], info: ModelInfo) -> StepInput:
+def parse_step(tensors: dict[str, np.ndarray], info: ModelInfo) -> StepInput:
     """Triton tensors of one ``unet`` request → a validated :class:`StepInput`."""
     for name in INPUTS:
         if name not in tensors:

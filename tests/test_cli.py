@@ -1,0 +1,155 @@
+"""The README's commands: ``swiftdiffusion serve`` + ``generate`` end to end, and a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from triton_backend.cli import build_parser
+from triton_backend.server import free_port
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent / "swiftdiffusion"
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_parser_has_the_documented_commands():
+    parser = build_parser()
+    args = parser.parse_args(
+        ["serve", "--model-dir", "/m", "--grpc-port", "1", "--http-port", "2", "--metrics-port", "3"]
+    )
+    assert (args.model_dir, args.grpc_port, args.http_port, args.metrics_port, args.host) == (
+        "/m",
+        1,
+        2,
+        3,
+        "127.0.0.1",
+    )
+    args = parser.parse_args(["generate", "--prompt", "x", "--scheduler", "ddim", "-o", "a.png"])
+    assert args.scheduler == "ddim" and args.output == "a.png"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--prompt", "x", "--scheduler", "nope"])
+
+
+def test_default_model_command_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        subprocess.run([str(BIN), "default-model", "--out", str(tmp_path / name)], check=True, capture_output=True)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+
+
+def test_serve_generate_and_clean_stop(model_dir, reference, tmp_path):
+    from PIL import Image
+
+    from triton_backend.schema import GenerationRequest
+
+    grpc, http, metrics = free_port(), free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            str(BIN),
+            "serve",
+            "--model-dir",
+            str(model_dir),
+            "--grpc-port",
+            str(grpc),
+            "--http-port",
+            str(http),
+            "--metrics-port",
+            str(metrics),
+            "--log-file",
+            str(tmp_path / "server.log"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        text = "".join(lines)
+        assert f"127.0.0.1:{grpc}" in text and f"127.0.0.1:{http}" in text and f":{metrics}/metrics" in text, text
+        (server_pid,) = _children(proc.pid)
+        stubs = _children(server_pid)
+        assert len(stubs) >= 5  # one Python stub per model instance
+        shm = [p for p in Path("/dev/shm").iterdir() if p.name.startswith("swiftdiffusion_")]
+        assert shm, "the server uses its own shared-memory prefix"
+
+        out = tmp_path / "out.png"
+        gen = subprocess.run(
+            [
+                str(BIN),
+                "generate",
+                "--url",
+                f"127.0.0.1:{grpc}",
+                "--prompt",
+                "a photo of a cat",
+                "--seed",
+                "3",
+                "--steps",
+                "4",
+                "--scheduler",
+                "euler_a",
+                "-o",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert gen.returncode == 0, gen.stderr
+        image = np.asarray(Image.open(out))
+        expected = reference(GenerationRequest(prompt="a photo of a cat", seed=3, steps=4, scheduler="euler_a"))
+        assert np.abs(image.astype(int) - expected).max() <= 2
+
+        bad = subprocess.run(
+            [
+                str(BIN),
+                "generate",
+                "--url",
+                f"127.0.0.1:{grpc}",
+                "--prompt",
+                "x",
+                "--steps",
+                "0",
+                "-o",
+                str(tmp_path / "bad.png"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert bad.returncode == 2 and "STEPS" in bad.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    assert proc.returncode == 0
+    assert not _alive(server_pid)
+    assert not [p for p in stubs if _alive(p)], "orphaned stub processes"
+    assert not [p for p in shm if p.exists()], "leaked /dev/shm regions"
