@@ -6,8 +6,10 @@ Every ``model.py`` builds a :class:`StageConfig` from ``args``; a missing or bad
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,8 @@ class StageConfig:
     #: Names of other stages this one calls over BLS (``unet_model`` → ``"unet"``).
     stages: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
+    #: The model repository this stage was loaded from (Triton's ``args["model_repository"]`` is the model's dir).
+    repository: Path | None = None
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any]) -> StageConfig:
@@ -43,9 +47,11 @@ class StageConfig:
         kind = args.get("model_instance_kind", "CPU")
         device_id = int(args.get("model_instance_device_id", 0) or 0)
         instance_count = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
-        return cls.from_params(
+        cfg = cls.from_params(
             config.get("name", "?"), params, kind=kind, device_id=device_id, instance_count=instance_count
         )
+        repo = args.get("model_repository")
+        return dataclasses.replace(cfg, repository=Path(repo).parent) if repo else cfg
 
     @classmethod
     def from_params(
@@ -115,3 +121,23 @@ def _int_param(model: str, params: dict[str, str], name: str, default: int, mini
     if minimum is not None and value < minimum:
         raise ConfigError(f"{model}: parameter {name}={value} must be >= {minimum}")
     return value
+
+
+def instance_count(config_pbtxt: Path) -> int:
+    """Total ``count`` over the ``instance_group`` entries of a ``config.pbtxt`` (1 when none is given)."""
+    try:
+        text = config_pbtxt.read_text()
+    except OSError:
+        raise ConfigError(f"cannot read {config_pbtxt}") from None
+    try:  # exact, where tritonclient's protobuf definitions are installed
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        return sum(g.count or 1 for g in config.instance_group) or 1
+    except ImportError:
+        pass
+    text = re.sub(r"#[^\n]*", "", text)
+    groups = re.findall(r"instance_group\s*\[(.*?)\]\s*(?:\n|$)", text, flags=re.S)
+    counts = [int(c) for g in groups for c in re.findall(r"count\s*:\s*(\d+)", g)]
+    return sum(counts) or 1

@@ -27,6 +27,33 @@ INPUTS = ("SEED", "STEPS", "GUIDANCE_SCALE", "HEIGHT", "WIDTH", "SCHEDULER")
 
 #: ``(sample [B, C, h, w], timestep [B], encoder_hidden_states [B, S, D]) -> noise_pred [B, C, h, w]``
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: Several independent UNet calls, run concurrently: ``[(sample, timestep, hidden), ...] -> [noise_pred, ...]``
+UNetManyFn = Callable[[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], list[torch.Tensor]]
+
+LATENT_PARALLEL_MODES = ("on", "off", "auto")
+
+
+def resolve_latent_parallel(mode: str, unet_instances: int) -> bool:
+    """``on``/``off``, or ``auto``: on when the UNet stage has at least two instances to run the branches on."""
+    if mode not in LATENT_PARALLEL_MODES:
+        raise ValueError(f"latent_parallel={mode!r}; allowed: {', '.join(LATENT_PARALLEL_MODES)}")
+    return mode == "on" or (mode == "auto" and unet_instances >= 2)
+
+
+def latent_parallel(unet_many: UNetManyFn) -> UNetFn:
+    """Latent parallelism (DESIGN.md §2, xDiT's "CFG parallel"): the unconditional and conditional rows of a
+    classifier-free-guidance step are independent, so they go out as two concurrent batch-1 UNet calls (two
+    instances/devices) and only the two noise predictions come back; :func:`apply_step` then combines
+    ``u + g·(c − u)`` exactly as for one batch-2 call. A batch-1 step (no guidance) is passed through.
+    """
+
+    def unet(sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        if sample.shape[0] == 1:
+            return unet_many([(sample, timestep, hidden)])[0]
+        rows = [(sample[i : i + 1], timestep[i : i + 1], hidden[i : i + 1]) for i in range(sample.shape[0])]
+        return torch.cat(unet_many(rows))
+
+    return unet
 
 
 @dataclass

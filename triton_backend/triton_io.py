@@ -6,6 +6,7 @@ in by the caller rather than imported here; this keeps the package importable (a
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -77,22 +78,49 @@ def respond_batched(
     ]
 
 
+#: One BLS call: (model name, input tensors, requested output names).
+BlsCall = tuple[str, Tensors, Sequence[str]]
+
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def bls_infer_many(pb_utils: Any, calls: Sequence[BlsCall]) -> list[Tensors]:
+    """Issue every BLS call at once and wait for all (``async_exec`` + ``asyncio.gather``).
+
+    Every ``InferenceRequest`` is built first, all are awaited together, then every response is checked; a
+    failed call raises with the callee's code (``INVALID_ARG`` stays an invalid-argument error, anything else
+    is ``UNAVAILABLE``). ``execute`` is synchronous here, so a private event loop drives the awaitables.
+    """
+    global _loop
+    requests = [
+        pb_utils.InferenceRequest(
+            model_name=model,
+            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()],
+            requested_output_names=list(outputs),
+        )
+        for model, inputs, outputs in calls
+    ]
+    if len(requests) == 1:
+        responses = [requests[0].exec()]
+    else:
+        if _loop is None:
+            _loop = asyncio.new_event_loop()
+        responses = _loop.run_until_complete(asyncio.gather(*(r.async_exec() for r in requests)))
+    results = []
+    for (model, _, outputs), response in zip(calls, responses, strict=True):
+        if response.has_error():
+            error = response.error()
+            code = error.code() if hasattr(error, "code") else None
+            if code is not None and code == getattr(pb_utils.TritonError, "INVALID_ARG", object()):
+                raise InvalidRequestError(model, error.message())
+            raise StageUnavailableError(f"{model}: {error.message()}")
+        results.append({name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs})
+    return results
+
+
 def bls_infer(pb_utils: Any, model_name: str, inputs: Tensors, output_names: Sequence[str]) -> Tensors:
-    """Call another Triton model synchronously (BLS); a failure raises with the callee's code and message."""
-    request = pb_utils.InferenceRequest(
-        model_name=model_name,
-        inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()],
-        requested_output_names=list(output_names),
-    )
-    response = request.exec()
-    if response.has_error():
-        error = response.error()
-        message = f"{model_name}: {error.message()}"
-        code = error.code() if hasattr(error, "code") else None
-        if code is not None and code == getattr(pb_utils.TritonError, "INVALID_ARG", object()):
-            raise InvalidRequestError(model_name, error.message())
-        raise StageUnavailableError(message)
-    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in output_names}
+    """One synchronous BLS call (see :func:`bls_infer_many`)."""
+    return bls_infer_many(pb_utils, [(model_name, inputs, output_names)])[0]
 
 
 def is_cancelled(request: Any) -> bool:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .config import StageConfig
-from .triton_io import bls_infer, is_cancelled, read_tensors, respond_batched, respond_each
+from .triton_io import bls_infer_many, is_cancelled, read_tensors, respond_batched, respond_each
 
 
 class _StageModel:
@@ -65,34 +67,57 @@ class VaeModel(_StageModel):
 
 
 class DenoiseModel(_StageModel):
-    """``denoise``: request fields + ``PROMPT_EMBEDS`` → ``LATENTS``; calls ``unet`` over BLS once per step."""
+    """``denoise``: request fields + ``PROMPT_EMBEDS`` → ``LATENTS``; calls ``unet`` over BLS once per step.
+
+    Parameter ``latent_parallel`` (``on``/``off``/``auto``): with guidance, send the two branches of each step as
+    two concurrent requests (two ``unet`` instances) instead of one batch-2 request; ``auto`` = on when the
+    ``unet`` model has at least two instances. The optional input ``LATENT_PARALLEL`` (BOOL) overrides it per
+    request (benchmarks, tests).
+    """
 
     from .denoise import INPUTS as _fields
 
-    inputs = ("PROMPT_EMBEDS", *_fields)
+    inputs = ("PROMPT_EMBEDS", *_fields, "LATENT_PARALLEL")
 
     def build(self, cfg: StageConfig) -> Any:
-        from .denoise import Denoiser
+        from .config import instance_count
+        from .denoise import Denoiser, resolve_latent_parallel
+        from .errors import ConfigError
 
         self.unet_model = cfg.stage("unet")
+        unet_instances = 1
+        if cfg.repository is not None and (cfg.repository / self.unet_model / "config.pbtxt").is_file():
+            unet_instances = instance_count(cfg.repository / self.unet_model / "config.pbtxt")
+        try:
+            self.latent_parallel = resolve_latent_parallel(cfg.params.get("latent_parallel", "auto"), unet_instances)
+        except ValueError as exc:
+            raise ConfigError(f"{cfg.model_name}: {exc}") from None
+        self.logger.log_info(f"denoise: latent_parallel={self.latent_parallel} (unet instances: {unet_instances})")
         return Denoiser(cfg)
 
     def handle(self, tensors: dict[str, Any], request: Any) -> dict[str, Any]:
         import torch
 
-        def unet(sample: Any, timestep: Any, hidden: Any) -> Any:
-            out = bls_infer(
-                self.pb,
-                self.unet_model,
-                {
-                    "SAMPLE": sample.numpy(),
-                    "TIMESTEP": timestep.reshape(-1, 1).numpy(),
-                    "ENCODER_HIDDEN_STATES": hidden.numpy(),
-                },
-                ["NOISE_PRED"],
-            )
-            return torch.from_numpy(out["NOISE_PRED"])
+        from .denoise import latent_parallel
 
+        def unet_many(calls: list[tuple[Any, Any, Any]]) -> list[Any]:
+            outs = bls_infer_many(
+                self.pb,
+                [
+                    (
+                        self.unet_model,
+                        {"SAMPLE": s.numpy(), "TIMESTEP": t.reshape(-1, 1).numpy(), "ENCODER_HIDDEN_STATES": e.numpy()},
+                        ["NOISE_PRED"],
+                    )
+                    for s, t, e in calls
+                ],
+            )
+            return [torch.from_numpy(o["NOISE_PRED"]) for o in outs]
+
+        parallel = self.latent_parallel
+        if "LATENT_PARALLEL" in tensors:
+            parallel = bool(np.asarray(tensors.pop("LATENT_PARALLEL")).reshape(-1)[0])
+        unet = latent_parallel(unet_many) if parallel else (lambda s, t, e: unet_many([(s, t, e)])[0])
         return self.stage.handle(tensors, unet, is_cancelled=lambda: is_cancelled(request))
 
 
