@@ -97,3 +97,12 @@ def test_bad_parameters_fail_the_load_naming_them(model_dir, params, needle):
 def test_gpu_kind_without_cuda_fails_clearly(model_dir):
     with pytest.raises(ConfigError, match="KIND_GPU"):
         StageConfig.from_params("unet", {"model_dir": str(model_dir)}, kind="GPU")
+
+
+def test_instance_count_reads_the_unet_config(tmp_path):
+    from triton_backend.config import instance_count
+
+    assert instance_count(REPO / "unet" / "config.pbtxt") == 2
+    assert instance_count(REPO / "denoise" / "config.pbtxt") == 4
+    (tmp_path / "config.pbtxt").write_text('name: "x"\nbackend: "python"\n')
+    assert instance_count(tmp_path / "config.pbtxt") == 1

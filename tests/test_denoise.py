@@ -107,3 +107,39 @@ def test_size_must_be_a_multiple_of_the_vae_factor(stages):
     _, _, _, info = stages
     with pytest.raises(InvalidRequestError, match="WIDTH"):
         denoise.resolve_size(GenerationRequest(prompt="x", width=60), info)
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "ddim"])
+def test_latent_parallel_equals_batch2_cfg_and_diffusers(stages, reference, scheduler):
+    te, unet, vae, info = stages
+    rows_per_call = []
+
+    def unet_many(calls):
+        rows_per_call.append([c[0].shape[0] for c in calls])
+        return [unet(*c) for c in calls]
+
+    req = GenerationRequest(prompt="a photo of a cat", negative_prompt="ugly", seed=8, steps=4, scheduler=scheduler)
+    embeds = torch.from_numpy(te.encode_request(req))
+    parallel = vae.decode(denoise.run(denoise.prepare(req, embeds, info), denoise.latent_parallel(unet_many)))
+    batch2 = vae.decode(denoise.run(denoise.prepare(req, embeds, info), unet))
+    assert rows_per_call == [[1, 1]] * 4  # two concurrent batch-1 calls per step
+    assert_same_image(parallel, batch2)
+    assert_same_image(parallel, reference(req))
+
+
+def test_latent_parallel_passes_through_without_guidance(stages):
+    te, unet, _, info = stages
+    calls = []
+    lp = denoise.latent_parallel(lambda c: calls.append(len(c)) or [unet(*x) for x in c])
+    req = GenerationRequest(prompt="x", steps=2, guidance_scale=1.0)
+    denoise.run(denoise.prepare(req, torch.from_numpy(te.encode_request(req)), info), lp)
+    assert calls == [1, 1]
+
+
+def test_resolve_latent_parallel():
+    assert denoise.resolve_latent_parallel("on", 1) is True
+    assert denoise.resolve_latent_parallel("off", 4) is False
+    assert denoise.resolve_latent_parallel("auto", 2) is True
+    assert denoise.resolve_latent_parallel("auto", 1) is False
+    with pytest.raises(ValueError, match="latent_parallel"):
+        denoise.resolve_latent_parallel("sometimes", 2)

@@ -202,3 +202,29 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def render_repository(
+    edits: dict[str, list[tuple[str, str]]], dest: Path | None = None, source: Path | None = None
+) -> Path:
+    """A copy of the model repository with text edits applied to ``<model>/config.pbtxt`` files.
+
+    Used by benchmarks and device checks to change instance groups, batching or parameters without touching
+    the shipped repository, e.g. ``{"unet": [("count: 2", "count: 1")]}``. An edit that matches nothing raises.
+    """
+    import tempfile
+
+    source = source or model_repository_dir()
+    dest = Path(dest or tempfile.mkdtemp(prefix="swiftdiffusion-repo-"))
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    for model, replacements in edits.items():
+        config = dest / model / "config.pbtxt"
+        text = config.read_text()
+        for old, new in replacements:
+            if old not in text:
+                raise ValueError(f"{model}/config.pbtxt has no {old!r} to replace")
+            text = text.replace(old, new)
+        config.write_text(text)
+    return dest

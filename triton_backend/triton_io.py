@@ -105,7 +105,11 @@ def bls_infer_many(pb_utils: Any, calls: Sequence[BlsCall]) -> list[Tensors]:
     else:
         if _loop is None:
             _loop = asyncio.new_event_loop()
-        responses = _loop.run_until_complete(asyncio.gather(*(r.async_exec() for r in requests)))
+
+        async def gather() -> list[Any]:  # async_exec needs a running loop when it is called
+            return list(await asyncio.gather(*(r.async_exec() for r in requests)))
+
+        responses = _loop.run_until_complete(gather())
     results = []
     for (model, _, outputs), response in zip(calls, responses, strict=True):
         if response.has_error():

@@ -1,0 +1,181 @@
+"""Latency and throughput of txt2img through Triton vs. in-process diffusers, measured side by side in one run.
+
+    python scripts/bench_pipeline.py [--model-dir DIR] [--steps 4] [--size 64] [--repeats 30] [--out results/]
+
+1. one request, in-process ``StableDiffusionPipeline`` vs. ``txt2img`` over gRPC (default repository:
+   two unet instances, latent parallelism on);
+2. latent parallel vs. batch-2 CFG on one unet instance (a rendered copy of the repository);
+3. throughput and p50/p99 at concurrency 1, 2, 4, 8 with step-level batching on vs. off (dynamic batching
+   removed from unet in a rendered copy).
+Prints a Markdown table and writes JSON under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from swiftdiffusion_client import Client, GenerationRequest  # noqa: E402
+
+from triton_backend.default_model import write_default_model  # noqa: E402
+from triton_backend.paths import default_model_dir  # noqa: E402
+from triton_backend.server import TritonServer, render_repository  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q))
+
+
+def in_process(model_dir: Path, req: GenerationRequest, repeats: int) -> list[float]:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    times = []
+    for i in range(repeats + 3):
+        start = time.perf_counter()
+        pipe(
+            req.prompt,
+            num_inference_steps=req.steps,
+            guidance_scale=req.guidance_scale,
+            height=req.height,
+            width=req.width,
+            generator=torch.Generator().manual_seed(req.seed),
+            output_type="np",
+        )
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def sequential(url: str, req: GenerationRequest, repeats: int) -> list[float]:
+    with Client(url) as c:
+        for _ in range(3):
+            c.generate(req)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            c.generate(req)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def load(url: str, req: GenerationRequest, concurrency: int, total: int) -> dict[str, float]:
+    clients = [Client(url) for _ in range(concurrency)]
+    latencies: list[float] = []
+
+    def worker(k: int) -> None:
+        for i in range(k, total, concurrency):
+            r = GenerationRequest(**{**req.__dict__, "seed": i})
+            start = time.perf_counter()
+            clients[k].generate(r)
+            latencies.append(time.perf_counter() - start)
+
+    sequential(url, req, 0)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(worker, range(concurrency)))
+    wall = time.perf_counter() - start
+    for c in clients:
+        c.close()
+    return {"images_per_s": total / wall, "p50_s": pct(latencies, 50), "p99_s": pct(latencies, 99)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--load-requests", type=int, default=32, help="requests per concurrency level")
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args()
+
+    model_dir = Path(args.model_dir) if args.model_dir else write_default_model(default_model_dir())
+    req = GenerationRequest(
+        prompt="a photo of an astronaut riding a horse",
+        seed=0,
+        steps=args.steps,
+        guidance_scale=7.5,
+        height=args.size,
+        width=args.size,
+        scheduler="default",
+    )
+    results: dict = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "model_dir": str(model_dir),
+        "request": req.__dict__,
+    }
+    rows = []
+
+    one_instance = render_repository(
+        {
+            "unet": [("count: 2", "count: 1")],
+            "denoise": [
+                ('"latent_parallel" value { string_value: "auto" }', '"latent_parallel" value { string_value: "off" }')
+            ],
+        }
+    )
+    no_batching = render_repository({"unet": [("dynamic_batching { max_queue_delay_microseconds: 0 }", "")]})
+
+    ref = in_process(model_dir, req, args.repeats)
+    results["diffusers_in_process_s"] = statistics.median(ref)
+    rows.append(("diffusers in-process (1 process, all threads)", statistics.median(ref), pct(ref, 95)))
+
+    with TritonServer(model_dir=model_dir) as server:
+        lp = sequential(server.grpc_url, req, args.repeats)
+        results["triton_latent_parallel_s"] = statistics.median(lp)
+        rows.append(("txt2img, latent parallel (2 unet instances x 1 thread)", statistics.median(lp), pct(lp, 95)))
+        results["load_batching_on"] = {c: load(server.grpc_url, req, c, args.load_requests) for c in (1, 2, 4, 8)}
+
+    with TritonServer(model_dir=model_dir, model_repository=one_instance) as server:
+        b2 = sequential(server.grpc_url, req, args.repeats)
+        results["triton_batch2_cfg_s"] = statistics.median(b2)
+        rows.append(("txt2img, batch-2 CFG (1 unet instance x 2 threads)", statistics.median(b2), pct(b2, 95)))
+
+    with TritonServer(model_dir=model_dir, model_repository=no_batching) as server:
+        results["load_batching_off"] = {c: load(server.grpc_url, req, c, args.load_requests) for c in (1, 2, 4, 8)}
+
+    print(
+        f"\n## One request ({req.steps} steps, {req.width}x{req.height}, guidance {req.guidance_scale}), "
+        f"median of {args.repeats}\n"
+    )
+    print("| configuration | median s | p95 s | vs diffusers |\n|---|---|---|---|")
+    for name, med, p95 in rows:
+        print(f"| {name} | {med:.4f} | {p95:.4f} | {med / results['diffusers_in_process_s']:.2f}x |")
+    print(
+        f"\nlatent parallel / batch-2 CFG latency ratio: "
+        f"{results['triton_latent_parallel_s'] / results['triton_batch2_cfg_s']:.2f}"
+    )
+    print(f"\n## Load ({args.load_requests} requests per level), step-level batching on vs off\n")
+    print(
+        "| concurrency | on: img/s | on: p50 s | on: p99 s | off: img/s | off: p50 s | off: p99 s | throughput on/off |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for c in (1, 2, 4, 8):
+        on, off = results["load_batching_on"][c], results["load_batching_off"][c]
+        print(
+            f"| {c} | {on['images_per_s']:.2f} | {on['p50_s']:.3f} | {on['p99_s']:.3f} | {off['images_per_s']:.2f} "
+            f"| {off['p50_s']:.3f} | {off['p99_s']:.3f} | {on['images_per_s'] / off['images_per_s']:.2f}x |"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_pipeline.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nwrote {out / 'bench_pipeline.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
