@@ -19,7 +19,7 @@ def _load_config(name):
 
 def test_every_config_parses_and_has_a_model_py():
     names = sorted(p.parent.name for p in REPO.glob("*/config.pbtxt"))
-    assert names == ["denoise", "text_encoder", "txt2img", "unet", "vae"]
+    assert names == ["denoise", "lora_manager", "text_encoder", "txt2img", "unet", "vae"]
     for name in names:
         config = _load_config(name)
         assert config.name == name
@@ -59,9 +59,14 @@ def test_public_contract_names_and_types():
         "HEIGHT": (pb.TYPE_INT32, True),
         "WIDTH": (pb.TYPE_INT32, True),
         "SCHEDULER": (pb.TYPE_STRING, True),
+        "LORA_NAMES": (pb.TYPE_STRING, True),
+        "LORA_SCALES": (pb.TYPE_FP32, True),
+        "LORA_BOUND_K": (pb.TYPE_INT32, True),
     }
-    (out,) = ensemble.output
-    assert out.name == "IMAGE" and out.data_type == pb.TYPE_UINT8 and list(out.dims) == [-1, -1, 3]
+    outputs = {o.name: o for o in ensemble.output}
+    image = outputs["IMAGE"]
+    assert image.data_type == pb.TYPE_UINT8 and list(image.dims) == [-1, -1, 3]
+    assert outputs["LORA_LANDED_STEP"].data_type == pb.TYPE_INT32
 
 
 def test_stage_config_from_params(model_dir):

@@ -38,7 +38,19 @@ def test_defaults_when_optional_fields_absent():
 
 def test_every_field_has_a_dtype_and_attribute():
     names = {f.name for f in FIELDS}
-    assert names == {"PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE_SCALE", "HEIGHT", "WIDTH", "SCHEDULER"}
+    assert names == {
+        "PROMPT",
+        "NEGATIVE_PROMPT",
+        "SEED",
+        "STEPS",
+        "GUIDANCE_SCALE",
+        "HEIGHT",
+        "WIDTH",
+        "SCHEDULER",
+        "LORA_NAMES",
+        "LORA_SCALES",
+        "LORA_BOUND_K",
+    }
     for f in FIELDS:
         assert hasattr(GenerationRequest(prompt="x"), f.attr)
 
@@ -94,3 +106,32 @@ def test_only_restricts_to_a_stage_fields():
     assert req.steps == 3
     with pytest.raises(InvalidRequestError, match="PROMPT"):
         parse_request({}, only=("PROMPT",))
+
+
+def test_lora_fields_round_trip_and_defaults():
+    req = GenerationRequest(prompt="x", lora_names=("a", "b"), lora_scales=(0.5, -1.0), lora_bound_k=3)
+    assert parse_request(req.to_tensors()) == req
+    bare = GenerationRequest(prompt="x", lora_names=("a",))
+    assert parse_request(bare.to_tensors()).loras == [("a", 1.0)]
+    assert "LORA_BOUND_K" not in GenerationRequest(prompt="x", lora_bound_k=2).to_tensors()
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"LORA_NAMES": np.array([b"a", b"a"], dtype=object)}, "LORA_NAMES"),
+        ({"LORA_NAMES": np.array([b""], dtype=object)}, "LORA_NAMES"),
+        ({"LORA_NAMES": np.array([b"a"] * 0 + [f"n{i}".encode() for i in range(9)], dtype=object)}, "LORA_NAMES"),
+        (
+            {"LORA_NAMES": np.array([b"a", b"b"], dtype=object), "LORA_SCALES": np.array([1.0], np.float32)},
+            "LORA_SCALES",
+        ),
+        ({"LORA_NAMES": np.array([b"a"], dtype=object), "LORA_SCALES": np.array([np.nan], np.float32)}, "LORA_SCALES"),
+        ({"LORA_NAMES": np.array([b"a"], dtype=object), "LORA_SCALES": np.array([1.0], np.float64)}, "LORA_SCALES"),
+        ({"LORA_NAMES": np.array([b"a"], dtype=object), "LORA_BOUND_K": np.array([-1], np.int32)}, "LORA_BOUND_K"),
+    ],
+)
+def test_bad_lora_fields(overrides, field):
+    with pytest.raises(InvalidRequestError) as info:
+        parse_request(tensors(**overrides))
+    assert info.value.field == field

@@ -10,7 +10,7 @@ import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -19,16 +19,39 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from .components import ModelInfo
 from .config import StageConfig
 from .errors import CancelledError, InvalidRequestError
+from .lora.patch import AdapterRef
 from .schedulers import make_scheduler
 from .schema import GenerationRequest, parse_request
 
 #: Request fields this stage consumes, besides ``PROMPT_EMBEDS`` from ``text_encoder``.
-INPUTS = ("SEED", "STEPS", "GUIDANCE_SCALE", "HEIGHT", "WIDTH", "SCHEDULER")
+INPUTS = (
+    "SEED",
+    "STEPS",
+    "GUIDANCE_SCALE",
+    "HEIGHT",
+    "WIDTH",
+    "SCHEDULER",
+    "LORA_NAMES",
+    "LORA_SCALES",
+    "LORA_BOUND_K",
+)
 
-#: ``(sample [B, C, h, w], timestep [B], encoder_hidden_states [B, S, D]) -> noise_pred [B, C, h, w]``
-UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-#: Several independent UNet calls, run concurrently: ``[(sample, timestep, hidden), ...] -> [noise_pred, ...]``
-UNetManyFn = Callable[[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], list[torch.Tensor]]
+Adapters = tuple[AdapterRef, ...]
+
+#: ``(sample [B, C, h, w], timestep [B], encoder_hidden_states [B, S, D], adapters) -> noise_pred [B, C, h, w]``;
+#: ``adapters`` is the LoRA set the UNet must have patched in for this step (empty = the base weights).
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Adapters], torch.Tensor]
+#: Several independent UNet calls, run concurrently: ``[(sample, timestep, hidden, adapters), ...] -> [noise_pred]``
+UNetManyFn = Callable[[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Adapters]]], list[torch.Tensor]]
+
+
+class LoraLoad(Protocol):
+    """An in-flight LoRA load (a ``concurrent.futures.Future`` in Triton): ``result()`` blocks, raises on failure."""
+
+    def done(self) -> bool: ...
+
+    def result(self) -> Adapters: ...
+
 
 LATENT_PARALLEL_MODES = ("on", "off", "auto")
 
@@ -47,10 +70,10 @@ def latent_parallel(unet_many: UNetManyFn) -> UNetFn:
     ``u + g·(c − u)`` exactly as for one batch-2 call. A batch-1 step (no guidance) is passed through.
     """
 
-    def unet(sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def unet(sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor, adapters: Adapters) -> torch.Tensor:
         if sample.shape[0] == 1:
-            return unet_many([(sample, timestep, hidden)])[0]
-        rows = [(sample[i : i + 1], timestep[i : i + 1], hidden[i : i + 1]) for i in range(sample.shape[0])]
+            return unet_many([(sample, timestep, hidden, adapters)])[0]
+        rows = [(sample[i : i + 1], timestep[i : i + 1], hidden[i : i + 1], adapters) for i in range(sample.shape[0])]
         return torch.cat(unet_many(rows))
 
     return unet
@@ -68,6 +91,11 @@ class DenoiseState:
     timesteps: torch.Tensor
     extra_step_kwargs: dict[str, Any] = field(default_factory=dict)
     step_index: int = 0
+    #: Bounded asynchronous LoRA loading: the load in flight, the step by which it must land, where it landed.
+    lora_load: LoraLoad | None = None
+    bound_k: int = 0
+    adapters: Adapters = ()
+    landed_step: int = -1
 
     @property
     def done(self) -> bool:
@@ -112,14 +140,31 @@ def prepare(request: GenerationRequest, prompt_embeds: torch.Tensor, info: Model
     return DenoiseState(request, scheduler, generator, latents, prompt_embeds.float(), scheduler.timesteps, extra)
 
 
-def model_input(state: DenoiseState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attach_loras(state: DenoiseState, load: LoraLoad, bound_k: int) -> None:
+    """Start bounded asynchronous loading: the LoRAs land as soon as ``load`` is done, by step ``bound_k`` at the
+    latest (clamped to the last step); ``bound_k = 0`` patches before the first step.
+    """
+    state.lora_load = load
+    state.bound_k = max(0, min(bound_k, len(state.timesteps) - 1))
+
+
+def poll_loras(state: DenoiseState) -> None:
+    """At the start of a step: take the loaded LoRAs if ready; at step ``bound_k`` wait for them."""
+    if state.lora_load is None or state.landed_step >= 0:
+        return
+    if state.step_index >= state.bound_k or state.lora_load.done():
+        state.adapters = tuple(state.lora_load.result())
+        state.landed_step = state.step_index
+
+
+def model_input(state: DenoiseState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Adapters]:
     """The UNet inputs of the current step: batch 2 (uncond, cond) with guidance, else batch 1."""
     t = state.timesteps[state.step_index]
     cfg = state.request.do_classifier_free_guidance
     sample = torch.cat([state.latents] * 2) if cfg else state.latents
     sample = state.scheduler.scale_model_input(sample, t)
     timestep = t.reshape(1).float().expand(sample.shape[0]).contiguous()
-    return sample, timestep, state.prompt_embeds
+    return sample, timestep, state.prompt_embeds, state.adapters
 
 
 def apply_step(state: DenoiseState, noise_pred: torch.Tensor) -> None:
@@ -142,6 +187,7 @@ def run(
     while not state.done:
         if is_cancelled is not None and is_cancelled():
             raise CancelledError(f"cancelled by the client at step {state.step_index}")
+        poll_loras(state)
         apply_step(state, unet(*model_input(state)))
         if on_step is not None:
             on_step(state)
@@ -167,8 +213,27 @@ class Denoiser:
         return prepare(request, torch.from_numpy(np.array(embeds)), self.info)
 
     def handle(
-        self, tensors: dict[str, np.ndarray], unet: UNetFn, is_cancelled: Callable[[], bool] | None = None
+        self,
+        tensors: dict[str, np.ndarray],
+        unet: UNetFn,
+        load_loras: Callable[[list[tuple[str, float]]], LoraLoad] | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Triton entry: request fields + ``PROMPT_EMBEDS`` → ``LATENTS``."""
+        """Triton entry: request fields + ``PROMPT_EMBEDS`` → ``LATENTS`` and ``LORA_LANDED_STEP`` (-1: no LoRA).
+
+        With LoRAs, ``load_loras`` starts their load (BLS to ``lora_manager``) and denoising starts at once.
+        """
         state = self.start(tensors)
-        return {"LATENTS": run(state, unet, is_cancelled=is_cancelled)}
+        request = state.request
+        if request.lora_names:
+            if load_loras is None:
+                raise InvalidRequestError("LORA_NAMES", "this deployment has no lora_manager")
+            k = request.lora_bound_k if request.lora_bound_k is not None else self.default_bound_k(request.steps)
+            attach_loras(state, load_loras(request.loras), k)
+        latents = run(state, unet, is_cancelled=is_cancelled)
+        return {"LATENTS": latents, "LORA_LANDED_STEP": np.array([state.landed_step], dtype=np.int32)}
+
+    def default_bound_k(self, steps: int) -> int:
+        """Config ``lora_bound_k``: an integer, or ``auto`` = 40% of the steps (the artifact's K = 20 of 50)."""
+        raw = self.cfg.params.get("lora_bound_k", "auto") or "auto"
+        return round(0.4 * steps) if raw == "auto" else int(raw)

@@ -12,6 +12,13 @@ Inputs of ``txt2img`` (all shape ``[1]``)::
     GUIDANCE_SCALE   FP32   optional, default 7.5; <= 1 skips the unconditional branch (as diffusers)
     HEIGHT, WIDTH    INT32  optional, default 0 = the model's native size; multiples of 8, <= max_height/width
     SCHEDULER        BYTES  optional, default "default" (the model directory's scheduler); see SCHEDULER_NAMES
+
+LoRAs (bounded asynchronous loading)::
+
+    LORA_NAMES       BYTES [m]  optional; names in the LoRA store (file names without .safetensors), unique
+    LORA_SCALES      FP32  [m]  optional, default 1.0 each; finite, |s| <= 16
+    LORA_BOUND_K     INT32 [1]  optional, default: the deployment's ``lora_bound_k``; the step by which the LoRAs
+                                must be patched in (0 = before the first step); clamped to STEPS - 1
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ class FieldSpec:
     attr: str
     triton_dtype: str
     required: bool = False
+    #: A ``[m]`` vector rather than a ``[1]`` scalar.
+    vector: bool = False
 
 
 FIELDS: tuple[FieldSpec, ...] = (
@@ -47,6 +56,9 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("HEIGHT", "height", "INT32"),
     FieldSpec("WIDTH", "width", "INT32"),
     FieldSpec("SCHEDULER", "scheduler", "BYTES"),
+    FieldSpec("LORA_NAMES", "lora_names", "BYTES", vector=True),
+    FieldSpec("LORA_SCALES", "lora_scales", "FP32", vector=True),
+    FieldSpec("LORA_BOUND_K", "lora_bound_k", "INT32"),
 )
 FIELDS_BY_NAME = {f.name: f for f in FIELDS}
 NUMPY_DTYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
@@ -64,6 +76,15 @@ class GenerationRequest:
     height: int = 0
     width: int = 0
     scheduler: str = "default"
+    lora_names: tuple[str, ...] = ()
+    lora_scales: tuple[float, ...] = ()
+    lora_bound_k: int | None = None
+
+    @property
+    def loras(self) -> list[tuple[str, float]]:
+        """``(name, scale)`` pairs; scales default to 1.0."""
+        scales = self.lora_scales or (1.0,) * len(self.lora_names)
+        return list(zip(self.lora_names, scales, strict=True))
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -75,9 +96,14 @@ class GenerationRequest:
         out: dict[str, np.ndarray] = {}
         for spec in FIELDS:
             value = getattr(self, spec.attr)
-            if value is None:
+            if value is None or (spec.vector and not value):
                 continue
-            if spec.triton_dtype == "BYTES":
+            if spec.name == "LORA_BOUND_K" and not self.lora_names:
+                continue
+            if spec.vector:
+                values = [v.encode("utf-8") for v in value] if spec.triton_dtype == "BYTES" else list(value)
+                out[spec.name] = np.array(values, dtype=NUMPY_DTYPES[spec.triton_dtype])
+            elif spec.triton_dtype == "BYTES":
                 out[spec.name] = np.array([value.encode("utf-8")], dtype=np.object_)
             else:
                 out[spec.name] = np.array([value], dtype=NUMPY_DTYPES[spec.triton_dtype])
@@ -92,6 +118,7 @@ class RequestLimits:
     max_height: int = 2048
     max_width: int = 2048
     max_prompt_chars: int = 8192
+    max_loras: int = 8
     size_multiple: int = 8
 
 
@@ -112,7 +139,10 @@ def parse_request(
             if spec.required:
                 raise InvalidRequestError(name, "is required")
             continue
-        values[spec.attr] = _scalar(name, tensors[name], spec.triton_dtype)
+        if spec.vector:
+            values[spec.attr] = _vector(name, tensors[name], spec.triton_dtype)
+        else:
+            values[spec.attr] = _scalar(name, tensors[name], spec.triton_dtype)
     if "prompt" not in values:
         values["prompt"] = ""
     request = GenerationRequest(**values)
@@ -140,6 +170,35 @@ def _scalar(name: str, value: Any, triton_dtype: str) -> Any:
     return float(item) if triton_dtype == "FP32" else int(item)
 
 
+def _vector(name: str, value: Any, triton_dtype: str) -> tuple:
+    arr = np.asarray(value).reshape(-1)
+    if triton_dtype == "BYTES":
+        return tuple(_scalar(name, arr[i : i + 1], "BYTES") for i in range(arr.size))
+    expected = NUMPY_DTYPES[triton_dtype]
+    if arr.dtype != expected:
+        raise InvalidRequestError(name, f"expected {triton_dtype}, got {arr.dtype}")
+    return tuple(float(v) if triton_dtype == "FP32" else int(v) for v in arr)
+
+
+def _check_loras(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> None:
+    if "LORA_NAMES" in names:
+        if len(req.lora_names) > limits.max_loras:
+            raise InvalidRequestError("LORA_NAMES", f"{len(req.lora_names)} LoRAs; at most {limits.max_loras}")
+        if any(not n.strip() for n in req.lora_names):
+            raise InvalidRequestError("LORA_NAMES", "names must not be empty")
+        if len(set(req.lora_names)) != len(req.lora_names):
+            raise InvalidRequestError("LORA_NAMES", "each LoRA may appear once (use LORA_SCALES to weight it)")
+    if "LORA_SCALES" in names and req.lora_scales:
+        if len(req.lora_scales) != len(req.lora_names):
+            raise InvalidRequestError(
+                "LORA_SCALES", f"{len(req.lora_scales)} scales for {len(req.lora_names)} LORA_NAMES; counts must agree"
+            )
+        if not all(math.isfinite(s) and abs(s) <= 16 for s in req.lora_scales):
+            raise InvalidRequestError("LORA_SCALES", f"{list(req.lora_scales)}: each must be finite, |s| <= 16")
+    if "LORA_BOUND_K" in names and req.lora_bound_k is not None and req.lora_bound_k < 0:
+        raise InvalidRequestError("LORA_BOUND_K", f"{req.lora_bound_k} is negative; 0 = patch before the first step")
+
+
 def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> None:
     if "PROMPT" in names:
         if not req.prompt.strip():
@@ -163,6 +222,7 @@ def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> No
             raise InvalidRequestError(field, f"{value} must be a positive multiple of {limits.size_multiple}")
         if value > maximum:
             raise InvalidRequestError(field, f"{value} exceeds the configured maximum {maximum}")
+    _check_loras(req, limits, names)
     if req.scheduler not in SCHEDULER_NAMES:
         raise InvalidRequestError(
             "SCHEDULER", f"unknown scheduler {req.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}"

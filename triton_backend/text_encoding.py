@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
 import numpy as np
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .components import load_part
 from .config import StageConfig
+from .lora.patch import AdapterRef, WeightPatcher
+from .lora.store import has_text_encoder_layers, resolve_lora_path
 from .schema import GenerationRequest, parse_request
 
 #: The request fields this stage consumes (the ensemble maps these ``txt2img`` inputs onto it).
-INPUTS = ("PROMPT", "NEGATIVE_PROMPT", "GUIDANCE_SCALE")
+INPUTS = ("PROMPT", "NEGATIVE_PROMPT", "GUIDANCE_SCALE", "LORA_NAMES", "LORA_SCALES")
+
+#: Blocking LoRA load: ``[(name, scale), ...] -> adapters`` (a BLS call to ``lora_manager`` in Triton).
+LoadLorasSync = Callable[[list[tuple[str, float]]], Sequence[AdapterRef]]
 
 
 class TextEncoder:
@@ -22,6 +30,8 @@ class TextEncoder:
         self.tokenizer = CLIPTokenizer.from_pretrained(str(cfg.model_dir / "tokenizer"))
         self.model = load_part(CLIPTextModel, cfg.model_dir, "text_encoder", cfg.device, cfg.dtype)
         self.use_attention_mask = bool(getattr(self.model.config, "use_attention_mask", False))
+        self.patcher = WeightPatcher(self.model, "text_encoder")
+        self.lora_dir = Path(cfg.params.get("lora_dir") or cfg.model_dir / "loras")
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> torch.Tensor:
@@ -37,18 +47,35 @@ class TextEncoder:
         hidden = self.model(tokens.input_ids.to(self.cfg.device), attention_mask=mask)[0]
         return hidden.float().cpu()
 
-    def encode_request(self, request: GenerationRequest) -> np.ndarray:
+    def encode_request(self, request: GenerationRequest, adapters: Sequence[AdapterRef] = ()) -> np.ndarray:
         """``PROMPT_EMBEDS``: ``[2, 77, D]`` = (unconditional, conditional) with CFG, else ``[1, 77, D]``.
 
-        The negative prompt defaults to ``""`` exactly as diffusers' ``encode_prompt`` does.
+        The negative prompt defaults to ``""`` exactly as diffusers' ``encode_prompt`` does. Text-encoder LoRA
+        layers of ``adapters`` are patched in for this encode and restored right after (also on failure).
         """
         if request.do_classifier_free_guidance:
             texts = [request.negative_prompt or "", request.prompt]
         else:
             texts = [request.prompt]
-        return self.encode(texts).numpy()
+        try:
+            self.patcher.ensure(tuple(adapters))
+            return self.encode(texts).numpy()
+        finally:
+            self.patcher.restore()
 
-    def handle(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Triton entry: ``PROMPT``, ``NEGATIVE_PROMPT``, ``GUIDANCE_SCALE`` → ``PROMPT_EMBEDS``."""
+    def needs_loras(self, request: GenerationRequest) -> bool:
+        """Whether any requested LoRA has text-encoder layers (read from the file header, no conversion).
+
+        Trade-off: the prompt embedding is computed once, before step 0, so text-encoder LoRA layers cannot land
+        late; such LoRAs make this stage wait for the load (their load is on the critical path). UNet-only
+        LoRAs never wait here.
+        """
+        return any(has_text_encoder_layers(resolve_lora_path(self.lora_dir, name)) for name in request.lora_names)
+
+    def handle(self, tensors: dict[str, np.ndarray], load_loras: LoadLorasSync | None = None) -> dict[str, np.ndarray]:
+        """Triton entry: ``PROMPT``, ``NEGATIVE_PROMPT``, ``GUIDANCE_SCALE``, LoRAs → ``PROMPT_EMBEDS``."""
         request = parse_request(tensors, self.cfg.limits, only=INPUTS)
-        return {"PROMPT_EMBEDS": self.encode_request(request)}
+        adapters: Sequence[AdapterRef] = ()
+        if request.lora_names and load_loras is not None and self.needs_loras(request):
+            adapters = load_loras(request.loras)
+        return {"PROMPT_EMBEDS": self.encode_request(request, adapters)}

@@ -15,6 +15,16 @@ from .config import StageConfig
 from .triton_io import bls_infer_many, is_cancelled, read_tensors, respond_batched, respond_each
 
 
+def load_adapters(pb_utils: Any, manager: str, loras: list[tuple[str, float]]) -> list[Any]:
+    """BLS call to the LoRA manager: ``[(name, scale)]`` → ``AdapterRef``s pointing at converted factor files."""
+    from .lora.patch import AdapterRef
+
+    names = np.array([n.encode() for n, _ in loras], dtype=np.object_)
+    out = bls_infer_many(pb_utils, [(manager, {"LORA_NAMES": names}, ["LORA_FILES"])])[0]
+    files = [bytes(f).decode() for f in out["LORA_FILES"].reshape(-1)]
+    return [AdapterRef(n, f, s) for (n, s), f in zip(loras, files, strict=True)]
+
+
 class _StageModel:
     """Common shape: typed config at load, one response per request in order, errors mapped in one place."""
 
@@ -52,7 +62,11 @@ class TextEncoderModel(_StageModel):
     def build(self, cfg: StageConfig) -> Any:
         from .text_encoding import TextEncoder
 
+        self.lora_manager = cfg.stage("lora_manager")
         return TextEncoder(cfg)
+
+    def handle(self, tensors: dict[str, Any], request: Any) -> dict[str, Any]:
+        return self.stage.handle(tensors, lambda loras: load_adapters(self.pb, self.lora_manager, loras))
 
 
 class VaeModel(_StageModel):
@@ -93,32 +107,38 @@ class DenoiseModel(_StageModel):
         except ValueError as exc:
             raise ConfigError(f"{cfg.model_name}: {exc}") from None
         self.logger.log_info(f"denoise: latent_parallel={self.latent_parallel} (unet instances: {unet_instances})")
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.lora_manager = cfg.stage("lora_manager")
+        self.loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-load")
         return Denoiser(cfg)
 
     def handle(self, tensors: dict[str, Any], request: Any) -> dict[str, Any]:
         import torch
 
         from .denoise import latent_parallel
+        from .unet_step import encode_adapters
 
-        def unet_many(calls: list[tuple[Any, Any, Any]]) -> list[Any]:
-            outs = bls_infer_many(
-                self.pb,
-                [
-                    (
-                        self.unet_model,
-                        {"SAMPLE": s.numpy(), "TIMESTEP": t.reshape(-1, 1).numpy(), "ENCODER_HIDDEN_STATES": e.numpy()},
-                        ["NOISE_PRED"],
-                    )
-                    for s, t, e in calls
-                ],
-            )
+        def step_inputs(s: Any, t: Any, e: Any, adapters: Any) -> dict[str, Any]:
+            inputs = {"SAMPLE": s.numpy(), "TIMESTEP": t.reshape(-1, 1).numpy(), "ENCODER_HIDDEN_STATES": e.numpy()}
+            if adapters:
+                inputs["ADAPTERS"] = encode_adapters(adapters, s.shape[0])
+            return inputs
+
+        def unet_many(calls: list[tuple[Any, Any, Any, Any]]) -> list[Any]:
+            outs = bls_infer_many(self.pb, [(self.unet_model, step_inputs(*c), ["NOISE_PRED"]) for c in calls])
             return [torch.from_numpy(o["NOISE_PRED"]) for o in outs]
 
         parallel = self.latent_parallel
         if "LATENT_PARALLEL" in tensors:
             parallel = bool(np.asarray(tensors.pop("LATENT_PARALLEL")).reshape(-1)[0])
-        unet = latent_parallel(unet_many) if parallel else (lambda s, t, e: unet_many([(s, t, e)])[0])
-        return self.stage.handle(tensors, unet, is_cancelled=lambda: is_cancelled(request))
+        unet = latent_parallel(unet_many) if parallel else (lambda *call: unet_many([call])[0])
+        return self.stage.handle(
+            tensors,
+            unet,
+            load_loras=lambda loras: self.loader.submit(load_adapters, self.pb, self.lora_manager, loras),
+            is_cancelled=lambda: is_cancelled(request),
+        )
 
 
 class UNetModel(_StageModel):
@@ -145,3 +165,53 @@ class UNetModel(_StageModel):
             compute_many,
             self.pb,
         )
+
+
+class LoraManagerModel(_StageModel):
+    """``lora_manager``: ``LORA_NAMES [m]`` → ``LORA_FILES [m]`` (converted factor files) and
+    ``LORA_TEXT_ENCODER [m]`` (BOOL); cache hits/misses/load seconds/bytes resident are Triton metrics.
+    """
+
+    inputs = ("LORA_NAMES",)
+
+    def build(self, cfg: StageConfig) -> Any:
+        from .lora.manager import LoraManager
+
+        manager = LoraManager(cfg)
+        pb = self.pb
+        counter, gauge = pb.MetricFamily.COUNTER, pb.MetricFamily.GAUGE
+        labels = {"model": cfg.model_name}
+        self.metrics = {
+            "hits": pb.MetricFamily("swiftdiffusion_lora_cache_hits_total", "LoRA cache hits", counter).Metric(labels),
+            "misses": pb.MetricFamily(
+                "swiftdiffusion_lora_cache_misses_total", "LoRA cache misses (loads)", counter
+            ).Metric(labels),
+            "load_seconds": pb.MetricFamily(
+                "swiftdiffusion_lora_load_seconds_total", "Seconds spent loading and converting LoRAs", counter
+            ).Metric(labels),
+            "bytes_resident": pb.MetricFamily(
+                "swiftdiffusion_lora_cache_bytes", "Bytes of converted LoRAs resident in host memory", gauge
+            ).Metric(labels),
+            "budget": pb.MetricFamily(
+                "swiftdiffusion_lora_cache_budget_bytes", "Byte budget of the LoRA cache", gauge
+            ).Metric(labels),
+        }
+        self.metrics["budget"].set(float(manager.store.budget_bytes))
+        self._reported = {"hits": 0, "misses": 0, "load_seconds": 0.0}
+        return manager
+
+    def handle(self, tensors: dict[str, Any], request: Any) -> dict[str, Any]:
+        try:
+            return self.stage.handle(tensors)
+        finally:
+            stats = self.stage.store.stats
+            for name in ("hits", "misses", "load_seconds"):
+                value = getattr(stats, name)
+                self.metrics[name].increment(value - self._reported[name])
+                self._reported[name] = value
+            self.metrics["bytes_resident"].set(float(stats.bytes_resident))
+
+    def finalize(self) -> None:
+        if self.stage is not None:
+            self.stage.close()
+        super().finalize()

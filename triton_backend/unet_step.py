@@ -6,7 +6,9 @@ requests — at different timesteps, seeds and schedulers — can share one forw
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +17,8 @@ from diffusers import UNet2DConditionModel
 from .components import ModelInfo, load_part
 from .config import StageConfig
 from .errors import InvalidRequestError
+from .lora.patch import AdapterRef, WeightPatcher, adapter_key
+from .lora.store import CACHE_DIR_PREFIX
 
 
 @dataclass
@@ -24,6 +28,8 @@ class StepInput:
     sample: torch.Tensor
     timestep: torch.Tensor
     encoder_hidden_states: torch.Tensor
+    #: The LoRA set this step must run with (empty = base weights); rows with different sets never share a pass.
+    adapters: tuple[AdapterRef, ...] = ()
 
     def validate(self, info: ModelInfo) -> None:
         """Shape/dtype checks naming the tensor; run per request so one bad request fails alone."""
@@ -43,9 +49,9 @@ class StepInput:
             if t.dtype != torch.float32:
                 raise InvalidRequestError(name, f"expected FP32, got {t.dtype}")
 
-    def batch_key(self) -> tuple[int, ...]:
-        """Rows can be concatenated when their latent size and sequence length agree."""
-        return (*self.sample.shape[1:], *self.encoder_hidden_states.shape[1:])
+    def batch_key(self) -> tuple:
+        """Rows can be concatenated when latent size, sequence length and adapter set agree."""
+        return (*self.sample.shape[1:], *self.encoder_hidden_states.shape[1:], adapter_key(self.adapters))
 
 
 class UNetStep:
@@ -55,10 +61,13 @@ class UNetStep:
         self.cfg = cfg
         self.info = ModelInfo.read(cfg.model_dir)
         self.model = load_part(UNet2DConditionModel, cfg.model_dir, "unet", cfg.device, cfg.dtype)
+        #: One patched LoRA set at a time per instance; restored from a pristine copy when the set changes.
+        self.patcher = WeightPatcher(self.model, "unet")
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
-        """One forward pass; returns the noise prediction ``[b, C, h, w]`` float32 on CPU."""
+        """One forward pass with ``step.adapters`` patched in; returns the noise prediction ``[b, C, h, w]`` float32."""
+        self.patcher.ensure(step.adapters)
         dev, dt = self.cfg.device, self.cfg.dtype
         out = self.model(
             step.sample.to(dev, dt),
@@ -74,11 +83,15 @@ class UNetStep:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, step in enumerate(steps):
             groups.setdefault(step.batch_key(), []).append(i)
-        for indices in groups.values():
+        # The group whose adapter set is already patched goes first: fewer restore/patch cycles.
+        order = sorted(groups, key=lambda key: key[-1] != self.patcher.current)
+        for key in order:
+            indices = groups[key]
             merged = StepInput(
                 torch.cat([steps[i].sample for i in indices]),
                 torch.cat([steps[i].timestep.reshape(-1) for i in indices]),
                 torch.cat([steps[i].encoder_hidden_states for i in indices]),
+                steps[indices[0]].adapters,
             )
             noise = self.forward(merged)
             for i, chunk in zip(indices, noise.split([steps[i].sample.shape[0] for i in indices]), strict=True):
@@ -92,8 +105,32 @@ def parse_step(tensors: dict[str, np.ndarray], info: ModelInfo) -> StepInput:
         if name not in tensors:
             raise InvalidRequestError(name, "is required")
     step = StepInput(*(torch.from_numpy(np.array(tensors[name])) for name in INPUTS))
+    if "ADAPTERS" in tensors:
+        step.adapters = decode_adapters(tensors["ADAPTERS"])
     step.validate(info)
     return step
+
+
+def encode_adapters(adapters: tuple[AdapterRef, ...], rows: int) -> np.ndarray:
+    """``ADAPTERS [rows, 1]`` BYTES: the request's LoRA set as JSON, repeated per row (Triton batches by row)."""
+    text = json.dumps([[a.name, a.file, a.scale] for a in adapters]).encode()
+    return np.array([[text]] * rows, dtype=np.object_)
+
+
+def decode_adapters(value: np.ndarray) -> tuple[AdapterRef, ...]:
+    """Inverse of :func:`encode_adapters`; every row of one request must carry the same set."""
+    rows = {bytes(v) for v in np.asarray(value).reshape(-1)}
+    if len(rows) != 1:
+        raise InvalidRequestError("ADAPTERS", "all rows of one request must carry the same adapter set")
+    try:
+        refs = tuple(AdapterRef(str(n), str(f), float(s)) for n, f, s in json.loads(rows.pop()))
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequestError("ADAPTERS", f"not a JSON list of [name, file, scale]: {exc}") from None
+    for ref in refs:  # only converted files written by a lora_manager are ever mapped
+        path = Path(ref.file)
+        if path.suffix != ".safetensors" or not path.parent.name.startswith(CACHE_DIR_PREFIX):
+            raise InvalidRequestError("ADAPTERS", f"{ref.name}: {ref.file} is not a lora_manager cache file")
+    return refs
 
 
 #: Input tensors of the ``unet`` model, in :class:`StepInput` field order.

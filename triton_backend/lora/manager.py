@@ -1,0 +1,79 @@
+"""Stage ``lora_manager``: names → converted adapters (files the UNet/text-encoder processes map).
+
+Runs as its own Triton model, so conversion (the load-heavy part: storage → host memory → per-layer factors) runs
+while ``denoise`` is already stepping without the LoRAs (bounded asynchronous loading).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..components import load_part
+from ..config import StageConfig
+from ..errors import ConfigError, InvalidRequestError
+from .convert import convert_lora_file
+from .store import LoraStore
+
+#: Test-only: seconds every manager response is delayed, so tests can make the landing step deterministic.
+TEST_DELAY_ENV = "SWIFTDIFFUSION_LORA_TEST_DELAY_S"
+
+
+def lora_dir(cfg: StageConfig) -> Path:
+    """Parameter ``lora_dir``; default ``<model_dir>/loras``."""
+    return Path(cfg.params.get("lora_dir") or cfg.model_dir / "loras")
+
+
+def parse_names(tensors: dict[str, np.ndarray], field: str = "LORA_NAMES") -> list[str]:
+    """A BYTES vector of names → list of str (empty when absent)."""
+    if field not in tensors:
+        return []
+    names = []
+    for item in np.asarray(tensors[field]).reshape(-1):
+        if not isinstance(item, (bytes, np.bytes_)):
+            raise InvalidRequestError(field, f"expected BYTES, got {np.asarray(tensors[field]).dtype}")
+        try:
+            names.append(bytes(item).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidRequestError(field, "is not valid UTF-8") from None
+    return names
+
+
+class LoraManager:
+    """Owns the store and the conversion skeletons (a CPU UNet and text encoder of the served model)."""
+
+    def __init__(self, cfg: StageConfig):
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        self.cfg = cfg
+        budget_mb = cfg.params.get("cache_budget_mb", "") or "1024"
+        try:
+            budget = int(float(budget_mb) * (1 << 20))
+        except ValueError:
+            raise ConfigError(f"{cfg.model_name}: parameter cache_budget_mb={budget_mb!r} is not a number") from None
+        self.unet = load_part(UNet2DConditionModel, cfg.model_dir, "unet", cfg.device, cfg.dtype)
+        self.text_encoder = load_part(CLIPTextModel, cfg.model_dir, "text_encoder", cfg.device, cfg.dtype)
+        self.store = LoraStore(
+            root=lora_dir(cfg),
+            convert=lambda path: convert_lora_file(path, self.unet, self.text_encoder),
+            budget_bytes=budget,
+        )
+        self.test_delay_s = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+
+    def handle(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``LORA_NAMES [m]`` → ``LORA_FILES [m]`` (BYTES paths) and ``LORA_TEXT_ENCODER [m]`` (BOOL)."""
+        names = parse_names(tensors)
+        entries = [self.store.get(name) for name in names]
+        if self.test_delay_s:
+            time.sleep(self.test_delay_s)
+        return {
+            "LORA_FILES": np.array([str(e.file).encode() for e in entries], dtype=np.object_),
+            "LORA_TEXT_ENCODER": np.array([e.has_text_encoder for e in entries], dtype=bool),
+        }
+
+    def close(self) -> None:
+        self.store.close()
