@@ -3,9 +3,10 @@
 No model hub is reachable where SwiftDiffusion is built and tested, so the default model is written locally:
 a Stable-Diffusion-1.x-architecture pipeline (``UNet2DConditionModel``, ``AutoencoderKL``, ``CLIPTextModel``,
 a ``CLIPTokenizer`` whose vocabulary and merges are built here, a scheduler config) that
-``StableDiffusionPipeline.from_pretrained(DIR)`` loads, plus LoRAs for it under ``DIR/loras``. It is sized so a 4-step 64x64 request takes well under a
-second on a laptop CPU, and its weights are scaled up from the default init so that prompt, seed and scheduler
-visibly change the image (a near-constant gray image would make every equivalence test pass).
+``StableDiffusionPipeline.from_pretrained(DIR)`` loads, plus LoRAs for it under ``DIR/loras``. It is sized
+so a 4-step 64x64 request takes well under a second on a laptop CPU, and its weights are scaled up from the
+default init so that prompt, seed and scheduler visibly change the image (a near-constant gray image would
+make every equivalence test pass).
 """
 
 from __future__ import annotations
