@@ -5,6 +5,7 @@ from triton_backend.schema import GenerationRequest
 from .client import (
     Client,
     ClientError,
+    GenerationResult,
     InvalidArgumentError,
     NotFoundError,
     RequestCancelledError,
@@ -15,6 +16,7 @@ __all__ = [
     "Client",
     "ClientError",
     "GenerationRequest",
+    "GenerationResult",
     "InvalidArgumentError",
     "NotFoundError",
     "RequestCancelledError",

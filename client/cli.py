@@ -24,13 +24,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=d.height, help="pixels; 0 = the model's native size")
     parser.add_argument("--width", type=int, default=d.width, help="pixels; 0 = the model's native size")
     parser.add_argument("--scheduler", default=d.scheduler, choices=SCHEDULER_NAMES)
+    parser.add_argument(
+        "--lora", action="append", default=[], metavar="NAME[:SCALE]", help="apply a LoRA from the store (repeatable)"
+    )
+    parser.add_argument(
+        "--lora-bound-k", type=int, default=None, help="step by which LoRAs must be patched (0 = first)"
+    )
     parser.add_argument("--timeout", type=float, default=None, help="client timeout in seconds")
     parser.add_argument("-o", "--output", default="out.png", help="PNG file to write (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress line")
 
 
+def parse_lora(spec: str) -> tuple[str, float]:
+    """``NAME[:SCALE]`` → ``(name, scale)``; a bad scale is an argparse error."""
+    name, _, scale = spec.partition(":")
+    try:
+        return name, float(scale) if scale else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lora {spec!r}: SCALE must be a number") from None
+
+
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
+    loras = [parse_lora(s) for s in args.lora]
     return GenerationRequest(
+        lora_names=tuple(n for n, _ in loras),
+        lora_scales=tuple(s for _, s in loras),
+        lora_bound_k=args.lora_bound_k,
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         seed=args.seed,
@@ -57,7 +76,11 @@ def run(args: argparse.Namespace) -> int:
     """Send one request, write the PNG; exit code 0 on success, 2 on a rejected request, 1 otherwise."""
     from PIL import Image
 
-    request = request_from_args(args)
+    try:
+        request = request_from_args(args)
+    except argparse.ArgumentTypeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     spinner = None
     if not args.no_progress and sys.stderr.isatty():
@@ -66,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         with Client(args.url, timeout_s=args.timeout) as client:
-            image = client.generate(request)
+            result = client.run(request)
+            image = result.image
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if exc.status == "StatusCode.INVALID_ARGUMENT" else 1
@@ -75,5 +99,6 @@ def run(args: argparse.Namespace) -> int:
         if spinner is not None:
             spinner.join()
     Image.fromarray(image).save(args.output)
-    print(f"wrote {args.output} ({image.shape[1]}x{image.shape[0]}) in {time.perf_counter() - start:.2f}s")
+    landed = f", LoRAs landed at step {result.lora_landed_step}" if request.lora_names else ""
+    print(f"wrote {args.output} ({image.shape[1]}x{image.shape[0]}) in {time.perf_counter() - start:.2f}s{landed}")
     return 0

@@ -5,6 +5,7 @@ Inputs are built from the same schema the server parses (:mod:`triton_backend.sc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,14 @@ def build_inputs(request: GenerationRequest) -> list[grpcclient.InferInput]:
     return inputs
 
 
+@dataclass(frozen=True)
+class GenerationResult:
+    """What ``txt2img`` returns: the image and the step the LoRAs landed at (-1: no LoRAs)."""
+
+    image: np.ndarray
+    lora_landed_step: int = -1
+
+
 class Client:
     """Context-managed client for one server: ``generate`` returns the ``IMAGE [H, W, 3]`` uint8 array."""
 
@@ -88,19 +97,24 @@ class Client:
             return False
 
     def generate(self, request: GenerationRequest | None = None, **fields: Any) -> np.ndarray:
-        """Generate one image; pass a :class:`GenerationRequest` or its fields as keywords."""
+        """Generate one image (``[H, W, 3]`` uint8); pass a :class:`GenerationRequest` or its fields as keywords."""
+        return self.run(request, **fields).image
+
+    def run(self, request: GenerationRequest | None = None, **fields: Any) -> GenerationResult:
+        """Like :meth:`generate`, also returning ``LORA_LANDED_STEP``."""
         if request is None:
             request = GenerationRequest(**fields)
         try:
             result = self._client.infer(
                 self.model,
                 build_inputs(request),
-                outputs=[grpcclient.InferRequestedOutput("IMAGE")],
+                outputs=[grpcclient.InferRequestedOutput("IMAGE"), grpcclient.InferRequestedOutput("LORA_LANDED_STEP")],
                 client_timeout=self.timeout_s,
             )
         except InferenceServerException as exc:
             _raise_typed(exc)
-        return result.as_numpy("IMAGE")
+        landed = result.as_numpy("LORA_LANDED_STEP")
+        return GenerationResult(result.as_numpy("IMAGE"), int(landed.reshape(-1)[0]) if landed is not None else -1)
 
     def infer_raw(self, inputs: dict[str, np.ndarray], model: str | None = None) -> dict[str, np.ndarray]:
         """Send arbitrary tensors (dtype taken from the numpy dtype) — for stage calls and bad-input tests."""

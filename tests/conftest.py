@@ -16,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MAX_PIXEL_DIFF = 2
 #: ... and on average.
 MEAN_PIXEL_DIFF = 0.05
+#: Seconds the test server's lora_manager delays each response (see the ``server`` fixture).
+LORA_DELAY_S = 1.0
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +62,9 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from triton_backend.server import TritonServer
 
     log = tmp_path_factory.mktemp("triton") / "server.log"
-    srv = TritonServer(model_dir=model_dir, log_file=log)
+    # Test-only: every lora_manager response waits this long, so a 4-step request always reaches its bound k
+    # first and the landing step is deterministic (== LORA_BOUND_K).
+    srv = TritonServer(model_dir=model_dir, log_file=log, env={"SWIFTDIFFUSION_LORA_TEST_DELAY_S": str(LORA_DELAY_S)})
     try:
         srv.start(timeout=600)
     except Exception:

@@ -102,6 +102,8 @@ class TritonServer:
     metrics_port: int = 0
     log_file: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    #: Extra environment for the server and its stubs (e.g. the LoRA manager's test-only delay).
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     shm_prefix: str = field(default_factory=lambda: f"swiftdiffusion_{uuid.uuid4().hex[:10]}_")
 
@@ -148,7 +150,7 @@ class TritonServer:
         out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
             self.command(),
-            env=server_env(self.model_dir),
+            env={**server_env(self.model_dir), **self.env},
             stdout=out or None,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,

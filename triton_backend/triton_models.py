@@ -146,7 +146,9 @@ class UNetModel(_StageModel):
     → ``NOISE_PRED [b, 4, h, w]``; rows of several requests run in one forward pass.
     """
 
-    from .unet_step import INPUTS as inputs
+    from .unet_step import INPUTS as _tensors
+
+    inputs = (*_tensors, "ADAPTERS")
 
     def build(self, cfg: StageConfig) -> Any:
         from .unet_step import UNetStep
@@ -178,24 +180,17 @@ class LoraManagerModel(_StageModel):
         from .lora.manager import LoraManager
 
         manager = LoraManager(cfg)
-        pb = self.pb
-        counter, gauge = pb.MetricFamily.COUNTER, pb.MetricFamily.GAUGE
-        labels = {"model": cfg.model_name}
-        self.metrics = {
-            "hits": pb.MetricFamily("swiftdiffusion_lora_cache_hits_total", "LoRA cache hits", counter).Metric(labels),
-            "misses": pb.MetricFamily(
-                "swiftdiffusion_lora_cache_misses_total", "LoRA cache misses (loads)", counter
-            ).Metric(labels),
-            "load_seconds": pb.MetricFamily(
-                "swiftdiffusion_lora_load_seconds_total", "Seconds spent loading and converting LoRAs", counter
-            ).Metric(labels),
-            "bytes_resident": pb.MetricFamily(
-                "swiftdiffusion_lora_cache_bytes", "Bytes of converted LoRAs resident in host memory", gauge
-            ).Metric(labels),
-            "budget": pb.MetricFamily(
-                "swiftdiffusion_lora_cache_budget_bytes", "Byte budget of the LoRA cache", gauge
-            ).Metric(labels),
+        counter, gauge = self.pb.MetricFamily.COUNTER, self.pb.MetricFamily.GAUGE
+        specs = {
+            "hits": ("swiftdiffusion_lora_cache_hits_total", "LoRA cache hits", counter),
+            "misses": ("swiftdiffusion_lora_cache_misses_total", "LoRA cache misses (loads)", counter),
+            "load_seconds": ("swiftdiffusion_lora_load_seconds_total", "Seconds loading+converting LoRAs", counter),
+            "bytes_resident": ("swiftdiffusion_lora_cache_bytes", "Bytes of converted LoRAs in host memory", gauge),
+            "budget": ("swiftdiffusion_lora_cache_budget_bytes", "Byte budget of the LoRA cache", gauge),
         }
+        # Families must outlive their metrics (Triton requirement): both are kept on the instance.
+        self.metric_families = {k: self.pb.MetricFamily(n, d, kind) for k, (n, d, kind) in specs.items()}
+        self.metrics = {k: f.Metric({"model": cfg.model_name}) for k, f in self.metric_families.items()}
         self.metrics["budget"].set(float(manager.store.budget_bytes))
         self._reported = {"hits": 0, "misses": 0, "load_seconds": 0.0}
         return manager
@@ -214,4 +209,6 @@ class LoraManagerModel(_StageModel):
     def finalize(self) -> None:
         if self.stage is not None:
             self.stage.close()
+        self.metrics = {}
+        self.metric_families = {}
         super().finalize()
