@@ -24,14 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from swiftdiffusion_client import Client, GenerationRequest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from swiftdiffusion_client import Client, GenerationRequest  # noqa: E402
-
-from triton_backend.default_model import write_default_model  # noqa: E402
-from triton_backend.paths import default_model_dir  # noqa: E402
-from triton_backend.server import TritonServer, render_repository  # noqa: E402
+from triton_backend.default_model import write_default_model
+from triton_backend.paths import default_model_dir
+from triton_backend.server import TritonServer, render_repository
 
 
 def pct(values: list[float], q: float) -> float:

@@ -1,4 +1,4 @@
-"""The ``swiftdiffusion`` command: ``default-model``, ``serve``, ``generate`` and ``demo``."""
+"""The ``swiftdiffusion`` command: ``default-model``, ``serve``, ``generate``, ``demo`` and ``perf-analyzer``."""
 
 from __future__ import annotations
 
@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     client_cli.add_arguments(p)
     p.set_defaults(func=client_cli.run)
 
+    sub.add_parser(
+        "perf-analyzer",
+        help="run the perf_analyzer of tritonclient 2.51.0 with the libraries it needs; all arguments pass through",
+    )
+
     p = sub.add_parser("demo", help="start a server, generate one image over gRPC, write it, stop")
     _add_server_args(p, ports=False)
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse")
@@ -128,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["perf-analyzer"]:  # every argument goes to perf_analyzer unchanged
+        from .perf import run_perf_analyzer
+
+        return run_perf_analyzer(argv[1:]).returncode
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
