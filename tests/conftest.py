@@ -64,7 +64,14 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("triton") / "server.log"
     # Test-only: every lora_manager response waits this long, so a 4-step request always reaches its bound k
     # first and the landing step is deterministic (== LORA_BOUND_K).
-    srv = TritonServer(model_dir=model_dir, log_file=log, env={"SWIFTDIFFUSION_LORA_TEST_DELAY_S": str(LORA_DELAY_S)})
+    # Stages append timestamps to this trace file (ControlNet overlap test).
+    trace = tmp_path_factory.mktemp("trace") / "trace.jsonl"
+    srv = TritonServer(
+        model_dir=model_dir,
+        log_file=log,
+        env={"SWIFTDIFFUSION_LORA_TEST_DELAY_S": str(LORA_DELAY_S), "SWIFTDIFFUSION_TRACE_FILE": str(trace)},
+    )
+    srv.trace_file = trace
     try:
         srv.start(timeout=600)
     except Exception:
@@ -92,3 +99,17 @@ def pixel_diff(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
 def assert_same_image(a: np.ndarray, b: np.ndarray) -> None:
     worst, mean = pixel_diff(a, b)
     assert worst <= MAX_PIXEL_DIFF and mean <= MEAN_PIXEL_DIFF, f"max diff {worst}, mean diff {mean:.4f}"
+
+
+def generate_concurrently(url: str, requests: list) -> list[np.ndarray]:
+    """Send every request at once, one client per request; images in request order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from swiftdiffusion_client import Client
+
+    def one(req):
+        with Client(url, timeout_s=300) as c:
+            return c.generate(req)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(one, requests))

@@ -19,7 +19,7 @@ def _load_config(name):
 
 def test_every_config_parses_and_has_a_model_py():
     names = sorted(p.parent.name for p in REPO.glob("*/config.pbtxt"))
-    assert names == ["denoise", "lora_manager", "text_encoder", "txt2img", "unet", "vae"]
+    assert names == ["controlnet", "denoise", "lora_manager", "text_encoder", "txt2img", "unet", "vae"]
     for name in names:
         config = _load_config(name)
         assert config.name == name
@@ -62,6 +62,11 @@ def test_public_contract_names_and_types():
         "LORA_NAMES": (pb.TYPE_STRING, True),
         "LORA_SCALES": (pb.TYPE_FP32, True),
         "LORA_BOUND_K": (pb.TYPE_INT32, True),
+        "CONTROLNET_NAMES": (pb.TYPE_STRING, True),
+        "CONTROLNET_IMAGES": (pb.TYPE_UINT8, True),
+        "CONTROLNET_SCALES": (pb.TYPE_FP32, True),
+        "CONTROLNET_GUIDANCE_START": (pb.TYPE_FP32, True),
+        "CONTROLNET_GUIDANCE_END": (pb.TYPE_FP32, True),
     }
     outputs = {o.name: o for o in ensemble.output}
     image = outputs["IMAGE"]

@@ -23,7 +23,7 @@ def stages(model_dir):
     unet = UNetStep(cfg)
     return (
         TextEncoder(cfg),
-        (lambda s, t, e, a: unet.forward(StepInput(s, t, e, a))),
+        (lambda s, t, e, a, c=(): unet.forward(StepInput(s, t, e, a))),
         VaeDecoder(cfg),
         ModelInfo.read(model_dir),
     )
@@ -61,7 +61,7 @@ def test_guidance_at_most_one_skips_the_unconditional_branch(stages):
     te, _, _, info = stages
     calls = []
 
-    def unet(s, t, e, a):
+    def unet(s, t, e, a, c=()):
         calls.append(s.shape[0])
         return torch.zeros_like(s)
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from swiftdiffusion_client import Client, GenerationRequest
+from swiftdiffusion_client import GenerationRequest
 
-from .conftest import assert_same_image
+from .conftest import assert_same_image, generate_concurrently
 
 pytestmark = pytest.mark.integration
 
@@ -65,13 +63,8 @@ def test_concurrent_requests_are_batched_step_wise_and_each_equals_its_single_re
     ]
     before = _unet_batches(server.grpc_url)
 
-    def one(req):
-        with Client(server.grpc_url, timeout_s=300) as c:
-            return c.generate(req)
-
     for _ in range(2):  # twice: the first round may start while the instances are still idle
-        with ThreadPoolExecutor(8) as pool:
-            images = list(pool.map(one, requests))
+        images = generate_concurrently(server.grpc_url, requests)
         for req, image in zip(requests, images, strict=True):
             assert_same_image(image, reference(req))
     after = _unet_batches(server.grpc_url)

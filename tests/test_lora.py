@@ -38,7 +38,7 @@ def env(model_dir, tmp_path_factory):
         cache_root=tmp_path_factory.mktemp("lora-cache") / "swiftdiffusion-lora-test",
     )
 
-    def unet_fn(s, t, e, adapters):
+    def unet_fn(s, t, e, adapters, controls=()):
         return unet.forward(StepInput(s, t, e, adapters))
 
     class Env:

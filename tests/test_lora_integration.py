@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import shutil
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from swiftdiffusion_client import Client, GenerationRequest, InvalidArgumentError, NotFoundError
+from swiftdiffusion_client import GenerationRequest, InvalidArgumentError, NotFoundError
 
-from .conftest import assert_same_image
+from .conftest import assert_same_image, generate_concurrently
 from .test_lora import diffusers_image
 
 pytestmark = pytest.mark.integration
@@ -76,12 +75,7 @@ def test_concurrent_requests_with_different_lora_sets_each_equal_their_reference
         )
     ]
 
-    def one(req):
-        with Client(server.grpc_url, timeout_s=300) as c:
-            return c.generate(req)
-
-    with ThreadPoolExecutor(8) as pool:
-        images = list(pool.map(one, requests))
+    images = generate_concurrently(server.grpc_url, requests)
     for req, image in zip(requests, images, strict=True):
         expected = diffusers_image(reference, req, req.loras) if req.lora_names else reference(req)
         assert_same_image(image, expected)

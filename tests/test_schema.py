@@ -50,6 +50,11 @@ def test_every_field_has_a_dtype_and_attribute():
         "LORA_NAMES",
         "LORA_SCALES",
         "LORA_BOUND_K",
+        "CONTROLNET_NAMES",
+        "CONTROLNET_IMAGES",
+        "CONTROLNET_SCALES",
+        "CONTROLNET_GUIDANCE_START",
+        "CONTROLNET_GUIDANCE_END",
     }
     for f in FIELDS:
         assert hasattr(GenerationRequest(prompt="x"), f.attr)
@@ -132,6 +137,68 @@ def test_lora_fields_round_trip_and_defaults():
     ],
 )
 def test_bad_lora_fields(overrides, field):
+    with pytest.raises(InvalidRequestError) as info:
+        parse_request(tensors(**overrides))
+    assert info.value.field == field
+
+
+def _hints(n, size=64):
+    return np.zeros((n, size, size, 3), np.uint8)
+
+
+def test_controlnet_fields_round_trip_and_defaults():
+    req = GenerationRequest(
+        prompt="x",
+        controlnet_names=("edges", "depth"),
+        controlnet_images=_hints(2),
+        controlnet_scales=(0.5, 1.5),
+        controlnet_guidance_start=(0.0, 0.25),
+        controlnet_guidance_end=(1.0, 0.75),
+    )
+    parsed = parse_request(req.to_tensors())
+    assert parsed == req and np.array_equal(parsed.controlnet_images, req.controlnet_images)
+    bare = parse_request(
+        GenerationRequest(prompt="x", controlnet_names=("edges",), controlnet_images=_hints(1)).to_tensors()
+    )
+    assert bare.controlnets == [("edges", 1.0, 0.0, 1.0)]
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"CONTROLNET_NAMES": np.array([b"edges"], dtype=object)}, "CONTROLNET_IMAGES"),
+        (
+            {"CONTROLNET_NAMES": np.array([b"edges", b"depth"], dtype=object), "CONTROLNET_IMAGES": _hints(1)},
+            "CONTROLNET_IMAGES",
+        ),
+        (
+            {"CONTROLNET_NAMES": np.array([b"edges"], dtype=object), "CONTROLNET_IMAGES": _hints(1)[..., :2]},
+            "CONTROLNET_IMAGES",
+        ),
+        (
+            {"CONTROLNET_NAMES": np.array([b"edges"], dtype=object), "CONTROLNET_IMAGES": _hints(1).astype(np.float32)},
+            "CONTROLNET_IMAGES",
+        ),
+        (
+            {
+                "CONTROLNET_NAMES": np.array([b"edges"], dtype=object),
+                "CONTROLNET_IMAGES": _hints(1),
+                "CONTROLNET_SCALES": np.array([1.0, 2.0], np.float32),
+            },
+            "CONTROLNET_SCALES",
+        ),
+        (
+            {
+                "CONTROLNET_NAMES": np.array([b"edges"], dtype=object),
+                "CONTROLNET_IMAGES": _hints(1),
+                "CONTROLNET_GUIDANCE_START": np.array([0.9], np.float32),
+                "CONTROLNET_GUIDANCE_END": np.array([0.5], np.float32),
+            },
+            "CONTROLNET_GUIDANCE_START",
+        ),
+    ],
+)
+def test_bad_controlnet_fields(overrides, field):
     with pytest.raises(InvalidRequestError) as info:
         parse_request(tensors(**overrides))
     assert info.value.field == field

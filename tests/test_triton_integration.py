@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 from swiftdiffusion_client import Client, ClientError, GenerationRequest, InvalidArgumentError
 
 from triton_backend.schema import SCHEDULER_NAMES
 
-from .conftest import assert_same_image, pixel_diff
+from .conftest import assert_same_image, generate_concurrently, pixel_diff
 
 pytestmark = pytest.mark.integration
 
@@ -101,12 +99,7 @@ def test_concurrent_requests_each_get_their_own_result(server, reference):
         ]
     ]
 
-    def one(req):
-        with Client(server.grpc_url, timeout_s=300) as c:
-            return c.generate(req)
-
-    with ThreadPoolExecutor(8) as pool:
-        images = list(pool.map(one, requests))
+    images = generate_concurrently(server.grpc_url, requests)
     for req, image in zip(requests, images, strict=True):
         assert_same_image(image, reference(req))
 

@@ -3,7 +3,8 @@
 No model hub is reachable where SwiftDiffusion is built and tested, so the default model is written locally:
 a Stable-Diffusion-1.x-architecture pipeline (``UNet2DConditionModel``, ``AutoencoderKL``, ``CLIPTextModel``,
 a ``CLIPTokenizer`` whose vocabulary and merges are built here, a scheduler config) that
-``StableDiffusionPipeline.from_pretrained(DIR)`` loads, plus LoRAs for it under ``DIR/loras``. It is sized
+``StableDiffusionPipeline.from_pretrained(DIR)`` loads, plus LoRAs (``DIR/loras``) and
+ControlNets (``DIR/controlnets``) for it. It is sized
 so a 4-step 64x64 request takes well under a second on a laptop CPU, and its weights are scaled up from the
 default init so that prompt, seed and scheduler visibly change the image (a near-constant gray image would
 make every equivalence test pass).
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 #: Bump when the generated weights change, so a stale cached default model is regenerated.
-DEFAULT_MODEL_VERSION = "2"
+DEFAULT_MODEL_VERSION = "3"
 _MARKER = "swiftdiffusion_default_model.json"
 
 # Words that get whole-word BPE merges; everything else falls back to byte-level characters.
@@ -161,6 +162,9 @@ def write_default_model(out: str | os.PathLike, force: bool = False) -> Path:
         from .default_loras import write_default_loras
 
         write_default_loras(tmp / "model")
+        from .default_controlnets import write_default_controlnets
+
+        write_default_controlnets(tmp / "model")
         (tmp / "model" / _MARKER).write_text(json.dumps({"version": DEFAULT_MODEL_VERSION, "arch": "sd1"}))
         if out.exists():
             shutil.rmtree(out)

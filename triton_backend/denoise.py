@@ -34,15 +34,22 @@ INPUTS = (
     "LORA_NAMES",
     "LORA_SCALES",
     "LORA_BOUND_K",
+    "CONTROLNET_NAMES",
+    "CONTROLNET_IMAGES",
+    "CONTROLNET_SCALES",
+    "CONTROLNET_GUIDANCE_START",
+    "CONTROLNET_GUIDANCE_END",
 )
 
 Adapters = tuple[AdapterRef, ...]
+#: ControlNets of one step: ``(name, hint_file, effective scale)``.
+Controls = tuple[tuple[str, str, float], ...]
 
 #: ``(sample [B, C, h, w], timestep [B], encoder_hidden_states [B, S, D], adapters) -> noise_pred [B, C, h, w]``;
 #: ``adapters`` is the LoRA set the UNet must have patched in for this step (empty = the base weights).
-UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Adapters], torch.Tensor]
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Adapters, Controls], torch.Tensor]
 #: Several independent UNet calls, run concurrently: ``[(sample, timestep, hidden, adapters), ...] -> [noise_pred]``
-UNetManyFn = Callable[[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Adapters]]], list[torch.Tensor]]
+UNetManyFn = Callable[[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Adapters, Controls]]], list[torch.Tensor]]
 
 
 class LoraLoad(Protocol):
@@ -70,10 +77,15 @@ def latent_parallel(unet_many: UNetManyFn) -> UNetFn:
     ``u + g·(c − u)`` exactly as for one batch-2 call. A batch-1 step (no guidance) is passed through.
     """
 
-    def unet(sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor, adapters: Adapters) -> torch.Tensor:
+    def unet(
+        sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor, adapters: Adapters, controls: Controls
+    ):
         if sample.shape[0] == 1:
-            return unet_many([(sample, timestep, hidden, adapters)])[0]
-        rows = [(sample[i : i + 1], timestep[i : i + 1], hidden[i : i + 1], adapters) for i in range(sample.shape[0])]
+            return unet_many([(sample, timestep, hidden, adapters, controls)])[0]
+        rows = [
+            (sample[i : i + 1], timestep[i : i + 1], hidden[i : i + 1], adapters, controls)
+            for i in range(sample.shape[0])
+        ]
         return torch.cat(unet_many(rows))
 
     return unet
@@ -96,6 +108,8 @@ class DenoiseState:
     bound_k: int = 0
     adapters: Adapters = ()
     landed_step: int = -1
+    #: ControlNets: ``(name, hint_file, scale, guidance_start, guidance_end)``; hint files are this request's.
+    controlnets: list[tuple[str, str, float, float, float]] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -148,6 +162,38 @@ def attach_loras(state: DenoiseState, load: LoraLoad, bound_k: int) -> None:
     state.bound_k = max(0, min(bound_k, len(state.timesteps) - 1))
 
 
+def attach_controlnets(
+    state: DenoiseState, prepare_hints: Callable[[list[tuple[str, np.ndarray]]], list[str]], info: ModelInfo
+) -> None:
+    """Check the hint images against the output size, then have every hint embedded once (``prepare_hints``)."""
+    request = state.request
+    height, width = resolve_size(request, info)
+    images = request.controlnet_images
+    if images is None or images.shape[1:] != (height, width, 3):
+        got = None if images is None else list(images.shape[1:])
+        raise InvalidRequestError(
+            "CONTROLNET_IMAGES", f"hint images must be [{height}, {width}, 3] (the output size), got {got}"
+        )
+    controls = request.controlnets
+    files = prepare_hints([(name, images[i]) for i, (name, *_) in enumerate(controls)])
+    state.controlnets = [
+        (name, f, scale, start, end) for (name, scale, start, end), f in zip(controls, files, strict=True)
+    ]
+
+
+def release_hints(state: DenoiseState) -> None:
+    """Free this request's hint embeddings (also after a failure or cancellation)."""
+    from pathlib import Path
+
+    from .controlnet.service import HINT_DIR_PREFIX
+
+    for _, file, *_ in state.controlnets:
+        path = Path(file)
+        if path.parent.name.startswith(HINT_DIR_PREFIX):
+            path.unlink(missing_ok=True)
+    state.controlnets = []
+
+
 def poll_loras(state: DenoiseState) -> None:
     """At the start of a step: take the loaded LoRAs if ready; at step ``bound_k`` wait for them."""
     if state.lora_load is None or state.landed_step >= 0:
@@ -157,14 +203,27 @@ def poll_loras(state: DenoiseState) -> None:
         state.landed_step = state.step_index
 
 
-def model_input(state: DenoiseState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Adapters]:
+def step_controlnets(state: DenoiseState) -> Controls:
+    """The current step's ControlNets with diffusers' ``controlnet_keep`` applied: outside its [start, end] window a
+    ControlNet's scale is 0, and it is skipped (adding zero residuals would not change the result).
+    """
+    i, n = state.step_index, len(state.timesteps)
+    out = []
+    for name, hint, scale, start, end in state.controlnets:
+        keep = 1.0 - float(i / n < start or (i + 1) / n > end)
+        if scale * keep != 0.0:
+            out.append((name, hint, scale * keep))
+    return tuple(out)
+
+
+def model_input(state: DenoiseState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Adapters, Controls]:
     """The UNet inputs of the current step: batch 2 (uncond, cond) with guidance, else batch 1."""
     t = state.timesteps[state.step_index]
     cfg = state.request.do_classifier_free_guidance
     sample = torch.cat([state.latents] * 2) if cfg else state.latents
     sample = state.scheduler.scale_model_input(sample, t)
     timestep = t.reshape(1).float().expand(sample.shape[0]).contiguous()
-    return sample, timestep, state.prompt_embeds, state.adapters
+    return sample, timestep, state.prompt_embeds, state.adapters, step_controlnets(state)
 
 
 def apply_step(state: DenoiseState, noise_pred: torch.Tensor) -> None:
@@ -218,6 +277,7 @@ class Denoiser:
         unet: UNetFn,
         load_loras: Callable[[list[tuple[str, float]]], LoraLoad] | None = None,
         is_cancelled: Callable[[], bool] | None = None,
+        prepare_hints: Callable[[list[tuple[str, np.ndarray]]], list[str]] | None = None,
     ) -> dict[str, np.ndarray]:
         """Triton entry: request fields + ``PROMPT_EMBEDS`` → ``LATENTS`` and ``LORA_LANDED_STEP`` (-1: no LoRA).
 
@@ -230,7 +290,14 @@ class Denoiser:
                 raise InvalidRequestError("LORA_NAMES", "this deployment has no lora_manager")
             k = request.lora_bound_k if request.lora_bound_k is not None else self.default_bound_k(request.steps)
             attach_loras(state, load_loras(request.loras), k)
-        latents = run(state, unet, is_cancelled=is_cancelled)
+        try:
+            if request.controlnet_names:
+                if prepare_hints is None:
+                    raise InvalidRequestError("CONTROLNET_NAMES", "this deployment has no controlnet model")
+                attach_controlnets(state, prepare_hints, self.info)
+            latents = run(state, unet, is_cancelled=is_cancelled)
+        finally:
+            release_hints(state)
         return {"LATENTS": latents, "LORA_LANDED_STEP": np.array([state.landed_step], dtype=np.int32)}
 
     def default_bound_k(self, steps: int) -> int:

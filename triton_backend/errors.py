@@ -46,6 +46,14 @@ class StageUnavailableError(SwiftDiffusionError):
     code = "UNAVAILABLE"
 
 
+class RemoteStageError(SwiftDiffusionError):
+    """A BLS callee answered with an error: its code (``INVALID_ARG``, ``NOT_FOUND``, ...) and message pass through."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        super().__init__(message)
+
+
 class ConfigError(SwiftDiffusionError):
     """A ``config.pbtxt`` parameter or a model directory is invalid; raised at load, fails the load."""
 
@@ -53,9 +61,22 @@ class ConfigError(SwiftDiffusionError):
 
 
 def to_triton_error(exc: BaseException, pb_utils: Any) -> Any:
-    """Map any exception onto a ``pb_utils.TritonError`` with the right code (the only such mapping)."""
+    """Map any exception onto a ``pb_utils.TritonError`` with the right code (the only such mapping).
+
+    The message starts with ``[CODE] `` because Triton passes errors of BLS calls back as ``INTERNAL``: the tag
+    lets a calling stage (``denoise`` → ``controlnet``) re-raise with the callee's real code.
+    """
     codes = pb_utils.TritonError
     if isinstance(exc, SwiftDiffusionError):
         code = getattr(codes, exc.code, codes.INTERNAL)
-        return pb_utils.TritonError(str(exc), code)
-    return pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}", codes.INTERNAL)
+        return pb_utils.TritonError(f"[{exc.code}] {exc}", code)
+    return pb_utils.TritonError(f"[INTERNAL] {type(exc).__name__}: {exc}", codes.INTERNAL)
+
+
+def parse_error_tag(message: str) -> tuple[str, str]:
+    """``"[NOT_FOUND] x: ..."`` → ``("NOT_FOUND", "x: ...")``; untagged messages give ``("", message)``."""
+    if message.startswith("[") and "] " in message:
+        tag, rest = message[1:].split("] ", 1)
+        if tag.isupper():
+            return tag, rest
+    return "", message

@@ -19,13 +19,21 @@ LoRAs (bounded asynchronous loading)::
     LORA_SCALES      FP32  [m]  optional, default 1.0 each; finite, |s| <= 16
     LORA_BOUND_K     INT32 [1]  optional, default: the deployment's ``lora_bound_k``; the step by which the LoRAs
                                 must be patched in (0 = before the first step); clamped to STEPS - 1
+
+ControlNets (ControlNet-as-a-Service)::
+
+    CONTROLNET_NAMES           BYTES [n]           optional; ControlNets in the store, may repeat
+    CONTROLNET_IMAGES          UINT8 [n, H, W, 3]  required with names; hint images at the output size
+    CONTROLNET_SCALES          FP32  [n]           optional, default 1.0 each (diffusers' conditioning scale)
+    CONTROLNET_GUIDANCE_START  FP32  [n]           optional, default 0.0 (diffusers' control_guidance_start)
+    CONTROLNET_GUIDANCE_END    FP32  [n]           optional, default 1.0 (diffusers' control_guidance_end)
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -59,9 +67,14 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("LORA_NAMES", "lora_names", "BYTES", vector=True),
     FieldSpec("LORA_SCALES", "lora_scales", "FP32", vector=True),
     FieldSpec("LORA_BOUND_K", "lora_bound_k", "INT32"),
+    FieldSpec("CONTROLNET_NAMES", "controlnet_names", "BYTES", vector=True),
+    FieldSpec("CONTROLNET_IMAGES", "controlnet_images", "UINT8", vector=True),
+    FieldSpec("CONTROLNET_SCALES", "controlnet_scales", "FP32", vector=True),
+    FieldSpec("CONTROLNET_GUIDANCE_START", "controlnet_guidance_start", "FP32", vector=True),
+    FieldSpec("CONTROLNET_GUIDANCE_END", "controlnet_guidance_end", "FP32", vector=True),
 )
 FIELDS_BY_NAME = {f.name: f for f in FIELDS}
-NUMPY_DTYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
+NUMPY_DTYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "UINT8": np.uint8}
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,21 @@ class GenerationRequest:
     lora_names: tuple[str, ...] = ()
     lora_scales: tuple[float, ...] = ()
     lora_bound_k: int | None = None
+    controlnet_names: tuple[str, ...] = ()
+    #: ``[n, H, W, 3]`` uint8 hint images (not compared: arrays have no single truth value).
+    controlnet_images: np.ndarray | None = field(default=None, compare=False, repr=False)
+    controlnet_scales: tuple[float, ...] = ()
+    controlnet_guidance_start: tuple[float, ...] = ()
+    controlnet_guidance_end: tuple[float, ...] = ()
+
+    @property
+    def controlnets(self) -> list[tuple[str, float, float, float]]:
+        """``(name, scale, start, end)`` per ControlNet, defaults filled in (1.0, 0.0, 1.0)."""
+        n = len(self.controlnet_names)
+        scales = self.controlnet_scales or (1.0,) * n
+        starts = self.controlnet_guidance_start or (0.0,) * n
+        ends = self.controlnet_guidance_end or (1.0,) * n
+        return list(zip(self.controlnet_names, scales, starts, ends, strict=True))
 
     @property
     def loras(self) -> list[tuple[str, float]]:
@@ -96,11 +124,13 @@ class GenerationRequest:
         out: dict[str, np.ndarray] = {}
         for spec in FIELDS:
             value = getattr(self, spec.attr)
-            if value is None or (spec.vector and not value):
+            if value is None or (spec.vector and len(value) == 0):
                 continue
             if spec.name == "LORA_BOUND_K" and not self.lora_names:
                 continue
-            if spec.vector:
+            if spec.triton_dtype == "UINT8":
+                out[spec.name] = np.ascontiguousarray(value, dtype=np.uint8)
+            elif spec.vector:
                 values = [v.encode("utf-8") for v in value] if spec.triton_dtype == "BYTES" else list(value)
                 out[spec.name] = np.array(values, dtype=NUMPY_DTYPES[spec.triton_dtype])
             elif spec.triton_dtype == "BYTES":
@@ -170,7 +200,12 @@ def _scalar(name: str, value: Any, triton_dtype: str) -> Any:
     return float(item) if triton_dtype == "FP32" else int(item)
 
 
-def _vector(name: str, value: Any, triton_dtype: str) -> tuple:
+def _vector(name: str, value: Any, triton_dtype: str) -> Any:
+    if triton_dtype == "UINT8":  # hint images: [n, H, W, 3]
+        images = np.asarray(value)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            raise InvalidRequestError(name, f"expected UINT8 [n, H, W, 3], got {images.dtype} {list(images.shape)}")
+        return images
     arr = np.asarray(value).reshape(-1)
     if triton_dtype == "BYTES":
         return tuple(_scalar(name, arr[i : i + 1], "BYTES") for i in range(arr.size))
@@ -199,6 +234,37 @@ def _check_loras(req: GenerationRequest, limits: RequestLimits, names: set[str])
         raise InvalidRequestError("LORA_BOUND_K", f"{req.lora_bound_k} is negative; 0 = patch before the first step")
 
 
+def _check_controlnets(req: GenerationRequest, names: set[str]) -> None:
+    if "CONTROLNET_NAMES" not in names:
+        return
+    n = len(req.controlnet_names)
+    if n > 8:
+        raise InvalidRequestError("CONTROLNET_NAMES", f"{n} ControlNets; at most 8")
+    images = req.controlnet_images
+    if n and images is None:
+        raise InvalidRequestError("CONTROLNET_IMAGES", f"required with CONTROLNET_NAMES ({n} hint images)")
+    if images is not None and images.shape[0] != n:
+        raise InvalidRequestError(
+            "CONTROLNET_IMAGES", f"{images.shape[0]} images for {n} CONTROLNET_NAMES; counts must agree"
+        )
+    for field_name, values in (
+        ("CONTROLNET_SCALES", req.controlnet_scales),
+        ("CONTROLNET_GUIDANCE_START", req.controlnet_guidance_start),
+        ("CONTROLNET_GUIDANCE_END", req.controlnet_guidance_end),
+    ):
+        if values and len(values) != n:
+            raise InvalidRequestError(field_name, f"{len(values)} values for {n} CONTROLNET_NAMES; counts must agree")
+        if not all(math.isfinite(v) for v in values):
+            raise InvalidRequestError(field_name, f"{list(values)}: must be finite")
+    for name, scale, start, end in req.controlnets:
+        if not 0.0 <= start < end <= 1.0:
+            raise InvalidRequestError(
+                "CONTROLNET_GUIDANCE_START", f"{name}: need 0 <= start < end <= 1, got {start}, {end}"
+            )
+        if abs(scale) > 16:
+            raise InvalidRequestError("CONTROLNET_SCALES", f"{name}: |{scale}| > 16")
+
+
 def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> None:
     if "PROMPT" in names:
         if not req.prompt.strip():
@@ -215,14 +281,15 @@ def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> No
         raise InvalidRequestError("GUIDANCE_SCALE", f"{req.guidance_scale} is out of range; allowed 0 .. 100")
     if req.seed < 0:
         raise InvalidRequestError("SEED", f"{req.seed} is negative; allowed 0 .. 2**63-1")
-    for field, value, maximum in (("HEIGHT", req.height, limits.max_height), ("WIDTH", req.width, limits.max_width)):
+    for name, value, maximum in (("HEIGHT", req.height, limits.max_height), ("WIDTH", req.width, limits.max_width)):
         if value == 0:
             continue  # the model's native size
         if value < 0 or value % limits.size_multiple:
-            raise InvalidRequestError(field, f"{value} must be a positive multiple of {limits.size_multiple}")
+            raise InvalidRequestError(name, f"{value} must be a positive multiple of {limits.size_multiple}")
         if value > maximum:
-            raise InvalidRequestError(field, f"{value} exceeds the configured maximum {maximum}")
+            raise InvalidRequestError(name, f"{value} exceeds the configured maximum {maximum}")
     _check_loras(req, limits, names)
+    _check_controlnets(req, names)
     if req.scheduler not in SCHEDULER_NAMES:
         raise InvalidRequestError(
             "SCHEDULER", f"unknown scheduler {req.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}"

@@ -24,6 +24,9 @@ from pathlib import Path
 
 from .paths import MODEL_DIR_ENV, cache_dir, model_repository_dir
 
+#: Stages put this tag in the names of the shared-memory directories they create, so ``stop`` can remove them.
+SHM_TAG_ENV = "SWIFTDIFFUSION_SHM_TAG"
+
 
 class ServerError(RuntimeError):
     """The server failed to start, exited early or did not become ready in time."""
@@ -150,7 +153,7 @@ class TritonServer:
         out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
             self.command(),
-            env={**server_env(self.model_dir), **self.env},
+            env={**server_env(self.model_dir), SHM_TAG_ENV: self.shm_prefix, **self.env},
             stdout=out or None,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,
@@ -188,16 +191,23 @@ class TritonServer:
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
         if proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)  # any stub that outlived the server
         self.process = None
-        for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
+        # Python-backend regions, and the LoRA/hint caches our stages created under this server's tag.
+        for leftover in [*Path("/dev/shm").glob(f"{self.shm_prefix}*"), *Path("/dev/shm").glob(f"*{self.shm_prefix}*")]:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
 
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidRequestError, StageUnavailableError, SwiftDiffusionError, to_triton_error
+from .errors import RemoteStageError, StageUnavailableError, SwiftDiffusionError, parse_error_tag, to_triton_error
 
 Tensors = dict[str, np.ndarray]
 
@@ -72,10 +72,14 @@ def respond_batched(
         results = iter(compute_many(valid) if valid else [])
     except Exception as exc:  # noqa: BLE001 - the whole batch failed: every valid request gets the error
         return [error_response(errors.get(i, exc), pb_utils) for i in range(len(requests))]
-    return [
-        error_response(errors[i], pb_utils) if i in errors else make_response(next(results), pb_utils)
-        for i in range(len(requests))
-    ]
+    responses = []
+    for i in range(len(requests)):
+        result = errors.get(i) or next(results)
+        # compute_many may return an exception for one item: that request alone fails.
+        responses.append(
+            error_response(result, pb_utils) if isinstance(result, BaseException) else make_response(result, pb_utils)
+        )
+    return responses
 
 
 #: One BLS call: (model name, input tensors, requested output names).
@@ -114,10 +118,11 @@ def bls_infer_many(pb_utils: Any, calls: Sequence[BlsCall]) -> list[Tensors]:
     for (model, _, outputs), response in zip(calls, responses, strict=True):
         if response.has_error():
             error = response.error()
-            code = error.code() if hasattr(error, "code") else None
-            if code is not None and code == getattr(pb_utils.TritonError, "INVALID_ARG", object()):
-                raise InvalidRequestError(model, error.message())
-            raise StageUnavailableError(f"{model}: {error.message()}")
+            # Triton hands BLS errors back with code INTERNAL, so the code travels as the message's "[CODE] " tag.
+            code_name, message = parse_error_tag(error.message())
+            if code_name in ("INVALID_ARG", "NOT_FOUND", "CANCELLED"):
+                raise RemoteStageError(code_name, message)
+            raise StageUnavailableError(f"{model}: {message}")
         results.append({name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs})
     return results
 

@@ -110,6 +110,7 @@ class DenoiseModel(_StageModel):
         from concurrent.futures import ThreadPoolExecutor
 
         self.lora_manager = cfg.stage("lora_manager")
+        self.controlnet_model = cfg.stage("controlnet")
         self.loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-load")
         return Denoiser(cfg)
 
@@ -117,15 +118,28 @@ class DenoiseModel(_StageModel):
         import torch
 
         from .denoise import latent_parallel
-        from .unet_step import encode_adapters
+        from .unet_step import encode_adapters, encode_controlnets
 
-        def step_inputs(s: Any, t: Any, e: Any, adapters: Any) -> dict[str, Any]:
+        def step_inputs(s: Any, t: Any, e: Any, adapters: Any, controls: Any) -> dict[str, Any]:
             inputs = {"SAMPLE": s.numpy(), "TIMESTEP": t.reshape(-1, 1).numpy(), "ENCODER_HIDDEN_STATES": e.numpy()}
             if adapters:
                 inputs["ADAPTERS"] = encode_adapters(adapters, s.shape[0])
+            if controls:
+                inputs["CONTROLNETS"] = encode_controlnets(controls, s.shape[0])
             return inputs
 
-        def unet_many(calls: list[tuple[Any, Any, Any, Any]]) -> list[Any]:
+        def prepare_hints(hints: list[tuple[str, Any]]) -> list[str]:
+            calls = [
+                (
+                    self.controlnet_model,
+                    {"CONTROLNET_NAME": np.array([[name.encode()]], dtype=np.object_), "HINT_IMAGE": image[None]},
+                    ["HINT_FILE"],
+                )
+                for name, image in hints
+            ]
+            return [bytes(out["HINT_FILE"].reshape(-1)[0]).decode() for out in bls_infer_many(self.pb, calls)]
+
+        def unet_many(calls: list[tuple[Any, Any, Any, Any, Any]]) -> list[Any]:
             outs = bls_infer_many(self.pb, [(self.unet_model, step_inputs(*c), ["NOISE_PRED"]) for c in calls])
             return [torch.from_numpy(o["NOISE_PRED"]) for o in outs]
 
@@ -138,6 +152,7 @@ class DenoiseModel(_StageModel):
             unet,
             load_loras=lambda loras: self.loader.submit(load_adapters, self.pb, self.lora_manager, loras),
             is_cancelled=lambda: is_cancelled(request),
+            prepare_hints=prepare_hints,
         )
 
 
@@ -148,18 +163,49 @@ class UNetModel(_StageModel):
 
     from .unet_step import INPUTS as _tensors
 
-    inputs = (*_tensors, "ADAPTERS")
+    inputs = (*_tensors, "ADAPTERS", "CONTROLNETS")
 
     def build(self, cfg: StageConfig) -> Any:
+        from concurrent.futures import ThreadPoolExecutor
+
         from .unet_step import UNetStep
 
+        self.controlnet_model = cfg.stage("controlnet")
+        # Exec() of a BLS request blocks; like async_exec, run it on threads so the encoder half overlaps it.
+        self.control_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="controlnet")
         return UNetStep(cfg)
+
+    def control(self, step: Any) -> Any:
+        """Start one ``controlnet`` request per ControlNet of ``step`` (its rows); return a waiter."""
+        import torch
+
+        from .trace import trace
+
+        rows = step.sample.shape[0]
+        calls = [
+            (
+                self.controlnet_model,
+                {
+                    "SAMPLE": step.sample.numpy(),
+                    "TIMESTEP": step.timestep.reshape(-1, 1).numpy(),
+                    "ENCODER_HIDDEN_STATES": step.encoder_hidden_states.numpy(),
+                    "CONTROLNET_NAME": np.array([[name.encode()]] * rows, dtype=np.object_),
+                    "HINT_FILE": np.array([[hint.encode()]] * rows, dtype=np.object_),
+                    "SCALE": np.full((rows, 1), scale, dtype=np.float32),
+                },
+                ["RESIDUALS"],
+            )
+            for name, hint, scale in step.controlnets
+        ]
+        trace("unet_controlnet_sent", n=len(calls))
+        futures = [self.control_pool.submit(bls_infer_many, self.pb, [call]) for call in calls]
+        return lambda: [torch.from_numpy(f.result()[0]["RESIDUALS"]) for f in futures]
 
     def execute(self, requests: list[Any]) -> list[Any]:
         from .unet_step import parse_step
 
         def compute_many(steps: list[Any]) -> list[dict[str, Any]]:
-            return [{"NOISE_PRED": out.numpy()} for out in self.stage.forward_many(steps)]
+            return [{"NOISE_PRED": out.numpy()} for out in self.stage.forward_many(steps, self.control)]
 
         return respond_batched(
             requests,
@@ -205,6 +251,102 @@ class LoraManagerModel(_StageModel):
                 self.metrics[name].increment(value - self._reported[name])
                 self._reported[name] = value
             self.metrics["bytes_resident"].set(float(stats.bytes_resident))
+
+    def finalize(self) -> None:
+        if self.stage is not None:
+            self.stage.close()
+        self.metrics = {}
+        self.metric_families = {}
+        super().finalize()
+
+
+class ControlNetModel(_StageModel):
+    """``controlnet``: shared ControlNet service. *prepare*: ``CONTROLNET_NAME [b, 1]``, ``HINT_IMAGE [b, H, W, 3]``
+    → ``HINT_FILE [b, 1]``; *step*: ``CONTROLNET_NAME``, ``HINT_FILE``, ``SCALE [b, 1]``, ``SAMPLE``, ``TIMESTEP``,
+    ``ENCODER_HIDDEN_STATES`` → ``RESIDUALS [b, N]`` (every skip residual and the mid residual, packed).
+    """
+
+    inputs = ("CONTROLNET_NAME", "HINT_IMAGE", "HINT_FILE", "SCALE", "SAMPLE", "TIMESTEP", "ENCODER_HIDDEN_STATES")
+
+    def build(self, cfg: StageConfig) -> Any:
+        from .controlnet.service import ControlNetService
+
+        service = ControlNetService.from_config(cfg)
+        counter, gauge = self.pb.MetricFamily.COUNTER, self.pb.MetricFamily.GAUGE
+        specs = {
+            "hits": ("swiftdiffusion_controlnet_hits_total", "Requests served by a resident ControlNet", counter),
+            "misses": ("swiftdiffusion_controlnet_misses_total", "Requests whose ControlNet was not resident", counter),
+            "loads": ("swiftdiffusion_controlnet_loads_total", "ControlNets loaded from the store", counter),
+            "capacity": ("swiftdiffusion_controlnet_capacity", "Resident ControlNet capacity (LRU)", gauge),
+            "resident": ("swiftdiffusion_controlnet_resident", "ControlNets resident now", gauge),
+        }
+        self.metric_families = {k: self.pb.MetricFamily(n, d, kind) for k, (n, d, kind) in specs.items()}
+        self.metrics = {k: f.Metric({"model": cfg.model_name}) for k, f in self.metric_families.items()}
+        self.metrics["capacity"].set(float(service.capacity))
+        self._reported = {"hits": 0, "misses": 0, "loads": 0}
+        return service
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        import torch
+
+        from .controlnet.service import ControlRow
+        from .errors import InvalidRequestError
+        from .trace import trace
+
+        def parse(request: Any) -> Any:
+            t = read_tensors(request, self.inputs, self.pb)
+            if "CONTROLNET_NAME" not in t:
+                raise InvalidRequestError("CONTROLNET_NAME", "is required")
+            names = {bytes(n).decode() for n in t["CONTROLNET_NAME"].reshape(-1)}
+            if "HINT_IMAGE" in t:
+                return ("prepare", [bytes(n).decode() for n in t["CONTROLNET_NAME"].reshape(-1)], t["HINT_IMAGE"])
+            missing = [k for k in ("HINT_FILE", "SCALE", "SAMPLE", "TIMESTEP", "ENCODER_HIDDEN_STATES") if k not in t]
+            if missing or len(names) != 1:
+                raise InvalidRequestError(
+                    missing[0] if missing else "CONTROLNET_NAME",
+                    "step requests need one ControlNet and HINT_FILE, SCALE, SAMPLE, TIMESTEP, ENCODER_HIDDEN_STATES",
+                )
+            hints = {bytes(h).decode() for h in t["HINT_FILE"].reshape(-1)}
+            return (
+                "step",
+                ControlRow(
+                    names.pop(),
+                    hints.pop(),
+                    *(
+                        torch.from_numpy(np.array(t[k]))
+                        for k in ("SAMPLE", "TIMESTEP", "ENCODER_HIDDEN_STATES", "SCALE")
+                    ),
+                ),
+            )
+
+        def compute_many(items: list[Any]) -> list[dict[str, Any]]:
+            out: list[Any] = [None] * len(items)
+            steps = [i for i, item in enumerate(items) if item[0] == "step"]
+            for i, item in enumerate(items):
+                if item[0] == "prepare":
+                    try:
+                        files = [self.stage.prepare(n, img) for n, img in zip(item[1], item[2], strict=True)]
+                        out[i] = {"HINT_FILE": np.array([[f.encode()] for f in files], dtype=np.object_)}
+                    except Exception as exc:  # noqa: BLE001 - this request alone fails
+                        out[i] = exc
+            if steps:
+                trace("controlnet_step_start", rows=len(steps))
+                residuals = self.stage.step_many([items[i][1] for i in steps])
+                trace("controlnet_step_end")
+                for i, r in zip(steps, residuals, strict=True):
+                    out[i] = {"RESIDUALS": r.numpy()}
+            self._report()
+            return out
+
+        return respond_batched(requests, parse, compute_many, self.pb)
+
+    def _report(self) -> None:
+        stats = self.stage.stats
+        for name in ("hits", "misses", "loads"):
+            value = getattr(stats, name)
+            self.metrics[name].increment(value - self._reported[name])
+            self._reported[name] = value
+        self.metrics["resident"].set(float(len(self.stage._models)))
 
     def finalize(self) -> None:
         if self.stage is not None:

@@ -7,6 +7,8 @@ requests — at different timesteps, seeds and schedulers — can share one forw
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +18,15 @@ from diffusers import UNet2DConditionModel
 
 from .components import ModelInfo, load_part
 from .config import StageConfig
+from .controlnet.unet_split import decoder_half, encoder_half, unpack_residuals
 from .errors import InvalidRequestError
 from .lora.patch import AdapterRef, WeightPatcher, adapter_key
 from .lora.store import CACHE_DIR_PREFIX
+from .trace import enabled as trace_enabled
+from .trace import trace
+
+#: Starts the ControlNet requests of one step; the returned function waits for their packed ``[b, N]`` residuals.
+ControlFn = Callable[["StepInput"], Callable[[], list[torch.Tensor]]]
 
 
 @dataclass
@@ -30,6 +38,9 @@ class StepInput:
     encoder_hidden_states: torch.Tensor
     #: The LoRA set this step must run with (empty = base weights); rows with different sets never share a pass.
     adapters: tuple[AdapterRef, ...] = ()
+    #: ControlNets of this step: ``(name, hint_file, scale)``; their residuals are per row, so rows with different
+    #: ControlNets still share the UNet passes.
+    controlnets: tuple[tuple[str, str, float], ...] = ()
 
     def validate(self, info: ModelInfo) -> None:
         """Shape/dtype checks naming the tensor; run per request so one bad request fails alone."""
@@ -65,6 +76,33 @@ class UNetStep:
         self.patcher = WeightPatcher(self.model, "unet")
 
     @torch.inference_mode()
+    def _split_forward(
+        self, merged: StepInput, rows: list[tuple[int, Callable[[], list[torch.Tensor]] | None]]
+    ) -> torch.Tensor:
+        """Encoder half, then (waiting for ControlNet residuals where a step has them) the decoder half."""
+        self.patcher.ensure(merged.adapters)
+        dev, dt = self.cfg.device, self.cfg.dtype
+        trace_id = uuid.uuid4().hex if trace_enabled() else ""
+        trace("unet_encoder_start", id=trace_id, controlnet=any(w for _, w in rows))
+        state = encoder_half(
+            self.model,
+            merged.sample.to(dev, dt),
+            merged.timestep.reshape(-1).to(dev),
+            merged.encoder_hidden_states.to(dev, dt),
+        )
+        trace("unet_encoder_end", id=trace_id)
+        if not any(wait for _, wait in rows):
+            return decoder_half(self.model, state).float().cpu()
+        shapes = state.residual_shapes()
+        total = sum(int(torch.Size(s[1:]).numel()) for s in shapes)
+        flats = []
+        for b, wait in rows:
+            flats.append(_sum_residuals(wait()) if wait is not None else torch.zeros(b, total))
+        trace("unet_residuals_received", id=trace_id)
+        down, mid = unpack_residuals(torch.cat(flats).to(dev, dt), shapes)
+        return decoder_half(self.model, state, down, mid).float().cpu()
+
+    @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
         """One forward pass with ``step.adapters`` patched in; returns the noise prediction ``[b, C, h, w]`` float32."""
         self.patcher.ensure(step.adapters)
@@ -77,8 +115,14 @@ class UNetStep:
         )[0]
         return out.float().cpu()
 
-    def forward_many(self, steps: list[StepInput]) -> list[torch.Tensor]:
-        """Run several requests' rows together where their shapes allow; one output per input, in order."""
+    def forward_many(self, steps: list[StepInput], control: ControlFn | None = None) -> list[torch.Tensor]:
+        """Run several requests' rows together where their shapes allow; one output per input, in order.
+
+        ``control(step)`` starts the ControlNet requests of a step and returns a function that waits for their
+        packed residuals. All are started first, then each group runs its encoder half while they are in flight
+        and waits only before its decoder half (ControlNet-as-a-Service).
+        """
+        waits = {i: control(step) for i, step in enumerate(steps) if step.controlnets and control is not None}
         outputs: list[torch.Tensor | None] = [None] * len(steps)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, step in enumerate(steps):
@@ -93,10 +137,18 @@ class UNetStep:
                 torch.cat([steps[i].encoder_hidden_states for i in indices]),
                 steps[indices[0]].adapters,
             )
-            noise = self.forward(merged)
+            noise = self._split_forward(merged, [(steps[i].sample.shape[0], waits.get(i)) for i in indices])
             for i, chunk in zip(indices, noise.split([steps[i].sample.shape[0] for i in indices]), strict=True):
                 outputs[i] = chunk
         return outputs  # type: ignore[return-value]
+
+
+def _sum_residuals(flats: list[torch.Tensor]) -> torch.Tensor:
+    """MultiControlNet: residuals summed in order (each already scaled by its own conditioning scale)."""
+    total = flats[0]
+    for flat in flats[1:]:
+        total = total + flat
+    return total
 
 
 def parse_step(tensors: dict[str, np.ndarray], info: ModelInfo) -> StepInput:
@@ -107,6 +159,8 @@ def parse_step(tensors: dict[str, np.ndarray], info: ModelInfo) -> StepInput:
     step = StepInput(*(torch.from_numpy(np.array(tensors[name])) for name in INPUTS))
     if "ADAPTERS" in tensors:
         step.adapters = decode_adapters(tensors["ADAPTERS"])
+    if "CONTROLNETS" in tensors:
+        step.controlnets = decode_controlnets(tensors["CONTROLNETS"])
     step.validate(info)
     return step
 
@@ -135,3 +189,20 @@ def decode_adapters(value: np.ndarray) -> tuple[AdapterRef, ...]:
 
 #: Input tensors of the ``unet`` model, in :class:`StepInput` field order.
 INPUTS = ("SAMPLE", "TIMESTEP", "ENCODER_HIDDEN_STATES")
+
+
+def encode_controlnets(controlnets: tuple[tuple[str, str, float], ...], rows: int) -> np.ndarray:
+    """``CONTROLNETS [rows, 1]`` BYTES: ``[[name, hint_file, scale], ...]`` as JSON, repeated per row."""
+    text = json.dumps([list(c) for c in controlnets]).encode()
+    return np.array([[text]] * rows, dtype=np.object_)
+
+
+def decode_controlnets(value: np.ndarray) -> tuple[tuple[str, str, float], ...]:
+    """Inverse of :func:`encode_controlnets`."""
+    rows = {bytes(v) for v in np.asarray(value).reshape(-1)}
+    if len(rows) != 1:
+        raise InvalidRequestError("CONTROLNETS", "all rows of one request must carry the same ControlNets")
+    try:
+        return tuple((str(n), str(f), float(s)) for n, f, s in json.loads(rows.pop()))
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequestError("CONTROLNETS", f"not a JSON list of [name, hint_file, scale]: {exc}") from None

@@ -89,7 +89,10 @@ class LoraStore:
     def __post_init__(self) -> None:
         shm = Path("/dev/shm")
         base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-        self.cache_root = Path(self.cache_root or tempfile.mkdtemp(prefix=CACHE_DIR_PREFIX, dir=base))
+        self.cache_root = Path(
+            self.cache_root
+            or tempfile.mkdtemp(prefix=CACHE_DIR_PREFIX + os.environ.get("SWIFTDIFFUSION_SHM_TAG", ""), dir=base)
+        )
         self.cache_root.mkdir(parents=True, exist_ok=True)
         self._entries: OrderedDict[tuple[str, str], CacheEntry] = OrderedDict()
         self._lock = threading.Lock()

@@ -1,0 +1,152 @@
+"""ControlNets through txt2img on the real server: equal to diffusers, overlap with the UNet, bad input."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from swiftdiffusion_client import GenerationRequest, InvalidArgumentError, NotFoundError
+
+from .conftest import assert_same_image, generate_concurrently
+from .test_controlnet import diffusers_controlnet_image, hint_images
+
+pytestmark = pytest.mark.integration
+
+
+def _hint_files() -> list[Path]:
+    return [p for d in Path("/dev/shm").glob("swiftdiffusion-cn-*") for p in d.iterdir()]
+
+
+def test_one_controlnet_equals_diffusers(client, reference, model_dir):
+    req = GenerationRequest(
+        prompt="a photo of a cat",
+        negative_prompt="blurry",
+        seed=3,
+        steps=4,
+        controlnet_names=("edges",),
+        controlnet_images=hint_images(1),
+        controlnet_scales=(0.8,),
+    )
+    assert_same_image(client.generate(req), diffusers_controlnet_image(reference, model_dir, req))
+
+
+def test_two_controlnets_equal_multicontrolnet(client, reference, model_dir):
+    req = GenerationRequest(
+        prompt="a red house",
+        seed=5,
+        steps=4,
+        scheduler="ddim",
+        controlnet_names=("edges", "depth"),
+        controlnet_images=hint_images(2),
+        controlnet_scales=(1.2, 0.5),
+        controlnet_guidance_start=(0.0, 0.25),
+        controlnet_guidance_end=(0.75, 1.0),
+    )
+    assert_same_image(client.generate(req), diffusers_controlnet_image(reference, model_dir, req))
+
+
+def test_controlnets_with_loras_and_concurrency(server, reference, model_dir):
+    requests = [
+        GenerationRequest(
+            prompt=f"a {w}",
+            seed=60 + i,
+            steps=4,
+            controlnet_names=names,
+            controlnet_images=hint_images(len(names), seed=i) if names else None,
+        )
+        for i, (w, names) in enumerate(
+            [("cat", ("edges",)), ("dog", ()), ("tree", ("depth", "edges")), ("house", ("depth",))]
+        )
+    ]
+    images = generate_concurrently(server.grpc_url, requests)
+    for req, image in zip(requests, images, strict=True):
+        expected = diffusers_controlnet_image(reference, model_dir, req) if req.controlnet_names else reference(req)
+        assert_same_image(image, expected)
+    assert not _hint_files(), "hint embeddings must be freed when requests end"
+
+
+def test_encoder_half_runs_while_the_controlnet_request_is_in_flight(server, client):
+    server.trace_file.write_text("")
+    client.generate(
+        GenerationRequest(prompt="x", steps=4, controlnet_names=("edges",), controlnet_images=hint_images(1))
+    )
+    events = [json.loads(line) for line in server.trace_file.read_text().splitlines()]
+    sent = [e["t"] for e in events if e["event"] == "unet_controlnet_sent"]
+    starts = [e for e in events if e["event"] == "unet_encoder_start" and e["controlnet"]]
+    ends = {e["id"]: e["t"] for e in events if e["event"] == "unet_encoder_end"}
+    cn_done = [e["t"] for e in events if e["event"] == "controlnet_step_end"]
+    assert len(starts) >= 4 and sent and cn_done
+    overlapped = 0
+    for start in starts:
+        # a ControlNet request sent before this encoder half began, and answered after it began
+        before = [t for t in sent if t <= start["t"]]
+        if before and any(t > start["t"] for t in cn_done if t >= max(before)):
+            overlapped += 1
+        assert ends[start["id"]] >= start["t"]
+    assert overlapped >= 1, "no step ran its encoder half while its ControlNet request was in flight"
+
+
+@pytest.mark.parametrize(
+    "override,error,needle",
+    [
+        (
+            {"CONTROLNET_NAMES": np.array([b"nope"], dtype=object), "CONTROLNET_IMAGES": hint_images(1)},
+            NotFoundError,
+            "edges",
+        ),
+        (
+            {"CONTROLNET_NAMES": np.array([b"edges"], dtype=object), "CONTROLNET_IMAGES": hint_images(1, 32)},
+            InvalidArgumentError,
+            "CONTROLNET_IMAGES",
+        ),
+        (
+            {"CONTROLNET_NAMES": np.array([b"edges", b"depth"], dtype=object), "CONTROLNET_IMAGES": hint_images(1)},
+            InvalidArgumentError,
+            "CONTROLNET_IMAGES",
+        ),
+        (
+            {
+                "CONTROLNET_NAMES": np.array([b"edges"], dtype=object),
+                "CONTROLNET_IMAGES": hint_images(1),
+                "CONTROLNET_SCALES": np.array([1.0, 1.0], np.float32),
+            },
+            InvalidArgumentError,
+            "CONTROLNET_SCALES",
+        ),
+        (
+            {
+                "CONTROLNET_NAMES": np.array([b"edges"], dtype=object),
+                "CONTROLNET_IMAGES": hint_images(1).astype(np.float32),
+            },
+            InvalidArgumentError,
+            "CONTROLNET_IMAGES",
+        ),
+    ],
+)
+def test_bad_controlnet_input_and_server_keeps_serving(client, reference, override, error, needle):
+    inputs = GenerationRequest(prompt="a cat", steps=2).to_tensors()
+    inputs.update(override)
+    with pytest.raises(error) as info:
+        client.infer_raw(inputs)
+    assert needle in info.value.message
+    good = GenerationRequest(prompt="a cat", seed=4, steps=3)
+    assert_same_image(client.generate(good), reference(good))
+    assert not _hint_files()
+
+
+def test_controlnet_metrics_are_exported(server, client):
+    client.generate(
+        GenerationRequest(prompt="x", steps=2, controlnet_names=("edges",), controlnet_images=hint_images(1))
+    )
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    for name in (
+        "swiftdiffusion_controlnet_hits_total",
+        "swiftdiffusion_controlnet_misses_total",
+        "swiftdiffusion_controlnet_loads_total",
+        "swiftdiffusion_controlnet_capacity",
+        "swiftdiffusion_controlnet_resident",
+    ):
+        assert name in text, name

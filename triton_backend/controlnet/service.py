@@ -1,0 +1,211 @@
+"""Stage ``controlnet``: the shared ControlNet service (model LRU, hint-embedding cache, batching by ControlNet).
+
+Two kinds of request arrive (Triton's dynamic batcher never mixes requests with different input sets):
+
+* *prepare* (``CONTROLNET_NAME``, ``HINT_IMAGE [H, W, 3]`` uint8): the hint image's conditioning embedding
+  (``controlnet_cond_embedding``) is the same at every step of a request, so it is computed once and written as a
+  file under a shared-memory directory; the request's ``denoise`` removes those files when the request ends
+  (succeeded, failed or cancelled). Any instance of this model can map them.
+* *step* (``CONTROLNET_NAME``, ``HINT_FILE``, ``SAMPLE``, ``TIMESTEP``, ``ENCODER_HIDDEN_STATES``, ``SCALE``):
+  rows of every request that uses the same ControlNet run in one forward pass; each row's residuals are scaled by
+  its own conditioning scale (as ``ControlNetModel.forward`` does) and returned packed as ``RESIDUALS [b, N]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import StageConfig
+from ..errors import ConfigError, InvalidRequestError, NotFoundError
+from .unet_split import pack_residuals
+
+#: Directory-name prefix of hint-embedding files (the service maps only files under such a directory).
+HINT_DIR_PREFIX = "swiftdiffusion-cn-"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def controlnet_names(root: Path) -> list[str]:
+    """Every servable ControlNet: sub-directories of the store with a ``config.json``, read now."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+
+
+def hint_dir() -> Path:
+    """A fresh shared-memory (or temp) directory for hint embeddings."""
+    shm = Path("/dev/shm")
+    return Path(
+        tempfile.mkdtemp(
+            prefix=HINT_DIR_PREFIX + os.environ.get("SWIFTDIFFUSION_SHM_TAG", ""), dir=shm if shm.is_dir() else None
+        )
+    )
+
+
+@dataclass
+class ControlNetStats:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    load_seconds: float = 0.0
+
+
+@dataclass
+class ControlRow:
+    """One step request to the service: ``b`` rows of one generation request and one ControlNet."""
+
+    name: str
+    hint_file: str
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    scale: torch.Tensor
+
+
+@dataclass
+class ControlNetService:
+    """Resident ControlNets (LRU of ``capacity``) for one model instance, checked against the base UNet."""
+
+    cfg: StageConfig
+    capacity: int = 4
+    stats: ControlNetStats = field(default_factory=ControlNetStats)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.cfg.params.get("controlnet_dir") or self.cfg.model_dir / "controlnets")
+        self.unet_config = json.loads((self.cfg.model_dir / "unet" / "config.json").read_text())
+        self._models: OrderedDict[str, tuple[str, torch.nn.Module, torch.nn.Module]] = OrderedDict()
+        self._hints: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hint_root = hint_dir()
+
+    @classmethod
+    def from_config(cls, cfg: StageConfig) -> ControlNetService:
+        raw = cfg.params.get("resident_capacity", "") or "4"
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"{cfg.model_name}: parameter resident_capacity={raw!r} must be an integer >= 1")
+        return cls(cfg, int(raw))
+
+    def names(self) -> list[str]:
+        return controlnet_names(self.root)
+
+    def _check_architecture(self, name: str, config: dict) -> None:
+        unet = self.unet_config
+        for key in ("cross_attention_dim", "block_out_channels", "in_channels", "layers_per_block"):
+            if key in config and config[key] != unet.get(key):
+                raise InvalidRequestError(
+                    "CONTROLNET_NAMES",
+                    f"{name}: architecture does not match the base model ({key} {config[key]} != {unet.get(key)})",
+                )
+
+    def model(self, name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """``(controlnet, cond_embedding)`` for ``name``: resident (a hit) or loaded now (a miss, may evict)."""
+        from diffusers import ControlNetModel
+
+        if not _NAME.match(name):
+            raise InvalidRequestError("CONTROLNET_NAMES", f"{name!r} is not a valid ControlNet name")
+        path = self.root / name
+        if not (path / "config.json").is_file():
+            raise NotFoundError("CONTROLNET_NAMES", name, self.names())
+        signature = f"{(path / 'config.json').stat().st_mtime_ns}"
+        with self._lock:
+            entry = self._models.get(name)
+            if entry is not None and entry[0] == signature:
+                self._models.move_to_end(name)
+                self.stats.hits += 1
+                return entry[1], entry[2]
+            self.stats.misses += 1
+            try:
+                config = json.loads((path / "config.json").read_text())
+            except ValueError as exc:
+                raise InvalidRequestError("CONTROLNET_NAMES", f"{name}: corrupt config.json ({exc})") from None
+            self._check_architecture(name, config)
+            import time
+
+            start = time.perf_counter()
+            try:
+                model = ControlNetModel.from_pretrained(str(path), torch_dtype=self.cfg.dtype)
+            except Exception as exc:  # noqa: BLE001 - corrupt weights, missing files
+                raise InvalidRequestError(
+                    "CONTROLNET_NAMES", f"{name}: cannot load ({type(exc).__name__}: {exc})"
+                ) from None
+            model = model.to(self.cfg.device).eval().requires_grad_(False)
+            # The hint embedding is computed once per request (prepare); steps pass the embedding through.
+            embedding = model.controlnet_cond_embedding
+            model.controlnet_cond_embedding = torch.nn.Identity()
+            self.stats.loads += 1
+            self.stats.load_seconds += time.perf_counter() - start
+            self._models[name] = (signature, model, embedding)
+            while len(self._models) > self.capacity:
+                self._models.popitem(last=False)
+            return model, embedding
+
+    @torch.inference_mode()
+    def prepare(self, name: str, image: np.ndarray) -> str:
+        """Conditioning embedding of one hint image (``[H, W, 3]`` uint8, preprocessed like diffusers: ``/255``)."""
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise InvalidRequestError(
+                "CONTROLNET_IMAGES", f"expected UINT8 [H, W, 3], got {image.dtype} {list(image.shape)}"
+            )
+        _, embedding = self.model(name)
+        cond = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+        emb = embedding(cond.to(self.cfg.device, self.cfg.dtype)).float().cpu().contiguous()
+        file = self.hint_root / f"{name}-{uuid.uuid4().hex}.safetensors"
+        save_file({"embedding": emb}, str(file))
+        return str(file)
+
+    def _hint(self, file: str) -> torch.Tensor:
+        path = Path(file)
+        if path.suffix != ".safetensors" or not path.parent.name.startswith(HINT_DIR_PREFIX):
+            raise InvalidRequestError("HINT_FILE", f"{file} is not a controlnet hint file")
+        if file in self._hints:
+            self._hints.move_to_end(file)
+            return self._hints[file]
+        try:
+            emb = load_file(file)["embedding"]
+        except (OSError, KeyError) as exc:
+            raise InvalidRequestError("HINT_FILE", f"{file}: released or unreadable ({exc})") from None
+        self._hints[file] = emb
+        while len(self._hints) > 64:
+            self._hints.popitem(last=False)
+        return emb
+
+    @torch.inference_mode()
+    def step_many(self, rows: list[ControlRow]) -> list[torch.Tensor]:
+        """Residuals for every request, packed ``[b, N]``; rows that use the same ControlNet share one pass."""
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault((row.name, *row.sample.shape[1:], *row.encoder_hidden_states.shape[1:]), []).append(i)
+        dev, dt = self.cfg.device, self.cfg.dtype
+        for (name, *_), idx in groups.items():
+            model, _ = self.model(name)
+            cond = torch.cat([self._hint(rows[i].hint_file).expand(rows[i].sample.shape[0], -1, -1, -1) for i in idx])
+            down, mid = model(
+                torch.cat([rows[i].sample for i in idx]).to(dev, dt),
+                torch.cat([rows[i].timestep.reshape(-1) for i in idx]).to(dev),
+                encoder_hidden_states=torch.cat([rows[i].encoder_hidden_states for i in idx]).to(dev, dt),
+                controlnet_cond=cond.to(dev, dt),
+                conditioning_scale=1.0,
+                return_dict=False,
+            )
+            scale = torch.cat([rows[i].scale.reshape(-1) for i in idx]).to(dev, dt).reshape(-1, 1, 1, 1)
+            packed = pack_residuals([d * scale for d in down], mid * scale).cpu()
+            for i, chunk in zip(idx, packed.split([rows[i].sample.shape[0] for i in idx]), strict=True):
+                out[i] = chunk
+        return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.hint_root, ignore_errors=True)

@@ -1,0 +1,36 @@
+"""ControlNets for the default model, in diffusers format (``ControlNetModel.from_pretrained`` loads them).
+
+``ControlNetModel.from_unet`` copies the UNet encoder but initialises the zero convolutions (and the hint
+embedding's last conv) to zero, so a fresh ControlNet changes nothing; here they get seeded random weights so each
+ControlNet clearly changes the image (tested), and an equivalence test with it can fail.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+#: name → seed; each a differently initialised ControlNet.
+DEFAULT_CONTROLNETS = {"edges": 21, "depth": 22}
+
+
+def write_default_controlnets(model_dir: Path) -> list[Path]:
+    """Write ``<model_dir>/controlnets/<name>/`` for every default ControlNet."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(model_dir / "unet"))
+    out = []
+    for name, seed in DEFAULT_CONTROLNETS.items():
+        torch.manual_seed(seed)
+        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            zero_convs = [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]
+            for conv in zero_convs:
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * (0.3 / conv.weight[0].numel() ** 0.5))
+                conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * 0.05)
+        path = model_dir / "controlnets" / name
+        cn.save_pretrained(str(path), safe_serialization=True)
+        out.append(path)
+    return out
