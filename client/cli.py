@@ -7,6 +7,8 @@ import sys
 import threading
 import time
 
+import numpy as np
+
 from triton_backend.schema import SCHEDULER_NAMES, GenerationRequest
 
 from .client import Client, ClientError
@@ -28,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lora", action="append", default=[], metavar="NAME[:SCALE]", help="apply a LoRA from the store (repeatable)"
     )
     parser.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="NAME=IMAGE[:SCALE]",
+        help="condition on a hint image with a ControlNet from the store (repeatable); IMAGE is resized to the output",
+    )
+    parser.add_argument(
         "--lora-bound-k", type=int, default=None, help="step by which LoRAs must be patched (0 = first)"
     )
     parser.add_argument("--timeout", type=float, default=None, help="client timeout in seconds")
@@ -44,9 +53,46 @@ def parse_lora(spec: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"--lora {spec!r}: SCALE must be a number") from None
 
 
+def parse_controlnet(spec: str) -> tuple[str, str, float]:
+    """``NAME=IMAGE[:SCALE]`` → ``(name, image path, scale)``."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise argparse.ArgumentTypeError(f"--controlnet {spec!r}: expected NAME=IMAGE[:SCALE]")
+    path, _, scale = rest.rpartition(":") if rest.rpartition(":")[0] else (rest, "", "")
+    try:
+        return name, path, float(scale) if scale else 1.0
+    except ValueError:
+        return name, rest, 1.0  # a ':' that is part of the path
+
+
+def load_hints(specs: list[tuple[str, str, float]], width: int, height: int) -> np.ndarray:
+    """Hint images as ``[n, H, W, 3]`` uint8 at the output size (resized with PIL if needed)."""
+    from PIL import Image
+
+    images = []
+    for _, path, _ in specs:
+        try:
+            image = Image.open(path).convert("RGB")
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"--controlnet: cannot read {path}: {exc}") from None
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.BICUBIC)
+        images.append(np.asarray(image, dtype=np.uint8))
+    return np.stack(images)
+
+
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     loras = [parse_lora(s) for s in args.lora]
+    controls = [parse_controlnet(s) for s in args.controlnet]
+    hints = None
+    if controls:
+        if not (args.width and args.height):
+            raise argparse.ArgumentTypeError("--controlnet needs --width and --height (the hint images' size)")
+        hints = load_hints(controls, args.width, args.height)
     return GenerationRequest(
+        controlnet_names=tuple(n for n, _, _ in controls),
+        controlnet_images=hints,
+        controlnet_scales=tuple(s for _, _, s in controls),
         lora_names=tuple(n for n, _ in loras),
         lora_scales=tuple(s for _, s in loras),
         lora_bound_k=args.lora_bound_k,

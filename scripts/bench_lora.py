@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from swiftdiffusion_client import Client, GenerationRequest
 
+from triton_backend.bench import timed, write_results
 from triton_backend.config import StageConfig
 from triton_backend.default_model import write_default_model
 from triton_backend.lora.convert import convert_lora_file
@@ -66,16 +66,6 @@ def cycles(model_dir: Path, n: int) -> dict[str, float]:
         "bit_identical_after_cycles": identical,
         "patched_layers": len(patcher.pristine),
     }
-
-
-def timed(fn, repeats: int) -> list[float]:
-    fn()
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main() -> int:
@@ -143,10 +133,7 @@ def main() -> int:
         ref = results["latency_median_s"]["triton: no LoRA" if name.startswith("triton") else "diffusers: no LoRA"]
         print(f"| {name} | {med:.4f} | {med - ref:+.4f} s |")
     print(f"\ncold BAL landing steps: {results['cold_bal_landed_steps']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_lora.json").write_text(json.dumps(results, indent=2, default=str))
-    print(f"wrote {out / 'bench_lora.json'}")
+    print(f"wrote {write_results(args.out, 'bench_lora', results)}")
     return 0
 
 

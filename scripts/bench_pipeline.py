@@ -13,7 +13,6 @@ Prints a Markdown table and writes JSON under --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from swiftdiffusion_client import Client, GenerationRequest
 
+from triton_backend.bench import write_results
 from triton_backend.default_model import write_default_model
 from triton_backend.paths import default_model_dir
 from triton_backend.server import TritonServer, render_repository
@@ -167,10 +167,7 @@ def main() -> int:
             f"| {c} | {on['images_per_s']:.2f} | {on['p50_s']:.3f} | {on['p99_s']:.3f} | {off['images_per_s']:.2f} "
             f"| {off['p50_s']:.3f} | {off['p99_s']:.3f} | {on['images_per_s'] / off['images_per_s']:.2f}x |"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_pipeline.json").write_text(json.dumps(results, indent=2, default=str))
-    print(f"\nwrote {out / 'bench_pipeline.json'}")
+    print(f"\nwrote {write_results(args.out, 'bench_pipeline', results)}")
     return 0
 
 

@@ -53,6 +53,7 @@ def reference(model_dir: Path):
         return (out * 255).round().astype(np.uint8)
 
     run.pipe = pipe
+    run.base_scheduler = base  # the model's own scheduler: pipe.scheduler changes with every call
     return run
 
 
@@ -62,6 +63,11 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from triton_backend.server import TritonServer
 
     log = tmp_path_factory.mktemp("triton") / "server.log"
+    repository = {}
+    if os.environ.get("SWIFTDIFFUSION_TEST_DEVICE") == "cuda":  # scripts/device_check.sh: stages on GPU 0, fp32
+        from triton_backend.server import gpu_repository
+
+        repository = {"model_repository": gpu_repository(dtype="float32")}
     # Test-only: every lora_manager response waits this long, so a 4-step request always reaches its bound k
     # first and the landing step is deterministic (== LORA_BOUND_K).
     # Stages append timestamps to this trace file (ControlNet overlap test).
@@ -69,6 +75,7 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     srv = TritonServer(
         model_dir=model_dir,
         log_file=log,
+        **repository,
         env={"SWIFTDIFFUSION_LORA_TEST_DELAY_S": str(LORA_DELAY_S), "SWIFTDIFFUSION_TRACE_FILE": str(trace)},
     )
     srv.trace_file = trace

@@ -64,6 +64,7 @@ def test_serve_generate_and_clean_stop(model_dir, reference, tmp_path):
     from triton_backend.schema import GenerationRequest
 
     grpc, http, metrics = free_port(), free_port(), free_port()
+    before = set(Path("/dev/shm").iterdir())  # other servers (the session fixture) may hold regions too
     proc = subprocess.Popen(
         [
             str(BIN),
@@ -98,7 +99,7 @@ def test_serve_generate_and_clean_stop(model_dir, reference, tmp_path):
         (server_pid,) = _children(proc.pid)
         stubs = _children(server_pid)
         assert len(stubs) >= 5  # one Python stub per model instance
-        shm = [p for p in Path("/dev/shm").iterdir() if p.name.startswith("swiftdiffusion_")]
+        shm = [p for p in set(Path("/dev/shm").iterdir()) - before if p.name.startswith("swiftdiffusion_")]
         assert shm, "the server uses its own shared-memory prefix"
 
         out = tmp_path / "out.png"
@@ -127,6 +128,38 @@ def test_serve_generate_and_clean_stop(model_dir, reference, tmp_path):
         image = np.asarray(Image.open(out))
         expected = reference(GenerationRequest(prompt="a photo of a cat", seed=3, steps=4, scheduler="euler_a"))
         assert np.abs(image.astype(int) - expected).max() <= 2
+
+        hint = tmp_path / "hint.png"
+        Image.fromarray(np.indices((64, 64)).sum(0).astype(np.uint8)[..., None].repeat(3, -1)).save(hint)
+        adapters = subprocess.run(
+            [
+                str(BIN),
+                "generate",
+                "--url",
+                f"127.0.0.1:{grpc}",
+                "--prompt",
+                "a cat",
+                "--steps",
+                "3",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--controlnet",
+                f"edges={hint}:0.8",
+                "--lora",
+                "ink_kohya:0.5",
+                "--lora-bound-k",
+                "1",
+                "-o",
+                str(tmp_path / "adapters.png"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert adapters.returncode == 0, adapters.stderr
+        assert "LoRAs landed at step" in adapters.stdout
 
         bad = subprocess.run(
             [

@@ -90,7 +90,7 @@ def diffusers_controlnet_image(reference, model_dir, req):
     controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
     components = {k: v for k, v in base.components.items() if k != "scheduler"}
     pipe = StableDiffusionControlNetPipeline(
-        **components, scheduler=make_scheduler(req.scheduler, base.scheduler), controlnet=controlnet
+        **components, scheduler=make_scheduler(req.scheduler, reference.base_scheduler), controlnet=controlnet
     )
     pipe.set_progress_bar_config(disable=True)
     images = [Image.fromarray(img) for img in req.controlnet_images]

@@ -117,7 +117,7 @@ def reference_with_callback(reference, req, callback):
     from triton_backend.schedulers import make_scheduler
 
     pipe = reference.pipe
-    pipe.scheduler = make_scheduler(req.scheduler, pipe.scheduler)
+    pipe.scheduler = make_scheduler(req.scheduler, reference.base_scheduler)
     out = pipe(
         req.prompt,
         negative_prompt=req.negative_prompt,

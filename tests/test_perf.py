@@ -20,7 +20,14 @@ def test_input_data_files_match_the_contract():
     from triton_backend.schema import FIELDS_BY_NAME
 
     files = sorted(p.name for p in input_data_dir().glob("txt2img_*.json"))
-    assert files == ["txt2img_0l.json", "txt2img_1l.json", "txt2img_2l.json"]
+    assert files == [
+        "txt2img_0l.json",
+        "txt2img_1c.json",
+        "txt2img_1c1l.json",
+        "txt2img_1l.json",
+        "txt2img_2c2l.json",
+        "txt2img_2l.json",
+    ]
     for name in files:
         for entry in json.loads((input_data_dir() / name).read_text())["data"]:
             assert set(entry) <= set(FIELDS_BY_NAME) and "PROMPT" in entry
@@ -30,7 +37,7 @@ def test_binary_is_found():
     assert perf_analyzer_binary().is_file()
 
 
-@pytest.mark.parametrize("data", ["txt2img_0l.json", "txt2img_2l.json"])
+@pytest.mark.parametrize("data", ["txt2img_0l.json", "txt2img_2l.json", "txt2img_1c1l.json"])
 def test_perf_analyzer_reports_successful_requests(server, data, tmp_path):
     # The test server delays every lora_manager response by 1 s (deterministic LoRA landing), so count windows
     # of a few requests rather than a short time window.
@@ -46,8 +53,14 @@ def test_perf_analyzer_reports_successful_requests(server, data, tmp_path):
             "grpc",
             "--input-data",
             str(input_data_dir() / data),
-            "--measurement-interval",
-            "2000",
+            "--measurement-mode",
+            "count_windows",
+            "--measurement-request-count",
+            "6",
+            "--stability-percentage",
+            "100",
+            "--max-trials",
+            "3",
             "--concurrency-range",
             "2",
             "-f",

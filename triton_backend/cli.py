@@ -15,7 +15,7 @@ from .paths import default_model_dir
 def _default_model(args: argparse.Namespace) -> int:
     from .default_model import write_default_model
 
-    path = write_default_model(args.out, force=args.force)
+    path = write_default_model(args.out, force=args.force, preset=args.preset)
     print(f"default model written to {path}")
     return 0
 
@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("default-model", help="write the small deterministic random-weight default model")
     p.add_argument("--out", default=str(default_model_dir()), help="output directory (default %(default)s)")
     p.add_argument("--force", action="store_true", help="rewrite even if the directory is current")
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        choices=["tiny", "cpu", "sd15"],
+        help="tiny: tests; cpu: CPU benchmarks; sd15: full SD1.5 architecture (GPU benchmarks)",
+    )
     p.set_defaults(func=_default_model)
 
     p = sub.add_parser("serve", help="run the bundled tritonserver on the model repository")

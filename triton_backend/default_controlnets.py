@@ -15,7 +15,7 @@ import torch
 DEFAULT_CONTROLNETS = {"edges": 21, "depth": 22}
 
 
-def write_default_controlnets(model_dir: Path) -> list[Path]:
+def write_default_controlnets(model_dir: Path, embedding_channels: tuple[int, ...] = (8, 8, 16, 16)) -> list[Path]:
     """Write ``<model_dir>/controlnets/<name>/`` for every default ControlNet."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
@@ -23,7 +23,7 @@ def write_default_controlnets(model_dir: Path) -> list[Path]:
     out = []
     for name, seed in DEFAULT_CONTROLNETS.items():
         torch.manual_seed(seed)
-        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding_channels)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             zero_convs = [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]

@@ -78,51 +78,87 @@ def _scale_weights(module: torch.nn.Module, factor: float) -> None:
                 sub.weight.mul_(factor)
 
 
-def build_components(vocab_size: int) -> dict:
+#: Model presets: ``tiny`` (tests: a 4-step 64x64 request in well under a second), ``cpu`` (CPU benchmarks: big
+#: enough that adapter costs show), ``sd15`` (the full SD1.5 architecture, random weights, for GPU benchmarks).
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "unet": dict(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=8,
+            norm_num_groups=16,
+        ),
+        "vae": dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64),
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        "scale": (1.5, 1.3),
+        "controlnet_embedding": (8, 8, 16, 16),
+    },
+    "cpu": {
+        "unet": dict(
+            sample_size=16,
+            block_out_channels=(64, 128, 128),
+            layers_per_block=2,
+            cross_attention_dim=64,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        "vae": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=128),
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4),
+        "scale": (1.3, 1.2),
+        "controlnet_embedding": (16, 16, 32, 32),
+    },
+    "sd15": {
+        "unet": dict(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        "scale": (1.0, 1.0),
+        "controlnet_embedding": (16, 32, 96, 256),
+    },
+}
+
+
+def build_components(vocab_size: int, preset: str = "tiny") -> dict:
     """Build the random-weight modules deterministically (fixed seeds, CPU, float32)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    p = PRESETS[preset]
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-    _scale_weights(unet, 1.5)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **p["unet"])
+    _scale_weights(unet, p["scale"][0])
     torch.manual_seed(1)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
+        **p["vae"],
     )
-    _scale_weights(vae.decoder, 1.3)
+    _scale_weights(vae.decoder, p["scale"][1])
     torch.manual_seed(2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             max_position_embeddings=77,
-            projection_dim=32,
+            projection_dim=p["text"]["hidden_size"],
             bos_token_id=vocab_size - 2,
             eos_token_id=vocab_size - 1,
             pad_token_id=vocab_size - 1,
+            **p["text"],
         )
     )
     scheduler = EulerDiscreteScheduler(
@@ -136,7 +172,7 @@ def build_components(vocab_size: int) -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
-def write_default_model(out: str | os.PathLike, force: bool = False) -> Path:
+def write_default_model(out: str | os.PathLike, force: bool = False, preset: str = "tiny") -> Path:
     """Write the default model to ``out`` (atomically: a temp dir renamed into place); return its path.
 
     Skips the work when ``out`` already holds this version of the default model, unless ``force``.
@@ -144,8 +180,10 @@ def write_default_model(out: str | os.PathLike, force: bool = False) -> Path:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     out = Path(out)
-    if not force and is_current_default_model(out):
+    if not force and is_current_default_model(out, preset):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".default-model-", dir=out.parent))
@@ -153,7 +191,7 @@ def write_default_model(out: str | os.PathLike, force: bool = False) -> Path:
         tok_dir = tmp / "_tok"
         vocab_size = build_tokenizer_files(tok_dir)
         tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
-        parts = build_components(vocab_size)
+        parts = build_components(vocab_size, preset)
         pipe = StableDiffusionPipeline(
             **parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
@@ -164,8 +202,10 @@ def write_default_model(out: str | os.PathLike, force: bool = False) -> Path:
         write_default_loras(tmp / "model")
         from .default_controlnets import write_default_controlnets
 
-        write_default_controlnets(tmp / "model")
-        (tmp / "model" / _MARKER).write_text(json.dumps({"version": DEFAULT_MODEL_VERSION, "arch": "sd1"}))
+        write_default_controlnets(tmp / "model", PRESETS[preset]["controlnet_embedding"])
+        (tmp / "model" / _MARKER).write_text(
+            json.dumps({"version": DEFAULT_MODEL_VERSION, "arch": "sd1", "preset": preset})
+        )
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp / "model", out)
@@ -174,9 +214,10 @@ def write_default_model(out: str | os.PathLike, force: bool = False) -> Path:
     return out
 
 
-def is_current_default_model(path: Path) -> bool:
-    """True when ``path`` holds a complete default model of the current version."""
+def is_current_default_model(path: Path, preset: str = "tiny") -> bool:
+    """True when ``path`` holds a complete default model of the current version and ``preset``."""
     try:
-        return json.loads((Path(path) / _MARKER).read_text()).get("version") == DEFAULT_MODEL_VERSION
+        marker = json.loads((Path(path) / _MARKER).read_text())
     except (OSError, ValueError):
         return False
+    return marker.get("version") == DEFAULT_MODEL_VERSION and marker.get("preset", "tiny") == preset

@@ -27,3 +27,8 @@ def model_repository_dir() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parent.parent / "model_repository"
+
+
+def baseline_repository_dir() -> Path:
+    """``baseline_repository/``: the stock-diffusers ``txt2img`` used as the benchmark baseline."""
+    return Path(__file__).resolve().parent.parent / "baseline_repository"

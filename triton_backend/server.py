@@ -240,3 +240,29 @@ def render_repository(
             text = text.replace(old, new)
         config.write_text(text)
     return dest
+
+
+#: Stages that run models; on a GPU machine their instance groups become KIND_GPU.
+GPU_STAGES = ("text_encoder", "unet", "vae", "controlnet", "txt2img")
+
+
+def gpu_repository(source: Path | None = None, dtype: str = "auto", unet_instances: int = 2) -> Path:
+    """A rendered copy of a repository with its model stages on GPU 0 (``dtype`` for every stage).
+
+    ``denoise`` and ``lora_manager`` stay on the CPU (scheduler math, conversion). With ``unet_instances`` 2 both
+    UNet instances share GPU 0 (latent parallelism on one device: concurrency, not a second device).
+    """
+    import re
+
+    source = source or model_repository_dir()
+    dest = render_repository({}, source=source)
+    for model in GPU_STAGES:
+        config = dest / model / "config.pbtxt"
+        if not config.is_file() or "KIND_CPU" not in config.read_text():
+            continue
+        text = config.read_text().replace("kind: KIND_CPU", "kind: KIND_GPU gpus: [ 0 ]")
+        text = re.sub(r'(key: "dtype" value \{ string_value: ")[^"]*(")', rf"\g<1>{dtype}\g<2>", text)
+        if model == "unet":
+            text = re.sub(r"count: \d+ kind: KIND_GPU", f"count: {unet_instances} kind: KIND_GPU", text)
+        config.write_text(text)
+    return dest

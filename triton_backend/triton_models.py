@@ -354,3 +354,14 @@ class ControlNetModel(_StageModel):
         self.metrics = {}
         self.metric_families = {}
         super().finalize()
+
+
+class BaselineModel(_StageModel):
+    """Baseline ``txt2img`` (``baseline_repository/``): the stock diffusers pipeline, same contract as ours."""
+
+    from .baseline import INPUTS as inputs
+
+    def build(self, cfg: StageConfig) -> Any:
+        from .baseline import BaselinePipeline
+
+        return BaselinePipeline(cfg)

@@ -1,0 +1,107 @@
+"""The baseline: the stock diffusers pipeline inside one Triton Python model, with adapters used the stock way.
+
+This is how Triton's Stable Diffusion tutorial and PyTriton's diffusion example serve diffusers, extended with the
+stock adapter path: ``StableDiffusionControlNetPipeline`` (``MultiControlNetModel`` for several) and, per request,
+``load_lora_weights`` + ``set_adapters`` + ``fuse_lora``, then ``unfuse_lora`` + ``unload_lora_weights``. It takes the
+same inputs as ``txt2img`` (same client, same perf_analyzer data), parsed by the same schema.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import StageConfig
+from .errors import InvalidRequestError, NotFoundError
+from .lora.store import resolve_lora_path
+from .schedulers import make_scheduler
+from .schema import field_names, parse_request
+
+
+class BaselinePipeline:
+    """One diffusers pipeline per model instance; requests run one at a time (as the stock examples do)."""
+
+    def __init__(self, cfg: StageConfig):
+        from diffusers import StableDiffusionPipeline
+
+        self.cfg = cfg
+        self.pipe = StableDiffusionPipeline.from_pretrained(
+            str(cfg.model_dir), torch_dtype=cfg.dtype, safety_checker=None, requires_safety_checker=False
+        ).to(cfg.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.base_scheduler = self.pipe.scheduler
+        self.lora_dir = Path(cfg.params.get("lora_dir") or cfg.model_dir / "loras")
+        self.controlnet_dir = Path(cfg.params.get("controlnet_dir") or cfg.model_dir / "controlnets")
+        self.controlnets: dict[str, torch.nn.Module] = {}
+
+    def _controlnet(self, name: str) -> torch.nn.Module:
+        from diffusers import ControlNetModel
+
+        if name not in self.controlnets:
+            path = self.controlnet_dir / name
+            if not (path / "config.json").is_file():
+                available = sorted(p.name for p in self.controlnet_dir.glob("*") if (p / "config.json").is_file())
+                raise NotFoundError("CONTROLNET_NAMES", name, available)
+            model = ControlNetModel.from_pretrained(str(path), torch_dtype=self.cfg.dtype)
+            self.controlnets[name] = model.to(self.cfg.device)
+        return self.controlnets[name]
+
+    @torch.inference_mode()
+    def handle(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from diffusers import MultiControlNetModel, StableDiffusionControlNetPipeline
+        from PIL import Image
+
+        req = parse_request(tensors, self.cfg.limits)
+        pipe = self.pipe
+        kwargs = {}
+        if req.controlnet_names:
+            nets = [self._controlnet(n) for n in req.controlnet_names]
+            images = req.controlnet_images
+            if images is None:
+                raise InvalidRequestError("CONTROLNET_IMAGES", "required with CONTROLNET_NAMES")
+            one = len(nets) == 1
+            pipe = StableDiffusionControlNetPipeline(
+                **self.pipe.components, controlnet=nets[0] if one else MultiControlNetModel(nets)
+            )
+            pipe.set_progress_bar_config(disable=True)
+            pil = [Image.fromarray(img) for img in images]
+            cn = req.controlnets
+            kwargs = {
+                "image": pil[0] if one else pil,
+                "controlnet_conditioning_scale": cn[0][1] if one else [c[1] for c in cn],
+                "control_guidance_start": cn[0][2] if one else [c[2] for c in cn],
+                "control_guidance_end": cn[0][3] if one else [c[3] for c in cn],
+            }
+        pipe.scheduler = make_scheduler(req.scheduler, self.base_scheduler)
+        names = [n for n, _ in req.loras]
+        try:
+            for name in names:
+                pipe.load_lora_weights(str(resolve_lora_path(self.lora_dir, name)), adapter_name=name)
+            if names:
+                pipe.set_adapters(names, adapter_weights=[s for _, s in req.loras])
+                pipe.fuse_lora(adapter_names=names)
+            image = pipe(
+                req.prompt,
+                negative_prompt=req.negative_prompt,
+                num_inference_steps=req.steps,
+                guidance_scale=req.guidance_scale,
+                height=req.height or None,
+                width=req.width or None,
+                generator=torch.Generator("cpu").manual_seed(req.seed),
+                output_type="np",
+                **kwargs,
+            ).images[0]
+        finally:
+            if names:
+                pipe.unfuse_lora()
+                pipe.unload_lora_weights()
+        return {
+            "IMAGE": (image * 255).round().astype(np.uint8),
+            "LORA_LANDED_STEP": np.array([0 if names else -1], dtype=np.int32),
+        }
+
+
+#: The baseline model reads every ``txt2img`` input.
+INPUTS = tuple(field_names())

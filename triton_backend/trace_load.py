@@ -1,0 +1,138 @@
+"""Production-like load: trace generation (Poisson arrivals, adapter counts, Zipf popularity) and async replay.
+
+A trace is JSON lines: ``{"t": seconds since start, "seed", "controlnets": [names], "loras": [names]}``. Popularity
+over ``n_controlnets``/``n_loras`` distinct adapters is Zipf-skewed so caches matter; the replayer makes the
+adapters exist (copies of the default ones under the trace's names) and drives a server over async gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .schema import GenerationRequest
+
+
+@dataclass(frozen=True)
+class TraceSpec:
+    rate: float = 1.0  # requests per second (Poisson)
+    duration_s: float = 30.0
+    controlnet_counts: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1)  # P(0..3 ControlNets)
+    lora_counts: tuple[float, ...] = (0.4, 0.4, 0.2)  # P(0..2 LoRAs)
+    n_controlnets: int = 6
+    n_loras: int = 10
+    zipf_s: float = 1.1
+    seed: int = 0
+
+
+def _zipf_choice(rng: np.random.Generator, n: int, k: int, s: float, prefix: str) -> list[str]:
+    weights = 1.0 / np.arange(1, n + 1) ** s
+    picks = rng.choice(n, size=min(k, n), replace=False, p=weights / weights.sum())
+    return [f"{prefix}{i:03d}" for i in sorted(picks)]
+
+
+def generate_trace(spec: TraceSpec) -> list[dict]:
+    """Poisson arrivals over ``duration_s``; per request adapter counts and Zipf-popular names."""
+    rng = np.random.default_rng(spec.seed)
+    t, out = 0.0, []
+    while True:
+        t += rng.exponential(1.0 / spec.rate)
+        if t > spec.duration_s:
+            return out
+        n_cn = int(
+            rng.choice(len(spec.controlnet_counts), p=np.array(spec.controlnet_counts) / sum(spec.controlnet_counts))
+        )
+        n_l = int(rng.choice(len(spec.lora_counts), p=np.array(spec.lora_counts) / sum(spec.lora_counts)))
+        out.append(
+            {
+                "t": round(t, 4),
+                "seed": int(rng.integers(0, 2**31)),
+                "controlnets": _zipf_choice(rng, spec.n_controlnets, n_cn, spec.zipf_s, "cn"),
+                "loras": _zipf_choice(rng, spec.n_loras, n_l, spec.zipf_s, "lora"),
+            }
+        )
+
+
+def save_trace(trace: list[dict], path: Path) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in trace))
+
+
+def load_trace(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def materialize_adapters(model_dir: Path, trace: list[dict]) -> None:
+    """Make every adapter the trace names exist: copies of the default ControlNets/LoRAs under those names."""
+    cn_src = sorted((model_dir / "controlnets").iterdir())
+    lora_src = sorted((model_dir / "loras").glob("*.safetensors"))
+    for name in sorted({n for r in trace for n in r["controlnets"]}):
+        dest = model_dir / "controlnets" / name
+        if not dest.exists():
+            shutil.copytree(cn_src[int(name[2:]) % len(cn_src)], dest)
+    for name in sorted({n for r in trace for n in r["loras"]}):
+        dest = model_dir / "loras" / f"{name}.safetensors"
+        if not dest.exists():
+            shutil.copy(lora_src[int(name[4:]) % len(lora_src)], dest)
+
+
+def to_request(record: dict, steps: int, size: int) -> GenerationRequest:
+    n = len(record["controlnets"])
+    yy, xx = np.indices((size, size))
+    hints = np.stack([np.stack([(xx * (i + 1) + yy) % 256] * 3, -1).astype(np.uint8) for i in range(n)]) if n else None
+    return GenerationRequest(
+        prompt="a photo of an astronaut riding a horse",
+        seed=record["seed"],
+        steps=steps,
+        height=size,
+        width=size,
+        controlnet_names=tuple(record["controlnets"]),
+        controlnet_images=hints,
+        lora_names=tuple(record["loras"]),
+    )
+
+
+async def replay(url: str, trace: list[dict], steps: int, size: int, slo_s: float, model: str = "txt2img") -> dict:
+    """Send each request at its arrival time (open loop); report throughput, p50/p99 and SLO attainment."""
+    import tritonclient.grpc.aio as aio
+
+    from .schema import FIELDS_BY_NAME
+
+    client = aio.InferenceServerClient(url)
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+
+    async def one(record: dict) -> None:
+        nonlocal errors
+        await asyncio.sleep(max(0.0, record["t"] - (time.perf_counter() - start)))
+        inputs = []
+        for name, value in to_request(record, steps, size).to_tensors().items():
+            tensor = aio.InferInput(name, list(value.shape), FIELDS_BY_NAME[name].triton_dtype)
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        t0 = time.perf_counter()
+        try:
+            await client.infer(model, inputs)
+            latencies.append(time.perf_counter() - t0)
+        except Exception:  # noqa: BLE001 - counted, reported
+            errors += 1
+
+    await asyncio.gather(*(one(r) for r in trace))
+    wall = time.perf_counter() - start
+    await client.close()
+    arr = np.array(latencies) if latencies else np.array([np.nan])
+    return {
+        "requests": len(trace),
+        "errors": errors,
+        "throughput_rps": len(latencies) / wall,
+        "p50_s": float(np.percentile(arr, 50)),
+        "p99_s": float(np.percentile(arr, 99)),
+        "slo_s": slo_s,
+        "slo_attainment": float(np.mean(arr <= slo_s)) if latencies else 0.0,
+    }
