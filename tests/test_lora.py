@@ -274,3 +274,39 @@ def test_corrupt_or_foreign_lora_is_invalid(env, tmp_path, model_dir):
     )
     with pytest.raises(InvalidRequestError, match="does not match"):
         convert_lora_file(foreign, env.unet.model, env.te.model)
+
+
+def test_names_that_leave_the_store_and_corrupt_files_are_invalid(model_dir, tmp_path):
+    from triton_backend.lora.store import resolve_lora_path
+
+    root = tmp_path / "store"
+    root.mkdir()
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(model_dir / "loras" / "ink_kohya.safetensors", outside)
+    (root / "sneaky.safetensors").symlink_to(outside)
+    for bad in ("../outside", "/etc/passwd", "a/b"):
+        with pytest.raises(InvalidRequestError, match="LORA_NAMES"):
+            resolve_lora_path(root, bad)
+    with pytest.raises(InvalidRequestError, match="outside"):
+        resolve_lora_path(root, "sneaky")
+    truncated = root / "truncated.safetensors"
+    truncated.write_bytes((model_dir / "loras" / "ink_kohya.safetensors").read_bytes()[:100])
+    with pytest.raises(InvalidRequestError, match="truncated"):
+        has_text_encoder_layers(resolve_lora_path(root, "truncated"))
+
+
+def test_emulated_slow_storage_delays_misses_only(model_dir, tmp_path):
+    store = LoraStore(
+        root=model_dir / "loras",
+        convert=lambda p: {"unet:x.lora_A": torch.zeros(1)},
+        cache_root=tmp_path / "swiftdiffusion-lora-slow",
+        emulate_latency_s=0.2,
+    )
+    start = time.perf_counter()
+    store.get("ink_kohya")
+    miss = time.perf_counter() - start
+    start = time.perf_counter()
+    store.get("ink_kohya")
+    hit = time.perf_counter() - start
+    assert miss >= 0.2 > hit
+    store.close()

@@ -42,6 +42,17 @@ def parse_names(tensors: dict[str, np.ndarray], field: str = "LORA_NAMES") -> li
     return names
 
 
+def _float_param(cfg: StageConfig, name: str) -> float:
+    raw = cfg.params.get(name, "") or "0"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{cfg.model_name}: parameter {name}={raw!r} is not a number") from None
+    if value < 0:
+        raise ConfigError(f"{cfg.model_name}: parameter {name}={value} must be >= 0")
+    return value
+
+
 class LoraManager:
     """Owns the store and the conversion skeletons (a CPU UNet and text encoder of the served model)."""
 
@@ -61,6 +72,8 @@ class LoraManager:
             root=lora_dir(cfg),
             convert=lambda path: convert_lora_file(path, self.unet, self.text_encoder),
             budget_bytes=budget,
+            emulate_latency_s=_float_param(cfg, "emulate_storage_latency_ms") / 1000.0,
+            emulate_bandwidth_bps=_float_param(cfg, "emulate_storage_mbps") * 1e6 / 8,
         )
         self.test_delay_s = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
 

@@ -34,10 +34,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _TE_PREFIXES = ("text_encoder.", "lora_te_", "lora_te1_", "te.")
 
 
-def has_text_encoder_layers(path: Path) -> bool:
-    """Read only the safetensors header: does this LoRA touch the text encoder?"""
-    with safe_open(str(path), "pt") as f:
-        return any(k.startswith(_TE_PREFIXES) for k in f.keys())  # noqa: SIM118 - safe_open has no __iter__
+def has_text_encoder_layers(path: Path, field: str = "LORA_NAMES") -> bool:
+    """Read only the safetensors header: does this LoRA touch the text encoder? A corrupt file is invalid."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return any(k.startswith(_TE_PREFIXES) for k in f.keys())  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt headers raise various errors
+        raise InvalidRequestError(field, f"{path.stem}: not a readable safetensors LoRA ({exc})") from None
 
 
 def lora_names(root: Path) -> list[str]:
@@ -54,6 +57,8 @@ def resolve_lora_path(root: Path, name: str, field: str = "LORA_NAMES") -> Path:
     path = root / f"{name}.safetensors"
     if not path.is_file():
         raise NotFoundError(field, name, lora_names(root))
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise InvalidRequestError(field, f"{name}: the file links outside the LoRA store")
     return path
 
 
@@ -85,6 +90,9 @@ class LoraStore:
     cache_root: Path | None = None
     max_per_request: int = 8
     stats: CacheStats = field(default_factory=CacheStats)
+    #: EMULATION of network storage for benchmarks: each miss waits latency + size / bandwidth (0 = off).
+    emulate_latency_s: float = 0.0
+    emulate_bandwidth_bps: float = 0.0
 
     def __post_init__(self) -> None:
         shm = Path("/dev/shm")
@@ -116,6 +124,7 @@ class LoraStore:
                 return entry
             self.stats.misses += 1
             start = time.perf_counter()
+            self._emulate_slow_storage(path)
             factors = self.convert(path)
             file = self.cache_root / f"{name}-{signature}.safetensors"
             tmp = file.with_suffix(".tmp")
@@ -128,6 +137,14 @@ class LoraStore:
             self.stats.load_seconds += time.perf_counter() - start
             self._evict()
             return entry
+
+    def _emulate_slow_storage(self, path: Path) -> None:
+        """Benchmark-only emulation of remote storage (clearly not real I/O): sleep latency + size/bandwidth."""
+        delay = self.emulate_latency_s
+        if self.emulate_bandwidth_bps > 0:
+            delay += path.stat().st_size / self.emulate_bandwidth_bps
+        if delay > 0:
+            time.sleep(delay)
 
     def _drop_stale(self, name: str, signature: str) -> None:
         for key in [k for k in self._entries if k[0] == name and k[1] != signature]:
