@@ -54,6 +54,32 @@ class _StageModel:
         self.stage = None
 
 
+class _WithMetrics(_StageModel):
+    """Custom Triton metrics (Python backend ``MetricFamily``) for a stage that keeps cumulative stats."""
+
+    def init_metrics(self, specs: dict[str, tuple[str, str, str]], model_name: str) -> None:
+        """``specs``: key → (metric name, description, ``"counter"`` or ``"gauge"``)."""
+        kinds = {"counter": self.pb.MetricFamily.COUNTER, "gauge": self.pb.MetricFamily.GAUGE}
+        # Families must outlive their metrics (Triton requirement): both are kept on the instance.
+        self.metric_families = {k: self.pb.MetricFamily(n, d, kinds[kind]) for k, (n, d, kind) in specs.items()}
+        self.metrics = {k: f.Metric({"model": model_name}) for k, f in self.metric_families.items()}
+        self._reported: dict[str, float] = {}
+
+    def report_counters(self, stats: Any, names: tuple[str, ...]) -> None:
+        """Advance each counter by what ``stats.<name>`` grew since the last report."""
+        for name in names:
+            value = getattr(stats, name)
+            self.metrics[name].increment(value - self._reported.get(name, 0))
+            self._reported[name] = value
+
+    def finalize(self) -> None:
+        if self.stage is not None:
+            self.stage.close()
+        self.metrics = {}
+        self.metric_families = {}
+        super().finalize()
+
+
 class TextEncoderModel(_StageModel):
     """``text_encoder``: ``PROMPT``, ``NEGATIVE_PROMPT``, ``GUIDANCE_SCALE`` → ``PROMPT_EMBEDS [B, 77, D]`` FP32."""
 
@@ -215,7 +241,7 @@ class UNetModel(_StageModel):
         )
 
 
-class LoraManagerModel(_StageModel):
+class LoraManagerModel(_WithMetrics):
     """``lora_manager``: ``LORA_NAMES [m]`` → ``LORA_FILES [m]`` (converted factor files) and
     ``LORA_TEXT_ENCODER [m]`` (BOOL); cache hits/misses/load seconds/bytes resident are Triton metrics.
     """
@@ -226,41 +252,36 @@ class LoraManagerModel(_StageModel):
         from .lora.manager import LoraManager
 
         manager = LoraManager(cfg)
-        counter, gauge = self.pb.MetricFamily.COUNTER, self.pb.MetricFamily.GAUGE
-        specs = {
-            "hits": ("swiftdiffusion_lora_cache_hits_total", "LoRA cache hits", counter),
-            "misses": ("swiftdiffusion_lora_cache_misses_total", "LoRA cache misses (loads)", counter),
-            "load_seconds": ("swiftdiffusion_lora_load_seconds_total", "Seconds loading+converting LoRAs", counter),
-            "bytes_resident": ("swiftdiffusion_lora_cache_bytes", "Bytes of converted LoRAs in host memory", gauge),
-            "budget": ("swiftdiffusion_lora_cache_budget_bytes", "Byte budget of the LoRA cache", gauge),
-        }
-        # Families must outlive their metrics (Triton requirement): both are kept on the instance.
-        self.metric_families = {k: self.pb.MetricFamily(n, d, kind) for k, (n, d, kind) in specs.items()}
-        self.metrics = {k: f.Metric({"model": cfg.model_name}) for k, f in self.metric_families.items()}
+        self.init_metrics(
+            {
+                "hits": ("swiftdiffusion_lora_cache_hits_total", "LoRA cache hits", "counter"),
+                "misses": ("swiftdiffusion_lora_cache_misses_total", "LoRA cache misses (loads)", "counter"),
+                "load_seconds": (
+                    "swiftdiffusion_lora_load_seconds_total",
+                    "Seconds loading+converting LoRAs",
+                    "counter",
+                ),
+                "bytes_resident": (
+                    "swiftdiffusion_lora_cache_bytes",
+                    "Bytes of converted LoRAs in host memory",
+                    "gauge",
+                ),
+                "budget": ("swiftdiffusion_lora_cache_budget_bytes", "Byte budget of the LoRA cache", "gauge"),
+            },
+            cfg.model_name,
+        )
         self.metrics["budget"].set(float(manager.store.budget_bytes))
-        self._reported = {"hits": 0, "misses": 0, "load_seconds": 0.0}
         return manager
 
     def handle(self, tensors: dict[str, Any], request: Any) -> dict[str, Any]:
         try:
             return self.stage.handle(tensors)
         finally:
-            stats = self.stage.store.stats
-            for name in ("hits", "misses", "load_seconds"):
-                value = getattr(stats, name)
-                self.metrics[name].increment(value - self._reported[name])
-                self._reported[name] = value
-            self.metrics["bytes_resident"].set(float(stats.bytes_resident))
-
-    def finalize(self) -> None:
-        if self.stage is not None:
-            self.stage.close()
-        self.metrics = {}
-        self.metric_families = {}
-        super().finalize()
+            self.report_counters(self.stage.store.stats, ("hits", "misses", "load_seconds"))
+            self.metrics["bytes_resident"].set(float(self.stage.store.stats.bytes_resident))
 
 
-class ControlNetModel(_StageModel):
+class ControlNetModel(_WithMetrics):
     """``controlnet``: shared ControlNet service. *prepare*: ``CONTROLNET_NAME [b, 1]``, ``HINT_IMAGE [b, H, W, 3]``
     → ``HINT_FILE [b, 1]``; *step*: ``CONTROLNET_NAME``, ``HINT_FILE``, ``SCALE [b, 1]``, ``SAMPLE``, ``TIMESTEP``,
     ``ENCODER_HIDDEN_STATES`` → ``RESIDUALS [b, N]`` (every skip residual and the mid residual, packed).
@@ -272,18 +293,21 @@ class ControlNetModel(_StageModel):
         from .controlnet.service import ControlNetService
 
         service = ControlNetService.from_config(cfg)
-        counter, gauge = self.pb.MetricFamily.COUNTER, self.pb.MetricFamily.GAUGE
-        specs = {
-            "hits": ("swiftdiffusion_controlnet_hits_total", "Requests served by a resident ControlNet", counter),
-            "misses": ("swiftdiffusion_controlnet_misses_total", "Requests whose ControlNet was not resident", counter),
-            "loads": ("swiftdiffusion_controlnet_loads_total", "ControlNets loaded from the store", counter),
-            "capacity": ("swiftdiffusion_controlnet_capacity", "Resident ControlNet capacity (LRU)", gauge),
-            "resident": ("swiftdiffusion_controlnet_resident", "ControlNets resident now", gauge),
-        }
-        self.metric_families = {k: self.pb.MetricFamily(n, d, kind) for k, (n, d, kind) in specs.items()}
-        self.metrics = {k: f.Metric({"model": cfg.model_name}) for k, f in self.metric_families.items()}
+        self.init_metrics(
+            {
+                "hits": ("swiftdiffusion_controlnet_hits_total", "Requests served by a resident ControlNet", "counter"),
+                "misses": (
+                    "swiftdiffusion_controlnet_misses_total",
+                    "Requests whose ControlNet was not resident",
+                    "counter",
+                ),
+                "loads": ("swiftdiffusion_controlnet_loads_total", "ControlNets loaded from the store", "counter"),
+                "capacity": ("swiftdiffusion_controlnet_capacity", "Resident ControlNet capacity (LRU)", "gauge"),
+                "resident": ("swiftdiffusion_controlnet_resident", "ControlNets resident now", "gauge"),
+            },
+            cfg.model_name,
+        )
         self.metrics["capacity"].set(float(service.capacity))
-        self._reported = {"hits": 0, "misses": 0, "loads": 0}
         return service
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -341,19 +365,8 @@ class ControlNetModel(_StageModel):
         return respond_batched(requests, parse, compute_many, self.pb)
 
     def _report(self) -> None:
-        stats = self.stage.stats
-        for name in ("hits", "misses", "loads"):
-            value = getattr(stats, name)
-            self.metrics[name].increment(value - self._reported[name])
-            self._reported[name] = value
+        self.report_counters(self.stage.stats, ("hits", "misses", "loads"))
         self.metrics["resident"].set(float(len(self.stage._models)))
-
-    def finalize(self) -> None:
-        if self.stage is not None:
-            self.stage.close()
-        self.metrics = {}
-        self.metric_families = {}
-        super().finalize()
 
 
 class BaselineModel(_StageModel):
