@@ -167,9 +167,7 @@ def main() -> int:
         f"bit-identical afterwards: {cyc['bit_identical_after_cycles']}; "
         f"converting both: {cyc['convert_two_loras_s']:.3f} s"
     )
-    print(
-        f"\n## Latency, {args.steps} DDIM steps (k = auto = {round(0.4 * args.steps)}), median of {args.repeats}\n"
-    )
+    print(f"\n## Latency, {args.steps} DDIM steps (k = auto = {round(0.4 * args.steps)}), median of {args.repeats}\n")
     print("| configuration | median s | / no LoRA | landed at steps |\n|---|---|---|---|")
     med = results["latency_median_s"]
     for key, value in med.items():

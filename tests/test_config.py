@@ -116,3 +116,18 @@ def test_instance_count_reads_the_unet_config(tmp_path):
     assert instance_count(REPO / "denoise" / "config.pbtxt") == 4
     (tmp_path / "config.pbtxt").write_text('name: "x"\nbackend: "python"\n')
     assert instance_count(tmp_path / "config.pbtxt") == 1
+
+
+def test_sdxl_directories_are_refused_clearly(model_dir, tmp_path):
+    import json
+    import shutil
+
+    from triton_backend.components import ModelInfo
+
+    sdxl = tmp_path / "sdxl"
+    shutil.copytree(model_dir, sdxl, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((sdxl / "unet" / "config.json").read_text())
+    config["addition_embed_type"] = "text_time"
+    (sdxl / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="SDXL"):
+        ModelInfo.read(sdxl)

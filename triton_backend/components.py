@@ -35,6 +35,11 @@ class ModelInfo:
         unet = _read_json(model_dir / "unet" / "config.json")
         vae = _read_json(model_dir / "vae" / "config.json")
         sched = _read_json(model_dir / "scheduler" / "scheduler_config.json")
+        if unet.get("addition_embed_type") or (model_dir / "text_encoder_2").is_dir():
+            raise ConfigError(
+                f"{model_dir}: SDXL-style models (text_encoder_2, addition_embed_type="
+                f"{unet.get('addition_embed_type')!r}) are not supported yet; SD 1.x/2.x diffusers directories are"
+            )
         sample = unet.get("sample_size", 64)
         return cls(
             model_dir=model_dir,
