@@ -13,7 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from swiftdiffusion_client import Client, GenerationRequest
 
@@ -21,13 +20,9 @@ from triton_backend.bench import summary, timed, write_results
 from triton_backend.default_model import write_default_model
 from triton_backend.paths import default_model_dir
 from triton_backend.server import TritonServer
+from triton_backend.trace_load import synthetic_hints
 
 NAMES = ("edges", "depth", "edges")
-
-
-def hints(n: int, size: int) -> np.ndarray:
-    yy, xx = np.indices((size, size))
-    return np.stack([np.stack([(xx * (i + 1) + yy) % 256] * 3, -1).astype(np.uint8) for i in range(n)])
 
 
 def main() -> int:
@@ -47,7 +42,7 @@ def main() -> int:
             height=args.size,
             width=args.size,
             controlnet_names=NAMES[:n],
-            controlnet_images=hints(n, args.size) if n else None,
+            controlnet_images=synthetic_hints(n, args.size),
         )
 
     results: dict = {"steps": args.steps, "size": args.size, "ours": {}, "diffusers": {}}

@@ -28,7 +28,14 @@ from triton_backend.bench import machine, summary, timed, write_results
 from triton_backend.default_model import write_default_model
 from triton_backend.paths import baseline_repository_dir, cache_dir, model_repository_dir
 from triton_backend.server import TritonServer, gpu_repository
-from triton_backend.trace_load import TraceSpec, generate_trace, materialize_adapters, replay, save_trace
+from triton_backend.trace_load import (
+    TraceSpec,
+    generate_trace,
+    materialize_adapters,
+    replay,
+    save_trace,
+    synthetic_hints,
+)
 
 MATRIX = [(0, 0), (1, 0), (0, 1), (1, 1), (3, 0), (2, 2), (3, 2)]
 CONTROLNETS = ("edges", "depth", "edges")
@@ -36,8 +43,7 @@ LORAS = ("ink_kohya", "glow_kohya")
 
 
 def matrix_request(c: int, lora: int, steps: int, size: int, seed: int = 0) -> GenerationRequest:
-    yy, xx = np.indices((size, size))
-    hints = np.stack([np.stack([(xx * (i + 1) + yy) % 256] * 3, -1).astype(np.uint8) for i in range(c)]) if c else None
+    hints = synthetic_hints(c, size)
     return GenerationRequest(
         prompt="a photo of an astronaut riding a horse",
         seed=seed,

@@ -8,14 +8,14 @@ same inputs as ``txt2img`` (same client, same perf_analyzer data), parsed by the
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from .config import StageConfig
+from .controlnet.service import controlnet_names
 from .errors import InvalidRequestError, NotFoundError
 from .lora.store import resolve_lora_path
+from .paths import controlnet_dir, lora_dir
 from .schedulers import make_scheduler
 from .schema import field_names, parse_request
 
@@ -32,8 +32,8 @@ class BaselinePipeline:
         ).to(cfg.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.base_scheduler = self.pipe.scheduler
-        self.lora_dir = Path(cfg.params.get("lora_dir") or cfg.model_dir / "loras")
-        self.controlnet_dir = Path(cfg.params.get("controlnet_dir") or cfg.model_dir / "controlnets")
+        self.lora_dir = lora_dir(cfg.params, cfg.model_dir)
+        self.controlnet_dir = controlnet_dir(cfg.params, cfg.model_dir)
         self.controlnets: dict[str, torch.nn.Module] = {}
 
     def _controlnet(self, name: str) -> torch.nn.Module:
@@ -42,8 +42,7 @@ class BaselinePipeline:
         if name not in self.controlnets:
             path = self.controlnet_dir / name
             if not (path / "config.json").is_file():
-                available = sorted(p.name for p in self.controlnet_dir.glob("*") if (p / "config.json").is_file())
-                raise NotFoundError("CONTROLNET_NAMES", name, available)
+                raise NotFoundError("CONTROLNET_NAMES", name, controlnet_names(self.controlnet_dir))
             model = ControlNetModel.from_pretrained(str(path), torch_dtype=self.cfg.dtype)
             self.controlnets[name] = model.to(self.cfg.device)
         return self.controlnets[name]

@@ -3,7 +3,27 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+#: Names servable from an adapter store (LoRA files, ControlNet directories): no separators, no leading dot.
+_STORE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def is_store_name(name: str) -> bool:
+    """Whether ``name`` can name an adapter in a store (it cannot leave the store directory)."""
+    return bool(_STORE_NAME.match(name))
+
+
+def lora_dir(params: dict[str, str], model_dir: Path) -> Path:
+    """The LoRA store: config parameter ``lora_dir``, default ``<model_dir>/loras``."""
+    return Path(params.get("lora_dir") or model_dir / "loras")
+
+
+def controlnet_dir(params: dict[str, str], model_dir: Path) -> Path:
+    """The ControlNet store: config parameter ``controlnet_dir``, default ``<model_dir>/controlnets``."""
+    return Path(params.get("controlnet_dir") or model_dir / "controlnets")
+
 
 #: Environment variable that ``swiftdiffusion serve`` sets to point every stage at the model directory.
 MODEL_DIR_ENV = "SWIFTDIFFUSION_MODEL_DIR"

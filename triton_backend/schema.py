@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -200,6 +200,13 @@ def _scalar(name: str, value: Any, triton_dtype: str) -> Any:
     return float(item) if triton_dtype == "FP32" else int(item)
 
 
+def parse_names(tensors: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    """A BYTES ``[m]`` input (adapter names) as UTF-8 strings; absent → ``()``. Stages that take only the names
+    (``lora_manager``) use this instead of a full :func:`parse_request`.
+    """
+    return _vector(name, tensors[name], "BYTES") if name in tensors else ()
+
+
 def _vector(name: str, value: Any, triton_dtype: str) -> Any:
     if triton_dtype == "UINT8":  # hint images: [n, H, W, 3]
         images = np.asarray(value)
@@ -299,8 +306,3 @@ def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> No
 def field_names() -> list[str]:
     """Names of every ``txt2img`` input, in schema order."""
     return [f.name for f in FIELDS]
-
-
-def request_defaults() -> dict[str, Any]:
-    """Default value of every optional attribute (documented in the README)."""
-    return {f.name: f.default for f in fields(GenerationRequest) if f.name != "prompt"}

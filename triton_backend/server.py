@@ -202,7 +202,7 @@ class TritonServer:
                 os.killpg(proc.pid, signal.SIGKILL)  # any stub that outlived the server
         self.process = None
         # Python-backend regions, and the LoRA/hint caches our stages created under this server's tag.
-        for leftover in [*Path("/dev/shm").glob(f"{self.shm_prefix}*"), *Path("/dev/shm").glob(f"*{self.shm_prefix}*")]:
+        for leftover in Path("/dev/shm").glob(f"*{self.shm_prefix}*"):
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,6 +12,7 @@ from .components import load_part
 from .config import StageConfig
 from .lora.patch import AdapterRef, WeightPatcher
 from .lora.store import has_text_encoder_layers, resolve_lora_path
+from .paths import lora_dir
 from .schema import GenerationRequest, parse_request
 
 #: The request fields this stage consumes (the ensemble maps these ``txt2img`` inputs onto it).
@@ -31,7 +31,7 @@ class TextEncoder:
         self.model = load_part(CLIPTextModel, cfg.model_dir, "text_encoder", cfg.device, cfg.dtype)
         self.use_attention_mask = bool(getattr(self.model.config, "use_attention_mask", False))
         self.patcher = WeightPatcher(self.model, "text_encoder")
-        self.lora_dir = Path(cfg.params.get("lora_dir") or cfg.model_dir / "loras")
+        self.lora_dir = lora_dir(cfg.params, cfg.model_dir)
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> torch.Tensor:

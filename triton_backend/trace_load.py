@@ -81,10 +81,16 @@ def materialize_adapters(model_dir: Path, trace: list[dict]) -> None:
             shutil.copy(lora_src[int(name[4:]) % len(lora_src)], dest)
 
 
-def to_request(record: dict, steps: int, size: int) -> GenerationRequest:
-    n = len(record["controlnets"])
+def synthetic_hints(n: int, size: int) -> np.ndarray | None:
+    """``n`` deterministic gradient hint images ``[n, size, size, 3]`` uint8 for benchmarks (None for 0)."""
+    if not n:
+        return None
     yy, xx = np.indices((size, size))
-    hints = np.stack([np.stack([(xx * (i + 1) + yy) % 256] * 3, -1).astype(np.uint8) for i in range(n)]) if n else None
+    return np.stack([np.stack([(xx * (i + 1) + yy) % 256] * 3, -1).astype(np.uint8) for i in range(n)])
+
+
+def to_request(record: dict, steps: int, size: int) -> GenerationRequest:
+    hints = synthetic_hints(len(record["controlnets"]), size)
     return GenerationRequest(
         prompt="a photo of an astronaut riding a horse",
         seed=record["seed"],

@@ -127,11 +127,6 @@ def bls_infer_many(pb_utils: Any, calls: Sequence[BlsCall]) -> list[Tensors]:
     return results
 
 
-def bls_infer(pb_utils: Any, model_name: str, inputs: Tensors, output_names: Sequence[str]) -> Tensors:
-    """One synchronous BLS call (see :func:`bls_infer_many`)."""
-    return bls_infer_many(pb_utils, [(model_name, inputs, output_names)])[0]
-
-
 def is_cancelled(request: Any) -> bool:
     """``request.is_cancelled()`` where the backend has it (Triton >= 23.10)."""
     check = getattr(request, "is_cancelled", None)

@@ -144,14 +144,14 @@ class DenoiseModel(_StageModel):
         import torch
 
         from .denoise import latent_parallel
-        from .unet_step import encode_adapters, encode_controlnets
+        from .unet_step import encode_adapters, encode_triples
 
         def step_inputs(s: Any, t: Any, e: Any, adapters: Any, controls: Any) -> dict[str, Any]:
             inputs = {"SAMPLE": s.numpy(), "TIMESTEP": t.reshape(-1, 1).numpy(), "ENCODER_HIDDEN_STATES": e.numpy()}
             if adapters:
                 inputs["ADAPTERS"] = encode_adapters(adapters, s.shape[0])
             if controls:
-                inputs["CONTROLNETS"] = encode_controlnets(controls, s.shape[0])
+                inputs["CONTROLNETS"] = encode_triples(controls, s.shape[0])
             return inputs
 
         def prepare_hints(hints: list[tuple[str, Any]]) -> list[str]:
@@ -315,22 +315,24 @@ class ControlNetModel(_WithMetrics):
 
         from .controlnet.service import ControlRow
         from .errors import InvalidRequestError
+        from .schema import parse_names
         from .trace import trace
 
         def parse(request: Any) -> Any:
             t = read_tensors(request, self.inputs, self.pb)
             if "CONTROLNET_NAME" not in t:
                 raise InvalidRequestError("CONTROLNET_NAME", "is required")
-            names = {bytes(n).decode() for n in t["CONTROLNET_NAME"].reshape(-1)}
+            names = parse_names(t, "CONTROLNET_NAME")
             if "HINT_IMAGE" in t:
-                return ("prepare", [bytes(n).decode() for n in t["CONTROLNET_NAME"].reshape(-1)], t["HINT_IMAGE"])
+                return ("prepare", list(names), t["HINT_IMAGE"])
+            names = set(names)
             missing = [k for k in ("HINT_FILE", "SCALE", "SAMPLE", "TIMESTEP", "ENCODER_HIDDEN_STATES") if k not in t]
             if missing or len(names) != 1:
                 raise InvalidRequestError(
                     missing[0] if missing else "CONTROLNET_NAME",
                     "step requests need one ControlNet and HINT_FILE, SCALE, SAMPLE, TIMESTEP, ENCODER_HIDDEN_STATES",
                 )
-            hints = {bytes(h).decode() for h in t["HINT_FILE"].reshape(-1)}
+            hints = set(parse_names(t, "HINT_FILE"))
             return (
                 "step",
                 ControlRow(

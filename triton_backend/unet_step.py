@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,27 +160,40 @@ def parse_step(tensors: dict[str, np.ndarray], info: ModelInfo) -> StepInput:
     if "ADAPTERS" in tensors:
         step.adapters = decode_adapters(tensors["ADAPTERS"])
     if "CONTROLNETS" in tensors:
-        step.controlnets = decode_controlnets(tensors["CONTROLNETS"])
+        step.controlnets = decode_triples(tensors["CONTROLNETS"], "CONTROLNETS")
     step.validate(info)
     return step
 
 
-def encode_adapters(adapters: tuple[AdapterRef, ...], rows: int) -> np.ndarray:
-    """``ADAPTERS [rows, 1]`` BYTES: the request's LoRA set as JSON, repeated per row (Triton batches by row)."""
-    text = json.dumps([[a.name, a.file, a.scale] for a in adapters]).encode()
+def encode_triples(triples: Sequence[tuple[str, str, float]], rows: int) -> np.ndarray:
+    """``[rows, 1]`` BYTES: ``[[name, file, scale], ...]`` as JSON, repeated per row (Triton batches by row).
+
+    Carries a request's LoRA set (``ADAPTERS``) and a step's ControlNets (``CONTROLNETS``) to ``unet``.
+    """
+    text = json.dumps([[n, f, s] for n, f, s in triples]).encode()
     return np.array([[text]] * rows, dtype=np.object_)
 
 
-def decode_adapters(value: np.ndarray) -> tuple[AdapterRef, ...]:
-    """Inverse of :func:`encode_adapters`; every row of one request must carry the same set."""
+def decode_triples(value: np.ndarray, field: str) -> tuple[tuple[str, str, float], ...]:
+    """Inverse of :func:`encode_triples`; every row of one request must carry the same list."""
     rows = {bytes(v) for v in np.asarray(value).reshape(-1)}
     if len(rows) != 1:
-        raise InvalidRequestError("ADAPTERS", "all rows of one request must carry the same adapter set")
+        raise InvalidRequestError(field, "all rows of one request must carry the same list")
     try:
-        refs = tuple(AdapterRef(str(n), str(f), float(s)) for n, f, s in json.loads(rows.pop()))
+        return tuple((str(n), str(f), float(s)) for n, f, s in json.loads(rows.pop()))
     except (ValueError, TypeError) as exc:
-        raise InvalidRequestError("ADAPTERS", f"not a JSON list of [name, file, scale]: {exc}") from None
-    for ref in refs:  # only converted files written by a lora_manager are ever mapped
+        raise InvalidRequestError(field, f"not a JSON list of [name, file, scale]: {exc}") from None
+
+
+def encode_adapters(adapters: tuple[AdapterRef, ...], rows: int) -> np.ndarray:
+    """``ADAPTERS [rows, 1]``: the request's LoRA set."""
+    return encode_triples([(a.name, a.file, a.scale) for a in adapters], rows)
+
+
+def decode_adapters(value: np.ndarray) -> tuple[AdapterRef, ...]:
+    """``ADAPTERS`` → ``AdapterRef``s; only converted files written by a lora_manager are ever mapped."""
+    refs = tuple(AdapterRef(*t) for t in decode_triples(value, "ADAPTERS"))
+    for ref in refs:
         path = Path(ref.file)
         if path.suffix != ".safetensors" or not path.parent.name.startswith(CACHE_DIR_PREFIX):
             raise InvalidRequestError("ADAPTERS", f"{ref.name}: {ref.file} is not a lora_manager cache file")
@@ -189,20 +202,3 @@ def decode_adapters(value: np.ndarray) -> tuple[AdapterRef, ...]:
 
 #: Input tensors of the ``unet`` model, in :class:`StepInput` field order.
 INPUTS = ("SAMPLE", "TIMESTEP", "ENCODER_HIDDEN_STATES")
-
-
-def encode_controlnets(controlnets: tuple[tuple[str, str, float], ...], rows: int) -> np.ndarray:
-    """``CONTROLNETS [rows, 1]`` BYTES: ``[[name, hint_file, scale], ...]`` as JSON, repeated per row."""
-    text = json.dumps([list(c) for c in controlnets]).encode()
-    return np.array([[text]] * rows, dtype=np.object_)
-
-
-def decode_controlnets(value: np.ndarray) -> tuple[tuple[str, str, float], ...]:
-    """Inverse of :func:`encode_controlnets`."""
-    rows = {bytes(v) for v in np.asarray(value).reshape(-1)}
-    if len(rows) != 1:
-        raise InvalidRequestError("CONTROLNETS", "all rows of one request must carry the same ControlNets")
-    try:
-        return tuple((str(n), str(f), float(s)) for n, f, s in json.loads(rows.pop()))
-    except (ValueError, TypeError) as exc:
-        raise InvalidRequestError("CONTROLNETS", f"not a JSON list of [name, hint_file, scale]: {exc}") from None

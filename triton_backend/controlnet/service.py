@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,11 +29,11 @@ from safetensors.torch import load_file, save_file
 
 from ..config import StageConfig
 from ..errors import ConfigError, InvalidRequestError, NotFoundError
+from ..paths import controlnet_dir, is_store_name
 from .unet_split import pack_residuals
 
 #: Directory-name prefix of hint-embedding files (the service maps only files under such a directory).
 HINT_DIR_PREFIX = "swiftdiffusion-cn-"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
 def controlnet_names(root: Path) -> list[str]:
@@ -82,7 +82,7 @@ class ControlNetService:
     stats: ControlNetStats = field(default_factory=ControlNetStats)
 
     def __post_init__(self) -> None:
-        self.root = Path(self.cfg.params.get("controlnet_dir") or self.cfg.model_dir / "controlnets")
+        self.root = controlnet_dir(self.cfg.params, self.cfg.model_dir)
         self.unet_config = json.loads((self.cfg.model_dir / "unet" / "config.json").read_text())
         self._models: OrderedDict[str, tuple[str, torch.nn.Module, torch.nn.Module]] = OrderedDict()
         self._hints: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -112,7 +112,7 @@ class ControlNetService:
         """``(controlnet, cond_embedding)`` for ``name``: resident (a hit) or loaded now (a miss, may evict)."""
         from diffusers import ControlNetModel
 
-        if not _NAME.match(name):
+        if not is_store_name(name):
             raise InvalidRequestError("CONTROLNET_NAMES", f"{name!r} is not a valid ControlNet name")
         path = self.root / name
         if not (path / "config.json").is_file():
@@ -130,8 +130,6 @@ class ControlNetService:
             except ValueError as exc:
                 raise InvalidRequestError("CONTROLNET_NAMES", f"{name}: corrupt config.json ({exc})") from None
             self._check_architecture(name, config)
-            import time
-
             start = time.perf_counter()
             try:
                 model = ControlNetModel.from_pretrained(str(path), torch_dtype=self.cfg.dtype)

@@ -8,38 +8,19 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 
 from ..components import load_part
 from ..config import StageConfig
-from ..errors import ConfigError, InvalidRequestError
+from ..errors import ConfigError
+from ..paths import lora_dir
+from ..schema import parse_names
 from .convert import convert_lora_file
 from .store import LoraStore
 
 #: Test-only: seconds every manager response is delayed, so tests can make the landing step deterministic.
 TEST_DELAY_ENV = "SWIFTDIFFUSION_LORA_TEST_DELAY_S"
-
-
-def lora_dir(cfg: StageConfig) -> Path:
-    """Parameter ``lora_dir``; default ``<model_dir>/loras``."""
-    return Path(cfg.params.get("lora_dir") or cfg.model_dir / "loras")
-
-
-def parse_names(tensors: dict[str, np.ndarray], field: str = "LORA_NAMES") -> list[str]:
-    """A BYTES vector of names → list of str (empty when absent)."""
-    if field not in tensors:
-        return []
-    names = []
-    for item in np.asarray(tensors[field]).reshape(-1):
-        if not isinstance(item, (bytes, np.bytes_)):
-            raise InvalidRequestError(field, f"expected BYTES, got {np.asarray(tensors[field]).dtype}")
-        try:
-            names.append(bytes(item).decode("utf-8"))
-        except UnicodeDecodeError:
-            raise InvalidRequestError(field, "is not valid UTF-8") from None
-    return names
 
 
 def _float_param(cfg: StageConfig, name: str) -> float:
@@ -69,7 +50,7 @@ class LoraManager:
         self.unet = load_part(UNet2DConditionModel, cfg.model_dir, "unet", cfg.device, cfg.dtype)
         self.text_encoder = load_part(CLIPTextModel, cfg.model_dir, "text_encoder", cfg.device, cfg.dtype)
         self.store = LoraStore(
-            root=lora_dir(cfg),
+            root=lora_dir(cfg.params, cfg.model_dir),
             convert=lambda path: convert_lora_file(path, self.unet, self.text_encoder),
             budget_bytes=budget,
             emulate_latency_s=_float_param(cfg, "emulate_storage_latency_ms") / 1000.0,
@@ -79,7 +60,7 @@ class LoraManager:
 
     def handle(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``LORA_NAMES [m]`` → ``LORA_FILES [m]`` (BYTES paths) and ``LORA_TEXT_ENCODER [m]`` (BOOL)."""
-        names = parse_names(tensors)
+        names = parse_names(tensors, "LORA_NAMES")
         entries = [self.store.get(name) for name in names]
         if self.test_delay_s:
             time.sleep(self.test_delay_s)

@@ -10,7 +10,6 @@ budget with LRU eviction.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -25,11 +24,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import InvalidRequestError, NotFoundError
+from ..paths import is_store_name
 from .convert import file_signature
 
 #: Directory-name prefix of converted-adapter caches (the UNet maps only files under such a directory).
 CACHE_DIR_PREFIX = "swiftdiffusion-lora-"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 #: Key prefixes of text-encoder layers in the formats diffusers reads (PEFT/diffusers, kohya/A1111).
 _TE_PREFIXES = ("text_encoder.", "lora_te_", "lora_te1_", "te.")
 
@@ -52,7 +51,7 @@ def lora_names(root: Path) -> list[str]:
 
 def resolve_lora_path(root: Path, name: str, field: str = "LORA_NAMES") -> Path:
     """The file of ``name``; an invalid or unknown name raises naming ``field`` (and listing what exists)."""
-    if not _NAME.match(name):
+    if not is_store_name(name):
         raise InvalidRequestError(field, f"{name!r} is not a valid LoRA name (letters, digits, _ . + -)")
     path = root / f"{name}.safetensors"
     if not path.is_file():
@@ -88,7 +87,6 @@ class LoraStore:
     convert: Callable[[Path], dict[str, torch.Tensor]]
     budget_bytes: int = 1 << 30
     cache_root: Path | None = None
-    max_per_request: int = 8
     stats: CacheStats = field(default_factory=CacheStats)
     #: EMULATION of network storage for benchmarks: each miss waits latency + size / bandwidth (0 = off).
     emulate_latency_s: float = 0.0
