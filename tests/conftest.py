@@ -120,3 +120,16 @@ def generate_concurrently(url: str, requests: list) -> list[np.ndarray]:
 
     with ThreadPoolExecutor(len(requests)) as pool:
         return list(pool.map(one, requests))
+
+
+def assert_rejected_then_served(client, reference, override: dict, error: type, needle: str) -> None:
+    """A request with ``override`` applied fails with ``error`` naming ``needle``; the next valid one is correct."""
+    from swiftdiffusion_client import GenerationRequest
+
+    inputs = GenerationRequest(prompt="a cat", steps=2).to_tensors()
+    inputs.update(override)
+    with pytest.raises(error) as info:
+        client.infer_raw(inputs)
+    assert needle in info.value.message
+    good = GenerationRequest(prompt="a cat", seed=4, steps=3)
+    assert_same_image(client.generate(good), reference(good))
