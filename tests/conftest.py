@@ -28,6 +28,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sdxl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from triton_backend.default_model import write_default_model
+
+    return write_default_model(tmp_path_factory.mktemp("models") / "sdxl", arch="sdxl")
+
+
+@pytest.fixture(scope="session")
 def reference(model_dir: Path):
     """A callable: ``GenerationRequest`` → uint8 image from ``StableDiffusionPipeline`` run in-process."""
     from diffusers import StableDiffusionPipeline

@@ -67,6 +67,9 @@ def test_public_contract_names_and_types():
         "CONTROLNET_SCALES": (pb.TYPE_FP32, True),
         "CONTROLNET_GUIDANCE_START": (pb.TYPE_FP32, True),
         "CONTROLNET_GUIDANCE_END": (pb.TYPE_FP32, True),
+        "ORIGINAL_SIZE": (pb.TYPE_INT32, True),  # SDXL only
+        "CROPS_COORDS_TOP_LEFT": (pb.TYPE_INT32, True),
+        "TARGET_SIZE": (pb.TYPE_INT32, True),
     }
     outputs = {o.name: o for o in ensemble.output}
     image = outputs["IMAGE"]
@@ -118,16 +121,38 @@ def test_instance_count_reads_the_unet_config(tmp_path):
     assert instance_count(tmp_path / "config.pbtxt") == 1
 
 
-def test_sdxl_directories_are_refused_clearly(model_dir, tmp_path):
+def test_architecture_is_read_from_the_model_config(model_dir, sdxl_model_dir):
+    from triton_backend.components import ModelInfo
+
+    sd, xl = ModelInfo.read(model_dir), ModelInfo.read(sdxl_model_dir)
+    assert (sd.arch, sd.pooled_dim, sd.force_zeros_for_empty_prompt) == ("sd", 0, False)
+    assert (xl.arch, xl.pooled_dim, xl.force_zeros_for_empty_prompt) == ("sdxl", 24, True)
+    assert xl.cross_attention_dim == 32 + 48  # both text encoders' hidden states, concatenated
+
+
+def _edited_copy(src, dst, part, **changes):
     import json
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((dst / part / "config.json").read_text())
+    config.update(changes)
+    (dst / part / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_unsupported_architectures_are_refused_clearly(model_dir, sdxl_model_dir, tmp_path):
     import shutil
 
     from triton_backend.components import ModelInfo
 
-    sdxl = tmp_path / "sdxl"
-    shutil.copytree(model_dir, sdxl, ignore=shutil.ignore_patterns("*.safetensors"))
-    config = json.loads((sdxl / "unet" / "config.json").read_text())
-    config["addition_embed_type"] = "text_time"
-    (sdxl / "unet" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="SDXL"):
-        ModelInfo.read(sdxl)
+    refiner = _edited_copy(sdxl_model_dir, tmp_path / "refiner", "unet")
+    shutil.rmtree(refiner / "text_encoder")
+    with pytest.raises(ConfigError, match="text_encoder_2.*refiner"):
+        ModelInfo.read(refiner)
+    other = _edited_copy(model_dir, tmp_path / "other", "unet", addition_embed_type="image")
+    with pytest.raises(ConfigError, match="addition_embed_type='image'"):
+        ModelInfo.read(other)
+    wrong = _edited_copy(sdxl_model_dir, tmp_path / "wrong", "unet", projection_class_embeddings_input_dim=99)
+    with pytest.raises(ConfigError, match="projection_class_embeddings_input_dim=99"):
+        ModelInfo.read(wrong)

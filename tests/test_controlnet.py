@@ -52,8 +52,8 @@ def env(model_dir):
         ]
         return lambda: service.step_many(rows)
 
-    def unet_fn(s, t, e, adapters, controls):
-        return unet.forward_many([StepInput(s, t, e, adapters, controls)], control)[0]
+    def unet_fn(*call):
+        return unet.forward_many([StepInput.of(*call)], control)[0]
 
     class Env:
         pass
@@ -66,8 +66,7 @@ def env(model_dir):
 
 
 def generate(env, req):
-    embeds = torch.from_numpy(env.te.encode_request(req))
-    state = denoise.prepare(req, embeds, env.info)
+    state = denoise.prepare_encoded(req, env.te.encode_request(req), env.info)
     try:
         if req.controlnet_names:
             denoise.attach_controlnets(state, lambda hints: [env.service.prepare(n, img) for n, img in hints], env.info)
@@ -189,7 +188,7 @@ def test_hint_embedding_is_computed_once_per_request(env):
 
 def test_hints_are_released_when_the_request_fails(env):
     req = GenerationRequest(prompt="x", steps=3, controlnet_names=("edges",), controlnet_images=hint_images(1))
-    state = denoise.prepare(req, torch.from_numpy(env.te.encode_request(req)), env.info)
+    state = denoise.prepare_encoded(req, env.te.encode_request(req), env.info)
     denoise.attach_controlnets(state, lambda hints: [env.service.prepare(n, i) for n, i in hints], env.info)
     files = [f for _, f, *_ in state.controlnets]
 
@@ -206,7 +205,7 @@ def test_hints_are_released_when_the_request_fails(env):
 
 def test_wrong_hint_size_is_invalid(env):
     req = GenerationRequest(prompt="x", steps=2, controlnet_names=("edges",), controlnet_images=hint_images(1, 32))
-    state = denoise.prepare(req, torch.from_numpy(env.te.encode_request(req)), env.info)
+    state = denoise.prepare_encoded(req, env.te.encode_request(req), env.info)
     with pytest.raises(InvalidRequestError, match="CONTROLNET_IMAGES"):
         denoise.attach_controlnets(state, lambda hints: pytest.fail("must not prepare"), env.info)
 

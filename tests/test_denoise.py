@@ -23,7 +23,7 @@ def stages(model_dir):
     unet = UNetStep(cfg)
     return (
         TextEncoder(cfg),
-        (lambda s, t, e, a, c=(): unet.forward(StepInput(s, t, e, a))),
+        (lambda *call: unet.forward(StepInput.of(*call))),
         VaeDecoder(cfg),
         ModelInfo.read(model_dir),
     )
@@ -31,7 +31,7 @@ def stages(model_dir):
 
 def generate(stages, request):
     te, unet, vae, info = stages
-    state = denoise.prepare(request, torch.from_numpy(te.encode_request(request)), info)
+    state = denoise.prepare_encoded(request, te.encode_request(request), info)
     return vae.decode(denoise.run(state, unet))
 
 
@@ -61,14 +61,14 @@ def test_guidance_at_most_one_skips_the_unconditional_branch(stages):
     te, _, _, info = stages
     calls = []
 
-    def unet(s, t, e, a, c=()):
+    def unet(s, t, e, a, c=(), x=None):
         calls.append(s.shape[0])
         return torch.zeros_like(s)
 
     for g, rows in ((1.0, 1), (0.5, 1), (1.01, 2)):
         calls.clear()
         req = GenerationRequest(prompt="x", steps=2, guidance_scale=g)
-        denoise.run(denoise.prepare(req, torch.from_numpy(te.encode_request(req)), info), unet)
+        denoise.run(denoise.prepare_encoded(req, te.encode_request(req), info), unet)
         assert calls == [rows, rows]
 
 
@@ -77,8 +77,8 @@ def test_state_is_per_request(stages):
     te, unet, vae, info = stages
     a = GenerationRequest(prompt="a cat", seed=1, steps=4, scheduler="euler_a")
     b = GenerationRequest(prompt="a dog", seed=2, steps=4, scheduler="euler_a")
-    sa = denoise.prepare(a, torch.from_numpy(te.encode_request(a)), info)
-    sb = denoise.prepare(b, torch.from_numpy(te.encode_request(b)), info)
+    sa = denoise.prepare_encoded(a, te.encode_request(a), info)
+    sb = denoise.prepare_encoded(b, te.encode_request(b), info)
     while not (sa.done and sb.done):
         for s in (sa, sb):
             if not s.done:
@@ -90,7 +90,7 @@ def test_state_is_per_request(stages):
 def test_cancellation_stops_the_loop(stages):
     te, unet, _, info = stages
     req = GenerationRequest(prompt="x", steps=5)
-    state = denoise.prepare(req, torch.from_numpy(te.encode_request(req)), info)
+    state = denoise.prepare_encoded(req, te.encode_request(req), info)
     with pytest.raises(CancelledError):
         denoise.run(state, unet, on_step=None, is_cancelled=lambda: state.step_index >= 2)
     assert state.step_index == 2
@@ -119,9 +119,9 @@ def test_latent_parallel_equals_batch2_cfg_and_diffusers(stages, reference, sche
         return [unet(*c) for c in calls]
 
     req = GenerationRequest(prompt="a photo of a cat", negative_prompt="ugly", seed=8, steps=4, scheduler=scheduler)
-    embeds = torch.from_numpy(te.encode_request(req))
-    parallel = vae.decode(denoise.run(denoise.prepare(req, embeds, info), denoise.latent_parallel(unet_many)))
-    batch2 = vae.decode(denoise.run(denoise.prepare(req, embeds, info), unet))
+    embeds = te.encode_request(req)
+    parallel = vae.decode(denoise.run(denoise.prepare_encoded(req, embeds, info), denoise.latent_parallel(unet_many)))
+    batch2 = vae.decode(denoise.run(denoise.prepare_encoded(req, embeds, info), unet))
     assert rows_per_call == [[1, 1]] * 4  # two concurrent batch-1 calls per step
     assert_same_image(parallel, batch2)
     assert_same_image(parallel, reference(req))
@@ -132,7 +132,7 @@ def test_latent_parallel_passes_through_without_guidance(stages):
     calls = []
     lp = denoise.latent_parallel(lambda c: calls.append(len(c)) or [unet(*x) for x in c])
     req = GenerationRequest(prompt="x", steps=2, guidance_scale=1.0)
-    denoise.run(denoise.prepare(req, torch.from_numpy(te.encode_request(req)), info), lp)
+    denoise.run(denoise.prepare_encoded(req, te.encode_request(req), info), lp)
     assert calls == [1, 1]
 
 

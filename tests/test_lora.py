@@ -31,15 +31,15 @@ def env(model_dir, tmp_path_factory):
 
     cfg = StageConfig.from_params("test", {"model_dir": str(model_dir)})
     te, unet, vae = TextEncoder(cfg), UNetStep(cfg), VaeDecoder(cfg)
-    skeleton_unet, skeleton_te = UNetStep(cfg).model, TextEncoder(cfg).model
+    skeletons = {"unet": UNetStep(cfg).model, "text_encoder": TextEncoder(cfg).models[0]}
     store = LoraStore(
         root=model_dir / "loras",
-        convert=lambda p: convert_lora_file(p, skeleton_unet, skeleton_te),
+        convert=lambda p: convert_lora_file(p, skeletons),
         cache_root=tmp_path_factory.mktemp("lora-cache") / "swiftdiffusion-lora-test",
     )
 
-    def unet_fn(s, t, e, adapters, controls=()):
-        return unet.forward(StepInput(s, t, e, adapters))
+    def unet_fn(*call):
+        return unet.forward(StepInput.of(*call))
 
     class Env:
         pass
@@ -71,8 +71,7 @@ class Ready:
 
 def generate(env, req, k=None, after=0):
     adapters = env.refs(req.loras)
-    embeds = torch.from_numpy(env.te.encode_request(req, adapters))
-    state = denoise.prepare(req, embeds, env.info)
+    state = denoise.prepare_encoded(req, env.te.encode_request(req, adapters), env.info)
     if req.lora_names:
         denoise.attach_loras(state, Ready(adapters, after), k if k is not None else 0)
     latents = denoise.run(state, env.unet_fn)
@@ -261,7 +260,7 @@ def test_corrupt_or_foreign_lora_is_invalid(env, tmp_path, model_dir):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(InvalidRequestError, match="LORA_NAMES"):
-        convert_lora_file(bad, env.unet.model, env.te.model)
+        convert_lora_file(bad, {"unet": env.unet.model, "text_encoder": env.te.models[0]})
     foreign = tmp_path / "foreign.safetensors"
     save_file(
         {
@@ -272,8 +271,8 @@ def test_corrupt_or_foreign_lora_is_invalid(env, tmp_path, model_dir):
         },
         str(foreign),
     )
-    with pytest.raises(InvalidRequestError, match="does not match"):
-        convert_lora_file(foreign, env.unet.model, env.te.model)
+    with pytest.raises(InvalidRequestError, match="another architecture.*do not match"):
+        convert_lora_file(foreign, {"unet": env.unet.model, "text_encoder": env.te.models[0]})
 
 
 def test_names_that_leave_the_store_and_corrupt_files_are_invalid(model_dir, tmp_path):

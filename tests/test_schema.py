@@ -55,6 +55,9 @@ def test_every_field_has_a_dtype_and_attribute():
         "CONTROLNET_SCALES",
         "CONTROLNET_GUIDANCE_START",
         "CONTROLNET_GUIDANCE_END",
+        "ORIGINAL_SIZE",
+        "CROPS_COORDS_TOP_LEFT",
+        "TARGET_SIZE",
     }
     for f in FIELDS:
         assert hasattr(GenerationRequest(prompt="x"), f.attr)

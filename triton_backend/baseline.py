@@ -1,7 +1,8 @@
 """The baseline: the stock diffusers pipeline inside one Triton Python model, with adapters used the stock way.
 
 This is how Triton's Stable Diffusion tutorial and PyTriton's diffusion example serve diffusers, extended with the
-stock adapter path: ``StableDiffusionControlNetPipeline`` (``MultiControlNetModel`` for several) and, per request,
+stock adapter path: ``StableDiffusionControlNetPipeline`` (``MultiControlNetModel`` for several; the ``XL``
+pipelines for SDXL models, without the invisible watermark) and, per request,
 ``load_lora_weights`` + ``set_adapters`` + ``fuse_lora``, then ``unfuse_lora`` + ``unload_lora_weights``. It takes the
 same inputs as ``txt2img`` (same client, same perf_analyzer data), parsed by the same schema.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .components import ModelInfo
 from .config import StageConfig
 from .controlnet.service import controlnet_names
 from .errors import InvalidRequestError, NotFoundError
@@ -24,12 +26,19 @@ class BaselinePipeline:
     """One diffusers pipeline per model instance; requests run one at a time (as the stock examples do)."""
 
     def __init__(self, cfg: StageConfig):
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         self.cfg = cfg
-        self.pipe = StableDiffusionPipeline.from_pretrained(
-            str(cfg.model_dir), torch_dtype=cfg.dtype, safety_checker=None, requires_safety_checker=False
-        ).to(cfg.device)
+        self.sdxl = ModelInfo.read(cfg.model_dir).is_sdxl
+        if self.sdxl:
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                str(cfg.model_dir), torch_dtype=cfg.dtype, add_watermarker=False
+            )
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(cfg.model_dir), torch_dtype=cfg.dtype, safety_checker=None, requires_safety_checker=False
+            )
+        self.pipe = pipe.to(cfg.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.base_scheduler = self.pipe.scheduler
         self.lora_dir = lora_dir(cfg.params, cfg.model_dir)
@@ -49,25 +58,37 @@ class BaselinePipeline:
 
     @torch.inference_mode()
     def handle(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from diffusers import MultiControlNetModel, StableDiffusionControlNetPipeline
+        from diffusers import (
+            MultiControlNetModel,
+            StableDiffusionControlNetPipeline,
+            StableDiffusionXLControlNetPipeline,
+        )
         from PIL import Image
 
         req = parse_request(tensors, self.cfg.limits)
         pipe = self.pipe
-        kwargs = {}
+        kwargs: dict = {}
+        if self.sdxl:
+            kwargs = {
+                "original_size": tuple(req.original_size) or None,
+                "crops_coords_top_left": tuple(req.crops_coords_top_left) or (0, 0),
+                "target_size": tuple(req.target_size) or None,
+            }
+        elif req.has_sdxl_conditioning:
+            raise InvalidRequestError("ORIGINAL_SIZE", "SDXL micro-conditioning; this model is SD1.x/2.x")
         if req.controlnet_names:
             nets = [self._controlnet(n) for n in req.controlnet_names]
             images = req.controlnet_images
             if images is None:
                 raise InvalidRequestError("CONTROLNET_IMAGES", "required with CONTROLNET_NAMES")
             one = len(nets) == 1
-            pipe = StableDiffusionControlNetPipeline(
-                **self.pipe.components, controlnet=nets[0] if one else MultiControlNetModel(nets)
-            )
+            extra = {"add_watermarker": False} if self.sdxl else {}
+            cls = StableDiffusionXLControlNetPipeline if self.sdxl else StableDiffusionControlNetPipeline
+            pipe = cls(**self.pipe.components, controlnet=nets[0] if one else MultiControlNetModel(nets), **extra)
             pipe.set_progress_bar_config(disable=True)
             pil = [Image.fromarray(img) for img in images]
             cn = req.controlnets
-            kwargs = {
+            kwargs |= {
                 "image": pil[0] if one else pil,
                 "controlnet_conditioning_scale": cn[0][1] if one else [c[1] for c in cn],
                 "control_guidance_start": cn[0][2] if one else [c[2] for c in cn],

@@ -11,10 +11,19 @@ import torch
 
 from .errors import ConfigError
 
+#: The architectures served, as :attr:`ModelInfo.arch` names them.
+ARCH_SD = "sd"
+ARCH_SDXL = "sdxl"
+
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Shape facts every stage needs, read from the sub-model ``config.json`` files."""
+    """Shape facts every stage needs, read from the sub-model ``config.json`` files (no weights are loaded).
+
+    The architecture comes from the model's own config: a UNet with ``addition_embed_type="text_time"`` and a
+    ``text_encoder_2`` is SDXL (pooled text embedding + 6 time ids as added conditioning); no added embedding is
+    SD 1.x/2.x. Anything else is refused at load with a clear message.
+    """
 
     model_dir: Path
     vae_scale_factor: int
@@ -23,6 +32,37 @@ class ModelInfo:
     cross_attention_dim: int
     scaling_factor: float
     scheduler_config: dict[str, Any]
+    arch: str = ARCH_SD
+    #: SDXL: width of the pooled text embedding (``text_encoder_2.config.projection_dim``); 0 for SD.
+    pooled_dim: int = 0
+    #: SDXL: ``model_index.json``'s ``force_zeros_for_empty_prompt`` (no negative prompt → zero embeddings).
+    force_zeros_for_empty_prompt: bool = False
+    #: VAE ``latents_mean``/``latents_std`` when the config has them (decode un-normalizes with them).
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.arch == ARCH_SDXL
+
+    @property
+    def arch_label(self) -> str:
+        """For error messages: ``SDXL`` or ``SD1.x/2.x``."""
+        return "SDXL" if self.is_sdxl else "SD1.x/2.x"
+
+    def check_added(self, rows: int, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None) -> None:
+        """A step's added conditioning (``TEXT_EMBEDS [rows, P]``, ``TIME_IDS [rows, 6]``, FP32) must fit this model:
+        required by SDXL, refused by SD 1.x/2.x; raises ``InvalidRequestError`` naming the tensor.
+        """
+        from .errors import InvalidRequestError
+
+        for name, t, width in (("TEXT_EMBEDS", text_embeds, self.pooled_dim), ("TIME_IDS", time_ids, 6)):
+            if not self.is_sdxl:
+                if t is not None:
+                    raise InvalidRequestError(name, f"is SDXL added conditioning; this model is {self.arch_label}")
+            elif t is None or tuple(t.shape) != (rows, width) or t.dtype != torch.float32:
+                got = None if t is None else f"{list(t.shape)} {t.dtype}"
+                raise InvalidRequestError(name, f"expected [{rows}, {width}] FP32 for this SDXL model, got {got}")
 
     @property
     def native_size(self) -> int:
@@ -35,12 +75,9 @@ class ModelInfo:
         unet = _read_json(model_dir / "unet" / "config.json")
         vae = _read_json(model_dir / "vae" / "config.json")
         sched = _read_json(model_dir / "scheduler" / "scheduler_config.json")
-        if unet.get("addition_embed_type") or (model_dir / "text_encoder_2").is_dir():
-            raise ConfigError(
-                f"{model_dir}: SDXL-style models (text_encoder_2, addition_embed_type="
-                f"{unet.get('addition_embed_type')!r}) are not supported yet; SD 1.x/2.x diffusers directories are"
-            )
+        arch, pooled_dim, force_zeros = _architecture(model_dir, unet)
         sample = unet.get("sample_size", 64)
+        mean, std = vae.get("latents_mean"), vae.get("latents_std")
         return cls(
             model_dir=model_dir,
             vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
@@ -49,7 +86,38 @@ class ModelInfo:
             cross_attention_dim=int(unet["cross_attention_dim"]),
             scaling_factor=float(vae.get("scaling_factor", 0.18215)),
             scheduler_config=sched,
+            arch=arch,
+            pooled_dim=pooled_dim,
+            force_zeros_for_empty_prompt=force_zeros,
+            latents_mean=tuple(mean) if mean is not None and std is not None else None,
+            latents_std=tuple(std) if mean is not None and std is not None else None,
         )
+
+
+def _architecture(model_dir: Path, unet: dict[str, Any]) -> tuple[str, int, bool]:
+    """``(arch, pooled_dim, force_zeros_for_empty_prompt)`` from the configs, or ``ConfigError``."""
+    kind = unet.get("addition_embed_type")
+    if kind is None:
+        return ARCH_SD, 0, False
+    if kind != "text_time":
+        raise ConfigError(f"{model_dir}: UNet addition_embed_type={kind!r} is not supported (SD1.x/2.x or SDXL)")
+    if not (model_dir / "text_encoder_2").is_dir() or not (model_dir / "text_encoder").is_dir():
+        raise ConfigError(
+            f"{model_dir}: an SDXL UNet without both text_encoder and text_encoder_2 (e.g. the refiner) is not "
+            "supported; serve an SDXL base model"
+        )
+    te2 = _read_json(model_dir / "text_encoder_2" / "config.json")
+    pooled = int(te2.get("projection_dim") or te2["hidden_size"])
+    time_dim = int(unet.get("addition_time_embed_dim") or 0)
+    expected = unet.get("projection_class_embeddings_input_dim")
+    if expected is not None and int(expected) != 6 * time_dim + pooled:
+        raise ConfigError(
+            f"{model_dir}: unet projection_class_embeddings_input_dim={expected} != 6 * addition_time_embed_dim "
+            f"({time_dim}) + text_encoder_2 projection_dim ({pooled})"
+        )
+    index = model_dir / "model_index.json"
+    force_zeros = bool(_read_json(index).get("force_zeros_for_empty_prompt", True)) if index.is_file() else True
+    return ARCH_SDXL, pooled, force_zeros
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,10 +1,14 @@
-"""Generate the small, deterministic, random-weight default model (diffusers format).
+"""Generate the small, deterministic, random-weight default models (diffusers format).
 
-No model hub is reachable where SwiftDiffusion is built and tested, so the default model is written locally:
-a Stable-Diffusion-1.x-architecture pipeline (``UNet2DConditionModel``, ``AutoencoderKL``, ``CLIPTextModel``,
-a ``CLIPTokenizer`` whose vocabulary and merges are built here, a scheduler config) that
-``StableDiffusionPipeline.from_pretrained(DIR)`` loads, plus LoRAs (``DIR/loras``) and
-ControlNets (``DIR/controlnets``) for it. It is sized
+No model hub is reachable where SwiftDiffusion is built and tested, so the default models are written locally:
+
+* ``arch="sd1"``: a Stable-Diffusion-1.x-architecture pipeline (``UNet2DConditionModel``, ``AutoencoderKL``,
+  ``CLIPTextModel``, a ``CLIPTokenizer`` whose vocabulary and merges are built here, a scheduler config) that
+  ``StableDiffusionPipeline.from_pretrained(DIR)`` loads;
+* ``arch="sdxl"``: an SDXL-architecture pipeline (two tokenizers, ``CLIPTextModel`` + ``CLIPTextModelWithProjection``,
+  a UNet with ``addition_embed_type="text_time"``) that ``StableDiffusionXLPipeline.from_pretrained(DIR)`` loads;
+
+each plus LoRAs (``DIR/loras``) and ControlNets (``DIR/controlnets``) for it. It is sized
 so a 4-step 64x64 request takes well under a second on a laptop CPU, and its weights are scaled up from the
 default init so that prompt, seed and scheduler visibly change the image (a near-constant gray image would
 make every equivalence test pass).
@@ -22,6 +26,8 @@ import torch
 
 #: Bump when the generated weights change, so a stale cached default model is regenerated.
 DEFAULT_MODEL_VERSION = "3"
+#: Architectures ``write_default_model`` can generate, and the presets each has.
+ARCHS = ("sd1", "sdxl")
 _MARKER = "swiftdiffusion_default_model.json"
 
 # Words that get whole-word BPE merges; everything else falls back to byte-level characters.
@@ -130,15 +136,58 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def build_components(vocab_size: int, preset: str = "tiny") -> dict:
-    """Build the random-weight modules deterministically (fixed seeds, CPU, float32)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+#: SDXL presets: ``tiny`` (tests). The UNet has SDXL's ``text_time`` added conditioning (pooled text embedding +
+#: 6 time ids), a CrossAttn block with 2 transformer layers, linear projections and per-block head dims; the
+#: two text encoders differ (seeds, and the second tokenizer pads with ``!`` as SDXL's does).
+SDXL_PRESETS: dict[str, dict] = {
+    "tiny": {
+        "unet": dict(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            norm_num_groups=16,
+        ),
+        "vae": dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64),
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        "text_2": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4),
+        "projection_dim": 24,
+        "scale": (1.5, 1.3),
+        "controlnet_embedding": (8, 8, 16, 16),
+    },
+}
 
-    p = PRESETS[preset]
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **p["unet"])
-    _scale_weights(unet, p["scale"][0])
+
+def presets(arch: str) -> dict[str, dict]:
+    """The preset table of ``arch``."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+    return SDXL_PRESETS if arch == "sdxl" else PRESETS
+
+
+def _text_config(vocab_size: int, text: dict, projection_dim: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        **text,
+    )
+
+
+def _vae(p: dict, **extra):
+    from diffusers import AutoencoderKL
+
     torch.manual_seed(1)
     vae = AutoencoderKL(
         in_channels=3,
@@ -147,21 +196,16 @@ def build_components(vocab_size: int, preset: str = "tiny") -> dict:
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
         **p["vae"],
+        **extra,
     )
     _scale_weights(vae.decoder, p["scale"][1])
-    torch.manual_seed(2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            max_position_embeddings=77,
-            projection_dim=p["text"]["hidden_size"],
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
-            **p["text"],
-        )
-    )
-    scheduler = EulerDiscreteScheduler(
+    return vae
+
+
+def _scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -169,21 +213,64 @@ def build_components(vocab_size: int, preset: str = "tiny") -> dict:
         steps_offset=1,
         timestep_spacing="leading",
     )
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
-def write_default_model(out: str | os.PathLike, force: bool = False, preset: str = "tiny") -> Path:
-    """Write the default model to ``out`` (atomically: a temp dir renamed into place); return its path.
-
-    Skips the work when ``out`` already holds this version of the default model, unless ``force``.
+def build_sdxl_components(vocab_size: int, preset: str = "tiny") -> dict:
+    """SDXL modules, deterministic: ``cross_attention_dim`` = hidden(te1) + hidden(te2), and the added embedding
+    takes ``6 * addition_time_embed_dim + projection_dim`` (as ``StableDiffusionXLPipeline._get_add_time_ids`` checks).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    p = SDXL_PRESETS[preset]
+    unet_cfg = dict(p["unet"])
+    unet_cfg["cross_attention_dim"] = p["text"]["hidden_size"] + p["text_2"]["hidden_size"]
+    unet_cfg["projection_class_embeddings_input_dim"] = 6 * unet_cfg["addition_time_embed_dim"] + p["projection_dim"]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_cfg)
+    _scale_weights(unet, p["scale"][0])
+    vae = _vae(p, scaling_factor=0.13025, force_upcast=True)
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(_text_config(vocab_size, p["text"], p["text"]["hidden_size"]))
+    torch.manual_seed(3)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, p["text_2"], p["projection_dim"]))
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "scheduler": _scheduler(),
+    }
+
+
+def build_components(vocab_size: int, preset: str = "tiny") -> dict:
+    """Build the random-weight modules deterministically (fixed seeds, CPU, float32)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    p = PRESETS[preset]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **p["unet"])
+    _scale_weights(unet, p["scale"][0])
+    vae = _vae(p)
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(_text_config(vocab_size, p["text"], p["text"]["hidden_size"]))
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": _scheduler()}
+
+
+def write_default_model(out: str | os.PathLike, force: bool = False, preset: str = "tiny", arch: str = "sd1") -> Path:
+    """Write the default model of ``arch`` to ``out`` (atomically: a temp dir renamed into place); return its path.
+
+    Skips the work when ``out`` already holds this version, architecture and preset, unless ``force``.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    table = presets(arch)
+    if preset not in table:
+        raise ValueError(f"unknown {arch} preset {preset!r}; choose from {', '.join(table)}")
     out = Path(out)
-    if not force and is_current_default_model(out, preset):
+    if not force and is_current_default_model(out, preset, arch):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".default-model-", dir=out.parent))
@@ -191,20 +278,35 @@ def write_default_model(out: str | os.PathLike, force: bool = False, preset: str
         tok_dir = tmp / "_tok"
         vocab_size = build_tokenizer_files(tok_dir)
         tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
-        parts = build_components(vocab_size, preset)
-        pipe = StableDiffusionPipeline(
-            **parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+        if arch == "sdxl":
+            tokenizer_2 = CLIPTokenizer(
+                str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77, pad_token="!"
+            )
+            pipe = StableDiffusionXLPipeline(
+                **build_sdxl_components(vocab_size, preset),
+                tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2,
+                force_zeros_for_empty_prompt=True,
+                add_watermarker=False,
+            )
+        else:
+            pipe = StableDiffusionPipeline(
+                **build_components(vocab_size, preset),
+                tokenizer=tokenizer,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
         pipe.save_pretrained(tmp / "model", safe_serialization=True)
         shutil.rmtree(tok_dir)
         from .default_loras import write_default_loras
 
-        write_default_loras(tmp / "model")
+        write_default_loras(tmp / "model", arch)
         from .default_controlnets import write_default_controlnets
 
-        write_default_controlnets(tmp / "model", PRESETS[preset]["controlnet_embedding"])
+        write_default_controlnets(tmp / "model", table[preset]["controlnet_embedding"])
         (tmp / "model" / _MARKER).write_text(
-            json.dumps({"version": DEFAULT_MODEL_VERSION, "arch": "sd1", "preset": preset})
+            json.dumps({"version": DEFAULT_MODEL_VERSION, "arch": arch, "preset": preset})
         )
         if out.exists():
             shutil.rmtree(out)
@@ -214,10 +316,14 @@ def write_default_model(out: str | os.PathLike, force: bool = False, preset: str
     return out
 
 
-def is_current_default_model(path: Path, preset: str = "tiny") -> bool:
-    """True when ``path`` holds a complete default model of the current version and ``preset``."""
+def is_current_default_model(path: Path, preset: str = "tiny", arch: str = "sd1") -> bool:
+    """True when ``path`` holds a complete default model of the current version, ``arch`` and ``preset``."""
     try:
         marker = json.loads((Path(path) / _MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("version") == DEFAULT_MODEL_VERSION and marker.get("preset", "tiny") == preset
+    return (
+        marker.get("version") == DEFAULT_MODEL_VERSION
+        and marker.get("preset", "tiny") == preset
+        and marker.get("arch", "sd1") == arch
+    )

@@ -1,4 +1,6 @@
-"""Stage ``denoise``: the step loop (scheduler + classifier-free guidance), as ``StableDiffusionPipeline.__call__``.
+"""Stage ``denoise``: the step loop (scheduler + classifier-free guidance), as ``StableDiffusionPipeline.__call__``
+(and ``StableDiffusionXLPipeline.__call__``: SDXL steps carry the pooled embeddings and time ids as added
+conditioning).
 
 The loop is written against a ``UNetFn`` so the same code runs in-process (tests, against diffusers) and inside
 Triton, where ``UNetFn`` is a BLS call to the ``unet`` model. All request state lives in a :class:`DenoiseState`.
@@ -21,7 +23,7 @@ from .config import StageConfig
 from .errors import CancelledError, InvalidRequestError
 from .lora.patch import AdapterRef
 from .schedulers import make_scheduler
-from .schema import GenerationRequest, parse_request
+from .schema import FIELDS_BY_NAME, SDXL_FIELDS, GenerationRequest, parse_request
 
 #: Request fields this stage consumes, besides ``PROMPT_EMBEDS`` from ``text_encoder``.
 INPUTS = (
@@ -39,17 +41,25 @@ INPUTS = (
     "CONTROLNET_SCALES",
     "CONTROLNET_GUIDANCE_START",
     "CONTROLNET_GUIDANCE_END",
+    "ORIGINAL_SIZE",
+    "CROPS_COORDS_TOP_LEFT",
+    "TARGET_SIZE",
 )
 
 Adapters = tuple[AdapterRef, ...]
 #: ControlNets of one step: ``(name, hint_file, effective scale)``.
 Controls = tuple[tuple[str, str, float], ...]
 
-#: ``(sample [B, C, h, w], timestep [B], encoder_hidden_states [B, S, D], adapters) -> noise_pred [B, C, h, w]``;
-#: ``adapters`` is the LoRA set the UNet must have patched in for this step (empty = the base weights).
-UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Adapters, Controls], torch.Tensor]
-#: Several independent UNet calls, run concurrently: ``[(sample, timestep, hidden, adapters), ...] -> [noise_pred]``
-UNetManyFn = Callable[[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Adapters, Controls]]], list[torch.Tensor]]
+#: SDXL's added conditioning of a UNet call, per row: ``{"text_embeds": [B, P], "time_ids": [B, 6]}`` (diffusers'
+#: ``added_cond_kwargs``); empty for SD 1.x/2.x.
+Added = dict[str, torch.Tensor]
+#: ``(sample [B, C, h, w], timestep [B], encoder_hidden_states [B, S, D], adapters, controls, added)
+#: -> noise_pred [B, C, h, w]``; ``adapters`` is the LoRA set the UNet must have patched in for this step (empty =
+#: the base weights), ``controls`` the step's ControlNets.
+UNetCall = tuple[torch.Tensor, torch.Tensor, torch.Tensor, Adapters, Controls, Added]
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Adapters, Controls, Added], torch.Tensor]
+#: Several independent UNet calls, run concurrently: ``[(sample, timestep, hidden, ...), ...] -> [noise_pred]``
+UNetManyFn = Callable[[list[UNetCall]], list[torch.Tensor]]
 
 
 class LoraLoad(Protocol):
@@ -78,12 +88,24 @@ def latent_parallel(unet_many: UNetManyFn) -> UNetFn:
     """
 
     def unet(
-        sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor, adapters: Adapters, controls: Controls
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        hidden: torch.Tensor,
+        adapters: Adapters,
+        controls: Controls,
+        added: Added,
     ):
         if sample.shape[0] == 1:
-            return unet_many([(sample, timestep, hidden, adapters, controls)])[0]
+            return unet_many([(sample, timestep, hidden, adapters, controls, added)])[0]
         rows = [
-            (sample[i : i + 1], timestep[i : i + 1], hidden[i : i + 1], adapters, controls)
+            (
+                sample[i : i + 1],
+                timestep[i : i + 1],
+                hidden[i : i + 1],
+                adapters,
+                controls,
+                {k: v[i : i + 1] for k, v in added.items()},
+            )
             for i in range(sample.shape[0])
         ]
         return torch.cat(unet_many(rows))
@@ -102,6 +124,8 @@ class DenoiseState:
     prompt_embeds: torch.Tensor
     timesteps: torch.Tensor
     extra_step_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: SDXL: pooled text embeddings and time ids, one row per UNet row (empty for SD 1.x/2.x).
+    added: Added = field(default_factory=dict)
     step_index: int = 0
     #: Bounded asynchronous LoRA loading: the load in flight, the step by which it must land, where it landed.
     lora_load: LoraLoad | None = None
@@ -126,7 +150,31 @@ def resolve_size(request: GenerationRequest, info: ModelInfo) -> tuple[int, int]
     return height, width
 
 
-def prepare(request: GenerationRequest, prompt_embeds: torch.Tensor, info: ModelInfo) -> DenoiseState:
+def added_conditioning(
+    request: GenerationRequest, pooled_embeds: torch.Tensor | None, info: ModelInfo, rows: int
+) -> Added:
+    """SDXL: ``text_embeds`` = the pooled embeddings, ``time_ids`` = ``original_size + crops + target_size`` for
+    every row (diffusers' negative time ids default to the positive ones). SD 1.x/2.x: none, and SDXL-only
+    fields are rejected.
+    """
+    if not info.is_sdxl:
+        for name in SDXL_FIELDS:
+            if getattr(request, FIELDS_BY_NAME[name].attr):
+                raise InvalidRequestError(name, f"is SDXL micro-conditioning; this model is {info.arch_label}")
+        return {}
+    if pooled_embeds is None or pooled_embeds.shape != (rows, info.pooled_dim):
+        got = None if pooled_embeds is None else list(pooled_embeds.shape)
+        raise InvalidRequestError(
+            "POOLED_EMBEDS", f"expected [{rows}, {info.pooled_dim}] for this SDXL model, got {got}"
+        )
+    height, width = resolve_size(request, info)
+    time_ids = torch.tensor([request.add_time_ids(height, width)], dtype=torch.float32).repeat(rows, 1)
+    return {"text_embeds": pooled_embeds.float(), "time_ids": time_ids}
+
+
+def prepare(
+    request: GenerationRequest, prompt_embeds: torch.Tensor, info: ModelInfo, pooled_embeds: torch.Tensor | None = None
+) -> DenoiseState:
     """Timesteps, initial noise and per-request scheduler, in diffusers' order (timesteps before noise)."""
     expected = 2 if request.do_classifier_free_guidance else 1
     if (
@@ -140,6 +188,7 @@ def prepare(request: GenerationRequest, prompt_embeds: torch.Tensor, info: Model
             f"got {list(prompt_embeds.shape)}",
         )
     height, width = resolve_size(request, info)
+    added = added_conditioning(request, pooled_embeds, info, expected)
     scheduler = make_scheduler(request.scheduler, info.scheduler_config)
     scheduler.set_timesteps(request.steps, device="cpu")
     generator = torch.Generator("cpu").manual_seed(request.seed)
@@ -151,7 +200,24 @@ def prepare(request: GenerationRequest, prompt_embeds: torch.Tensor, info: Model
         extra["eta"] = 0.0
     if "generator" in params:
         extra["generator"] = generator
-    return DenoiseState(request, scheduler, generator, latents, prompt_embeds.float(), scheduler.timesteps, extra)
+    return DenoiseState(
+        request, scheduler, generator, latents, prompt_embeds.float(), scheduler.timesteps, extra, added=added
+    )
+
+
+def prepare_encoded(request: GenerationRequest, encoded: dict[str, np.ndarray], info: ModelInfo) -> DenoiseState:
+    """:func:`prepare` from ``text_encoder``'s outputs: ``PROMPT_EMBEDS`` and (SDXL) ``POOLED_EMBEDS``, FP32."""
+    tensors = {}
+    for name in ("PROMPT_EMBEDS", "POOLED_EMBEDS"):
+        value = encoded.get(name)
+        if value is None:
+            if name == "PROMPT_EMBEDS":
+                raise InvalidRequestError(name, "is required")
+            continue
+        if value.dtype != np.float32:
+            raise InvalidRequestError(name, f"expected FP32, got {value.dtype}")
+        tensors[name] = torch.from_numpy(np.array(value))
+    return prepare(request, tensors["PROMPT_EMBEDS"], info, tensors.get("POOLED_EMBEDS"))
 
 
 def attach_loras(state: DenoiseState, load: LoraLoad, bound_k: int) -> None:
@@ -216,14 +282,14 @@ def step_controlnets(state: DenoiseState) -> Controls:
     return tuple(out)
 
 
-def model_input(state: DenoiseState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Adapters, Controls]:
+def model_input(state: DenoiseState) -> UNetCall:
     """The UNet inputs of the current step: batch 2 (uncond, cond) with guidance, else batch 1."""
     t = state.timesteps[state.step_index]
     cfg = state.request.do_classifier_free_guidance
     sample = torch.cat([state.latents] * 2) if cfg else state.latents
     sample = state.scheduler.scale_model_input(sample, t)
     timestep = t.reshape(1).float().expand(sample.shape[0]).contiguous()
-    return sample, timestep, state.prompt_embeds, state.adapters, step_controlnets(state)
+    return sample, timestep, state.prompt_embeds, state.adapters, step_controlnets(state), state.added
 
 
 def apply_step(state: DenoiseState, noise_pred: torch.Tensor) -> None:
@@ -263,13 +329,7 @@ class Denoiser:
 
     def start(self, tensors: dict[str, np.ndarray]) -> DenoiseState:
         """Validate the request fields and ``PROMPT_EMBEDS``; returns the request's fresh state."""
-        request = parse_request(tensors, self.limits, only=INPUTS)
-        embeds = tensors.get("PROMPT_EMBEDS")
-        if embeds is None:
-            raise InvalidRequestError("PROMPT_EMBEDS", "is required")
-        if embeds.dtype != np.float32:
-            raise InvalidRequestError("PROMPT_EMBEDS", f"expected FP32, got {embeds.dtype}")
-        return prepare(request, torch.from_numpy(np.array(embeds)), self.info)
+        return prepare_encoded(parse_request(tensors, self.limits, only=INPUTS), tensors, self.info)
 
     def handle(
         self,

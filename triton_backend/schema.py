@@ -27,6 +27,12 @@ ControlNets (ControlNet-as-a-Service)::
     CONTROLNET_SCALES          FP32  [n]           optional, default 1.0 each (diffusers' conditioning scale)
     CONTROLNET_GUIDANCE_START  FP32  [n]           optional, default 0.0 (diffusers' control_guidance_start)
     CONTROLNET_GUIDANCE_END    FP32  [n]           optional, default 1.0 (diffusers' control_guidance_end)
+
+SDXL micro-conditioning (``add_time_ids``; SDXL models only, an SD model rejects them)::
+
+    ORIGINAL_SIZE          INT32 [2]  optional, (height, width), default the output size
+    CROPS_COORDS_TOP_LEFT  INT32 [2]  optional, (top, left), default (0, 0)
+    TARGET_SIZE            INT32 [2]  optional, (height, width), default the output size
 """
 
 from __future__ import annotations
@@ -72,7 +78,12 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("CONTROLNET_SCALES", "controlnet_scales", "FP32", vector=True),
     FieldSpec("CONTROLNET_GUIDANCE_START", "controlnet_guidance_start", "FP32", vector=True),
     FieldSpec("CONTROLNET_GUIDANCE_END", "controlnet_guidance_end", "FP32", vector=True),
+    FieldSpec("ORIGINAL_SIZE", "original_size", "INT32", vector=True),
+    FieldSpec("CROPS_COORDS_TOP_LEFT", "crops_coords_top_left", "INT32", vector=True),
+    FieldSpec("TARGET_SIZE", "target_size", "INT32", vector=True),
 )
+#: The SDXL micro-conditioning fields (pairs).
+SDXL_FIELDS = ("ORIGINAL_SIZE", "CROPS_COORDS_TOP_LEFT", "TARGET_SIZE")
 FIELDS_BY_NAME = {f.name: f for f in FIELDS}
 NUMPY_DTYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "UINT8": np.uint8}
 
@@ -98,6 +109,23 @@ class GenerationRequest:
     controlnet_scales: tuple[float, ...] = ()
     controlnet_guidance_start: tuple[float, ...] = ()
     controlnet_guidance_end: tuple[float, ...] = ()
+    #: SDXL ``add_time_ids`` parts; empty = diffusers' defaults (output size, (0, 0), output size).
+    original_size: tuple[int, ...] = ()
+    crops_coords_top_left: tuple[int, ...] = ()
+    target_size: tuple[int, ...] = ()
+
+    @property
+    def has_sdxl_conditioning(self) -> bool:
+        """Whether any SDXL micro-conditioning field was given."""
+        return bool(self.original_size or self.crops_coords_top_left or self.target_size)
+
+    def add_time_ids(self, height: int, width: int) -> list[int]:
+        """SDXL ``original_size + crops_coords_top_left + target_size`` with diffusers' defaults filled in."""
+        return [
+            *(self.original_size or (height, width)),
+            *(self.crops_coords_top_left or (0, 0)),
+            *(self.target_size or (height, width)),
+        ]
 
     @property
     def controlnets(self) -> list[tuple[str, float, float, float]]:
@@ -272,6 +300,23 @@ def _check_controlnets(req: GenerationRequest, names: set[str]) -> None:
             raise InvalidRequestError("CONTROLNET_SCALES", f"{name}: |{scale}| > 16")
 
 
+def _check_sdxl(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> None:
+    for name in SDXL_FIELDS:
+        if name not in names:
+            continue
+        values = getattr(req, FIELDS_BY_NAME[name].attr)
+        if not values:
+            continue
+        if len(values) != 2:
+            raise InvalidRequestError(name, f"expected 2 values, got {len(values)}")
+        if name == "CROPS_COORDS_TOP_LEFT":
+            low, high = 0, max(limits.max_height, limits.max_width)
+        else:
+            low, high = 1, 4 * max(limits.max_height, limits.max_width)
+        if not all(low <= v <= high for v in values):
+            raise InvalidRequestError(name, f"{list(values)}: each value must be in {low} .. {high}")
+
+
 def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> None:
     if "PROMPT" in names:
         if not req.prompt.strip():
@@ -297,6 +342,7 @@ def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> No
             raise InvalidRequestError(name, f"{value} exceeds the configured maximum {maximum}")
     _check_loras(req, limits, names)
     _check_controlnets(req, names)
+    _check_sdxl(req, limits, names)
     if req.scheduler not in SCHEDULER_NAMES:
         raise InvalidRequestError(
             "SCHEDULER", f"unknown scheduler {req.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}"

@@ -1,4 +1,4 @@
-"""Stage ``text_encoder``: prompt strings → CLIP hidden states, as ``StableDiffusionPipeline.encode_prompt``."""
+"""Stage ``text_encoder``: prompts → CLIP hidden states (+ SDXL pooled embeddings), as diffusers' ``encode_prompt``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .components import load_part
+from .components import ModelInfo, load_part
 from .config import StageConfig
 from .lora.patch import AdapterRef, WeightPatcher
 from .lora.store import has_text_encoder_layers, resolve_lora_path
@@ -18,50 +18,90 @@ from .schema import GenerationRequest, parse_request
 #: The request fields this stage consumes (the ensemble maps these ``txt2img`` inputs onto it).
 INPUTS = ("PROMPT", "NEGATIVE_PROMPT", "GUIDANCE_SCALE", "LORA_NAMES", "LORA_SCALES")
 
+#: Text encoders by diffusers component name (SD has the first only).
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+
 #: Blocking LoRA load: ``[(name, scale), ...] -> adapters`` (a BLS call to ``lora_manager`` in Triton).
 LoadLorasSync = Callable[[list[tuple[str, float]]], Sequence[AdapterRef]]
 
 
 class TextEncoder:
-    """Tokenize (pad to 77, truncate like diffusers) and encode; one instance per Triton model instance."""
+    """Tokenize (pad to 77, truncate like diffusers) and encode; one instance per Triton model instance.
+
+    SD 1.x/2.x: one ``CLIPTextModel``, its last hidden state (``StableDiffusionPipeline.encode_prompt``).
+    SDXL: ``CLIPTextModel`` and ``CLIPTextModelWithProjection``, each with its own tokenizer; the penultimate hidden
+    states of both are concatenated and the second one's projected pooled output is ``POOLED_EMBEDS``
+    (``StableDiffusionXLPipeline.encode_prompt``, ``prompt_2`` = ``prompt``).
+    """
 
     def __init__(self, cfg: StageConfig):
         self.cfg = cfg
-        self.tokenizer = CLIPTokenizer.from_pretrained(str(cfg.model_dir / "tokenizer"))
-        self.model = load_part(CLIPTextModel, cfg.model_dir, "text_encoder", cfg.device, cfg.dtype)
-        self.use_attention_mask = bool(getattr(self.model.config, "use_attention_mask", False))
-        self.patcher = WeightPatcher(self.model, "text_encoder")
+        self.info = ModelInfo.read(cfg.model_dir)
+        self.tokenizers = [CLIPTokenizer.from_pretrained(str(cfg.model_dir / "tokenizer"))]
+        self.models = [load_part(CLIPTextModel, cfg.model_dir, "text_encoder", cfg.device, cfg.dtype)]
+        if self.info.is_sdxl:
+            self.tokenizers.append(CLIPTokenizer.from_pretrained(str(cfg.model_dir / "tokenizer_2")))
+            self.models.append(
+                load_part(CLIPTextModelWithProjection, cfg.model_dir, "text_encoder_2", cfg.device, cfg.dtype)
+            )
+        self.use_attention_mask = bool(getattr(self.models[0].config, "use_attention_mask", False))
+        #: One patcher per encoder; LoRA factors are keyed ``text_encoder:…`` / ``text_encoder_2:…``.
+        self.patchers = [WeightPatcher(m, c) for m, c in zip(self.models, TEXT_COMPONENTS, strict=False)]
         self.lora_dir = lora_dir(cfg.params, cfg.model_dir)
 
+    @property
+    def pooled_dim(self) -> int:
+        return self.info.pooled_dim
+
     @torch.inference_mode()
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        """``texts`` → ``[len(texts), 77, hidden]`` float32 (diffusers' ``prompt_embeds``)."""
-        tokens = self.tokenizer(
-            texts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        mask = tokens.attention_mask.to(self.cfg.device) if self.use_attention_mask else None
-        hidden = self.model(tokens.input_ids.to(self.cfg.device), attention_mask=mask)[0]
-        return hidden.float().cpu()
-
-    def encode_request(self, request: GenerationRequest, adapters: Sequence[AdapterRef] = ()) -> np.ndarray:
-        """``PROMPT_EMBEDS``: ``[2, 77, D]`` = (unconditional, conditional) with CFG, else ``[1, 77, D]``.
-
-        The negative prompt defaults to ``""`` exactly as diffusers' ``encode_prompt`` does. Text-encoder LoRA
-        layers of ``adapters`` are patched in for this encode and restored right after (also on failure).
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``texts`` → ``([len, 77, D], [len, P])`` float32: diffusers' ``prompt_embeds`` and pooled embeddings
+        (``P`` = 0 for SD 1.x/2.x, which has none).
         """
-        if request.do_classifier_free_guidance:
+        dev = self.cfg.device
+        if not self.info.is_sdxl:
+            ids = self._tokenize(0, texts)
+            mask = ids.attention_mask.to(dev) if self.use_attention_mask else None
+            hidden = self.models[0](ids.input_ids.to(dev), attention_mask=mask)[0]
+            return hidden.float().cpu(), torch.zeros(len(texts), 0)
+        hiddens, pooled = [], None
+        for i, model in enumerate(self.models):
+            out = model(self._tokenize(i, texts).input_ids.to(dev), output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:  # diffusers: the pooled output of the projection encoder
+                pooled = out[0]
+            hiddens.append(out.hidden_states[-2])
+        return torch.cat(hiddens, dim=-1).float().cpu(), pooled.float().cpu()
+
+    def _tokenize(self, i: int, texts: list[str]):
+        tokenizer = self.tokenizers[i]
+        return tokenizer(
+            texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+
+    def encode_request(self, request: GenerationRequest, adapters: Sequence[AdapterRef] = ()) -> dict[str, np.ndarray]:
+        """``PROMPT_EMBEDS`` ``[2, 77, D]`` = (unconditional, conditional) with CFG, else ``[1, 77, D]``, and
+        ``POOLED_EMBEDS`` ``[2 or 1, P]`` in the same order.
+
+        The negative prompt defaults to ``""`` exactly as diffusers' ``encode_prompt`` does; on an SDXL model with
+        ``force_zeros_for_empty_prompt`` an absent negative prompt gives zero embeddings instead, as diffusers'.
+        Text-encoder LoRA layers of ``adapters`` are patched in for this encode and restored right after (also on
+        failure).
+        """
+        zero_negative = request.negative_prompt is None and self.info.force_zeros_for_empty_prompt
+        texts = [request.prompt]
+        if request.do_classifier_free_guidance and not zero_negative:
             texts = [request.negative_prompt or "", request.prompt]
-        else:
-            texts = [request.prompt]
         try:
-            self.patcher.ensure(tuple(adapters))
-            return self.encode(texts).numpy()
+            for patcher in self.patchers:
+                patcher.ensure(tuple(adapters))
+            embeds, pooled = self.encode(texts)
         finally:
-            self.patcher.restore()
+            for patcher in self.patchers:
+                patcher.restore()
+        if request.do_classifier_free_guidance and zero_negative:
+            embeds = torch.cat([torch.zeros_like(embeds), embeds])
+            pooled = torch.cat([torch.zeros_like(pooled), pooled])
+        return {"PROMPT_EMBEDS": embeds.numpy(), "POOLED_EMBEDS": pooled.numpy()}
 
     def needs_loras(self, request: GenerationRequest) -> bool:
         """Whether any requested LoRA has text-encoder layers (read from the file header, no conversion).
@@ -73,9 +113,11 @@ class TextEncoder:
         return any(has_text_encoder_layers(resolve_lora_path(self.lora_dir, name)) for name in request.lora_names)
 
     def handle(self, tensors: dict[str, np.ndarray], load_loras: LoadLorasSync | None = None) -> dict[str, np.ndarray]:
-        """Triton entry: ``PROMPT``, ``NEGATIVE_PROMPT``, ``GUIDANCE_SCALE``, LoRAs → ``PROMPT_EMBEDS``."""
+        """Triton entry: ``PROMPT``, ``NEGATIVE_PROMPT``, ``GUIDANCE_SCALE``, LoRAs → ``PROMPT_EMBEDS``,
+        ``POOLED_EMBEDS``.
+        """
         request = parse_request(tensors, self.cfg.limits, only=INPUTS)
         adapters: Sequence[AdapterRef] = ()
         if request.lora_names and load_loras is not None and self.needs_loras(request):
             adapters = load_loras(request.loras)
-        return {"PROMPT_EMBEDS": self.encode_request(request, adapters)}
+        return self.encode_request(request, adapters)

@@ -81,7 +81,9 @@ class _WithMetrics(_StageModel):
 
 
 class TextEncoderModel(_StageModel):
-    """``text_encoder``: ``PROMPT``, ``NEGATIVE_PROMPT``, ``GUIDANCE_SCALE`` → ``PROMPT_EMBEDS [B, 77, D]`` FP32."""
+    """``text_encoder``: ``PROMPT``, ``NEGATIVE_PROMPT``, ``GUIDANCE_SCALE`` → ``PROMPT_EMBEDS [B, 77, D]``,
+    ``POOLED_EMBEDS [B, P]`` FP32 (``P`` = 0 for SD1.x/2.x models).
+    """
 
     from .text_encoding import INPUTS as inputs
 
@@ -117,7 +119,7 @@ class DenoiseModel(_StageModel):
 
     from .denoise import INPUTS as _fields
 
-    inputs = ("PROMPT_EMBEDS", *_fields, "LATENT_PARALLEL")
+    inputs = ("PROMPT_EMBEDS", "POOLED_EMBEDS", *_fields, "LATENT_PARALLEL")
 
     def build(self, cfg: StageConfig) -> Any:
         from .config import instance_count
@@ -144,14 +146,16 @@ class DenoiseModel(_StageModel):
         import torch
 
         from .denoise import latent_parallel
-        from .unet_step import encode_adapters, encode_triples
+        from .unet_step import StepInput, encode_adapters, encode_triples, step_tensors
 
-        def step_inputs(s: Any, t: Any, e: Any, adapters: Any, controls: Any) -> dict[str, Any]:
-            inputs = {"SAMPLE": s.numpy(), "TIMESTEP": t.reshape(-1, 1).numpy(), "ENCODER_HIDDEN_STATES": e.numpy()}
-            if adapters:
-                inputs["ADAPTERS"] = encode_adapters(adapters, s.shape[0])
-            if controls:
-                inputs["CONTROLNETS"] = encode_triples(controls, s.shape[0])
+        def step_inputs(*call: Any) -> dict[str, Any]:
+            step = StepInput.of(*call)
+            inputs = step_tensors(step)
+            rows = step.sample.shape[0]
+            if step.adapters:
+                inputs["ADAPTERS"] = encode_adapters(step.adapters, rows)
+            if step.controlnets:
+                inputs["CONTROLNETS"] = encode_triples(step.controlnets, rows)
             return inputs
 
         def prepare_hints(hints: list[tuple[str, Any]]) -> list[str]:
@@ -165,7 +169,7 @@ class DenoiseModel(_StageModel):
             ]
             return [bytes(out["HINT_FILE"].reshape(-1)[0]).decode() for out in bls_infer_many(self.pb, calls)]
 
-        def unet_many(calls: list[tuple[Any, Any, Any, Any, Any]]) -> list[Any]:
+        def unet_many(calls: list[tuple[Any, ...]]) -> list[Any]:
             outs = bls_infer_many(self.pb, [(self.unet_model, step_inputs(*c), ["NOISE_PRED"]) for c in calls])
             return [torch.from_numpy(o["NOISE_PRED"]) for o in outs]
 
@@ -184,12 +188,14 @@ class DenoiseModel(_StageModel):
 
 class UNetModel(_StageModel):
     """``unet`` (dynamic batching): ``SAMPLE [b, 4, h, w]``, ``TIMESTEP [b, 1]``, ``ENCODER_HIDDEN_STATES [b, S, D]``
-    → ``NOISE_PRED [b, 4, h, w]``; rows of several requests run in one forward pass.
+    (SDXL: also ``TEXT_EMBEDS [b, P]``, ``TIME_IDS [b, 6]``) → ``NOISE_PRED [b, 4, h, w]``; rows of several requests
+    run in one forward pass.
     """
 
+    from .unet_step import ADDED_INPUTS as _added
     from .unet_step import INPUTS as _tensors
 
-    inputs = (*_tensors, "ADAPTERS", "CONTROLNETS")
+    inputs = (*_tensors, *_added, "ADAPTERS", "CONTROLNETS")
 
     def build(self, cfg: StageConfig) -> Any:
         from concurrent.futures import ThreadPoolExecutor
@@ -206,15 +212,15 @@ class UNetModel(_StageModel):
         import torch
 
         from .trace import trace
+        from .unet_step import step_tensors
 
         rows = step.sample.shape[0]
+        tensors = step_tensors(step)
         calls = [
             (
                 self.controlnet_model,
                 {
-                    "SAMPLE": step.sample.numpy(),
-                    "TIMESTEP": step.timestep.reshape(-1, 1).numpy(),
-                    "ENCODER_HIDDEN_STATES": step.encoder_hidden_states.numpy(),
+                    **tensors,
                     "CONTROLNET_NAME": np.array([[name.encode()]] * rows, dtype=np.object_),
                     "HINT_FILE": np.array([[hint.encode()]] * rows, dtype=np.object_),
                     "SCALE": np.full((rows, 1), scale, dtype=np.float32),
@@ -287,7 +293,17 @@ class ControlNetModel(_WithMetrics):
     ``ENCODER_HIDDEN_STATES`` → ``RESIDUALS [b, N]`` (every skip residual and the mid residual, packed).
     """
 
-    inputs = ("CONTROLNET_NAME", "HINT_IMAGE", "HINT_FILE", "SCALE", "SAMPLE", "TIMESTEP", "ENCODER_HIDDEN_STATES")
+    inputs = (
+        "CONTROLNET_NAME",
+        "HINT_IMAGE",
+        "HINT_FILE",
+        "SCALE",
+        "SAMPLE",
+        "TIMESTEP",
+        "ENCODER_HIDDEN_STATES",
+        "TEXT_EMBEDS",
+        "TIME_IDS",
+    )
 
     def build(self, cfg: StageConfig) -> Any:
         from .controlnet.service import ControlNetService
@@ -333,17 +349,16 @@ class ControlNetModel(_WithMetrics):
                     "step requests need one ControlNet and HINT_FILE, SCALE, SAMPLE, TIMESTEP, ENCODER_HIDDEN_STATES",
                 )
             hints = set(parse_names(t, "HINT_FILE"))
-            return (
-                "step",
-                ControlRow(
-                    names.pop(),
-                    hints.pop(),
-                    *(
-                        torch.from_numpy(np.array(t[k]))
-                        for k in ("SAMPLE", "TIMESTEP", "ENCODER_HIDDEN_STATES", "SCALE")
-                    ),
-                ),
+            tensor = {k: torch.from_numpy(np.array(v)) for k, v in t.items() if v.dtype != np.object_}
+            row = ControlRow(
+                names.pop(),
+                hints.pop(),
+                *(tensor[k] for k in ("SAMPLE", "TIMESTEP", "ENCODER_HIDDEN_STATES", "SCALE")),
+                text_embeds=tensor.get("TEXT_EMBEDS"),
+                time_ids=tensor.get("TIME_IDS"),
             )
+            self.stage.validate(row)
+            return ("step", row)
 
         def compute_many(items: list[Any]) -> list[dict[str, Any]]:
             out: list[Any] = [None] * len(items)

@@ -41,6 +41,21 @@ class StepInput:
     #: ControlNets of this step: ``(name, hint_file, scale)``; their residuals are per row, so rows with different
     #: ControlNets still share the UNet passes.
     controlnets: tuple[tuple[str, str, float], ...] = ()
+    #: SDXL added conditioning per row: pooled text embeddings ``[b, P]`` and time ids ``[b, 6]``.
+    text_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, sample, timestep, hidden, adapters=(), controlnets=(), added=None) -> StepInput:
+        """From a denoise ``UNetCall`` (``added``: ``{"text_embeds", "time_ids"}`` or empty)."""
+        added = added or {}
+        return cls(sample, timestep, hidden, adapters, controlnets, added.get("text_embeds"), added.get("time_ids"))
+
+    def added_cond_kwargs(self, device=None, dtype=None) -> dict[str, torch.Tensor] | None:
+        """The ``added_cond_kwargs`` of diffusers' UNet call (SDXL), or ``None``."""
+        if self.text_embeds is None or self.time_ids is None:
+            return None
+        return {"text_embeds": self.text_embeds.to(device, dtype), "time_ids": self.time_ids.to(device, dtype)}
 
     def validate(self, info: ModelInfo) -> None:
         """Shape/dtype checks naming the tensor; run per request so one bad request fails alone."""
@@ -56,6 +71,7 @@ class StepInput:
             raise InvalidRequestError(
                 "ENCODER_HIDDEN_STATES", f"expected [{b}, S, {info.cross_attention_dim}], got {list(ehs.shape)}"
             )
+        info.check_added(b, self.text_embeds, self.time_ids)
         for name, t in (("SAMPLE", self.sample), ("TIMESTEP", self.timestep), ("ENCODER_HIDDEN_STATES", ehs)):
             if t.dtype != torch.float32:
                 raise InvalidRequestError(name, f"expected FP32, got {t.dtype}")
@@ -89,6 +105,7 @@ class UNetStep:
             merged.sample.to(dev, dt),
             merged.timestep.reshape(-1).to(dev),
             merged.encoder_hidden_states.to(dev, dt),
+            merged.added_cond_kwargs(dev, dt),
         )
         trace("unet_encoder_end", id=trace_id)
         if not any(wait for _, wait in rows):
@@ -111,6 +128,7 @@ class UNetStep:
             step.sample.to(dev, dt),
             step.timestep.reshape(-1).to(dev),
             encoder_hidden_states=step.encoder_hidden_states.to(dev, dt),
+            added_cond_kwargs=step.added_cond_kwargs(dev, dt),
             return_dict=False,
         )[0]
         return out.float().cpu()
@@ -136,11 +154,18 @@ class UNetStep:
                 torch.cat([steps[i].timestep.reshape(-1) for i in indices]),
                 torch.cat([steps[i].encoder_hidden_states for i in indices]),
                 steps[indices[0]].adapters,
+                text_embeds=_cat_optional([steps[i].text_embeds for i in indices]),
+                time_ids=_cat_optional([steps[i].time_ids for i in indices]),
             )
             noise = self._split_forward(merged, [(steps[i].sample.shape[0], waits.get(i)) for i in indices])
             for i, chunk in zip(indices, noise.split([steps[i].sample.shape[0] for i in indices]), strict=True):
                 outputs[i] = chunk
         return outputs  # type: ignore[return-value]
+
+
+def _cat_optional(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Rows of an optional per-row input (validated: all present or all absent for one model)."""
+    return None if any(t is None for t in tensors) else torch.cat(tensors)  # type: ignore[arg-type]
 
 
 def _sum_residuals(flats: list[torch.Tensor]) -> torch.Tensor:
@@ -161,6 +186,9 @@ def parse_step(tensors: dict[str, np.ndarray], info: ModelInfo) -> StepInput:
         step.adapters = decode_adapters(tensors["ADAPTERS"])
     if "CONTROLNETS" in tensors:
         step.controlnets = decode_triples(tensors["CONTROLNETS"], "CONTROLNETS")
+    for name in ADDED_INPUTS:
+        if name in tensors:
+            setattr(step, name.lower(), torch.from_numpy(np.array(tensors[name])))
     step.validate(info)
     return step
 
@@ -202,3 +230,19 @@ def decode_adapters(value: np.ndarray) -> tuple[AdapterRef, ...]:
 
 #: Input tensors of the ``unet`` model, in :class:`StepInput` field order.
 INPUTS = ("SAMPLE", "TIMESTEP", "ENCODER_HIDDEN_STATES")
+#: SDXL's added conditioning inputs (``unet`` and ``controlnet``); named like the ``StepInput`` attributes.
+ADDED_INPUTS = ("TEXT_EMBEDS", "TIME_IDS")
+
+
+def step_tensors(step: StepInput) -> dict[str, np.ndarray]:
+    """The tensors a step sends on (to ``unet`` and to ``controlnet``): sample, timestep, conditioning."""
+    out = {
+        "SAMPLE": step.sample.numpy(),
+        "TIMESTEP": step.timestep.reshape(-1, 1).numpy(),
+        "ENCODER_HIDDEN_STATES": step.encoder_hidden_states.numpy(),
+    }
+    for name in ADDED_INPUTS:
+        value = getattr(step, name.lower())
+        if value is not None:
+            out[name] = value.numpy()
+    return out

@@ -28,7 +28,14 @@ class VaeDecoder:
             )
         if latents.dtype != np.float32:
             raise InvalidRequestError("LATENTS", f"expected FP32, got {latents.dtype}")
-        z = torch.from_numpy(latents).to(self.cfg.device, self.cfg.dtype) / self.info.scaling_factor
+        z = torch.from_numpy(latents).to(self.cfg.device, self.cfg.dtype)
+        info = self.info
+        if info.latents_mean is not None and info.latents_std is not None:  # SDXL-style VAE config
+            mean = torch.tensor(info.latents_mean).view(1, -1, 1, 1).to(z.device, z.dtype)
+            std = torch.tensor(info.latents_std).view(1, -1, 1, 1).to(z.device, z.dtype)
+            z = z * std / info.scaling_factor + mean
+        else:
+            z = z / info.scaling_factor
         image = self.model.decode(z, return_dict=False)[0]
         image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return (image[0] * 255).round().astype(np.uint8)

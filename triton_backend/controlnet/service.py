@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..components import ModelInfo
 from ..config import StageConfig
 from ..errors import ConfigError, InvalidRequestError, NotFoundError
 from ..paths import controlnet_dir, is_store_name
@@ -71,6 +72,9 @@ class ControlRow:
     timestep: torch.Tensor
     encoder_hidden_states: torch.Tensor
     scale: torch.Tensor
+    #: SDXL ControlNets: the step's added conditioning (pooled text embeddings, time ids), one row per row.
+    text_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -84,6 +88,7 @@ class ControlNetService:
     def __post_init__(self) -> None:
         self.root = controlnet_dir(self.cfg.params, self.cfg.model_dir)
         self.unet_config = json.loads((self.cfg.model_dir / "unet" / "config.json").read_text())
+        self.info = ModelInfo.read(self.cfg.model_dir)
         self._models: OrderedDict[str, tuple[str, torch.nn.Module, torch.nn.Module]] = OrderedDict()
         self._hints: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
@@ -101,7 +106,17 @@ class ControlNetService:
 
     def _check_architecture(self, name: str, config: dict) -> None:
         unet = self.unet_config
-        for key in ("cross_attention_dim", "block_out_channels", "in_channels", "layers_per_block"):
+        theirs = "SDXL" if config.get("addition_embed_type") == "text_time" else "SD1.x/2.x"
+        if config.get("addition_embed_type") != unet.get("addition_embed_type"):
+            raise InvalidRequestError(
+                "CONTROLNET_NAMES",
+                f"{name}: an {theirs} ControlNet (addition_embed_type {config.get('addition_embed_type')!r}); this "
+                f"model is {self.info.arch_label} (addition_embed_type {unet.get('addition_embed_type')!r})",
+            )
+        keys = ("cross_attention_dim", "block_out_channels", "in_channels", "layers_per_block")
+        # Residual shapes and the added-conditioning widths must agree; depth (transformer layers) may differ.
+        keys += ("projection_class_embeddings_input_dim", "addition_time_embed_dim")
+        for key in keys:
             if key in config and config[key] != unet.get(key):
                 raise InvalidRequestError(
                     "CONTROLNET_NAMES",
@@ -162,6 +177,10 @@ class ControlNetService:
         save_file({"embedding": emb}, str(file))
         return str(file)
 
+    def validate(self, row: ControlRow) -> None:
+        """The added conditioning must match the base model's architecture (checked per request)."""
+        self.info.check_added(row.sample.shape[0], row.text_embeds, row.time_ids)
+
     def _hint(self, file: str) -> torch.Tensor:
         path = Path(file)
         if path.suffix != ".safetensors" or not path.parent.name.startswith(HINT_DIR_PREFIX):
@@ -189,12 +208,18 @@ class ControlNetService:
         for (name, *_), idx in groups.items():
             model, _ = self.model(name)
             cond = torch.cat([self._hint(rows[i].hint_file).expand(rows[i].sample.shape[0], -1, -1, -1) for i in idx])
+            added = None
+            if self.info.is_sdxl:
+                added = {
+                    k: torch.cat([getattr(rows[i], k) for i in idx]).to(dev, dt) for k in ("text_embeds", "time_ids")
+                }
             down, mid = model(
                 torch.cat([rows[i].sample for i in idx]).to(dev, dt),
                 torch.cat([rows[i].timestep.reshape(-1) for i in idx]).to(dev),
                 encoder_hidden_states=torch.cat([rows[i].encoder_hidden_states for i in idx]).to(dev, dt),
                 controlnet_cond=cond.to(dev, dt),
                 conditioning_scale=1.0,
+                added_cond_kwargs=added,
                 return_dict=False,
             )
             scale = torch.cat([rows[i].scale.reshape(-1) for i in idx]).to(dev, dt).reshape(-1, 1, 1, 1)

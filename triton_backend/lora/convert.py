@@ -19,7 +19,7 @@ import torch
 from ..errors import InvalidRequestError
 
 #: Components a LoRA can touch, as diffusers names them in converted state dicts.
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def _lora_layers(module: torch.nn.Module, adapter: str) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -28,52 +28,70 @@ def _lora_layers(module: torch.nn.Module, adapter: str) -> Iterator[tuple[str, t
             yield name, sub
 
 
+def _layer_count(state_dict: dict[str, torch.Tensor], component: str) -> int:
+    """LoRA layers of ``component`` in a converted state dict (one down/A weight per layer, in every key style)."""
+    ends = (".lora_A.weight", ".down.weight")
+    return sum(1 for k in state_dict if k.startswith(component + ".") and k.endswith(ends))
+
+
 def convert_lora_file(
-    path: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, field: str = "LORA_NAMES"
+    path: Path, components: dict[str, torch.nn.Module], field: str = "LORA_NAMES"
 ) -> dict[str, torch.Tensor]:
     """Factors of every LoRA layer in ``path``: ``{component}:{module}.lora_A|lora_B|scaling`` (float32, CPU).
 
-    ``module`` is the layer's name in the plain (un-injected) model, e.g.
+    ``components`` are skeletons of the served model by diffusers name (``unet``, ``text_encoder`` and, for SDXL,
+    ``text_encoder_2``). ``module`` is the layer's name in the plain (un-injected) model, e.g.
     ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``. A file that is not a LoRA for this model
-    raises ``InvalidRequestError`` naming ``field``.
+    raises ``InvalidRequestError`` naming ``field``, the LoRA and the mismatch: layers of a component the model
+    lacks (an SDXL LoRA's ``text_encoder_2`` on an SD model), layers the model lacks, or layers of another shape.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    sdxl = "text_encoder_2" in components
+    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    arch = "SDXL" if sdxl else "SD1.x/2.x"
     adapter = f"sd_{uuid.uuid4().hex[:8]}"
     try:
-        state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+        state_dict, alphas, metadata = pipeline.lora_state_dict(
             str(path), return_lora_metadata=True, local_files_only=True
         )
     except Exception as exc:  # noqa: BLE001 - corrupt/foreign files
-        raise InvalidRequestError(field, f"{path.name}: not a readable LoRA file ({exc})") from None
-    if not any(k.startswith("unet.") or k.startswith("text_encoder.") for k in state_dict):
-        raise InvalidRequestError(field, f"{path.name}: no UNet or text-encoder LoRA layers found")
+        raise InvalidRequestError(field, f"{path.stem}: not a readable LoRA file ({exc})") from None
+    present = [c for c in COMPONENTS if any(k.startswith(c + ".") for k in state_dict)]
+    if not present:
+        raise InvalidRequestError(field, f"{path.stem}: no UNet or text-encoder LoRA layers found")
+    for component in present:
+        if component not in components:
+            raise InvalidRequestError(
+                field, f"{path.stem}: has {component} layers (an SDXL LoRA); this model is {arch}, without {component}"
+            )
     out: dict[str, torch.Tensor] = {}
-    targets = [("unet", unet)] + ([("text_encoder", text_encoder)] if text_encoder is not None else [])
-    for component, model in targets:
-        if not any(k.startswith(component + ".") for k in state_dict):
-            continue
+    for component in present:
+        model = components[component]
         try:
             if component == "unet":
-                StableDiffusionPipeline.load_lora_into_unet(
-                    state_dict, alphas, unet=model, adapter_name=adapter, metadata=metadata
-                )
+                pipeline.load_lora_into_unet(state_dict, alphas, unet=model, adapter_name=adapter, metadata=metadata)
             else:
-                StableDiffusionPipeline.load_lora_into_text_encoder(
-                    state_dict,
-                    alphas,
-                    text_encoder=model,
-                    prefix="text_encoder",
-                    adapter_name=adapter,
-                    metadata=metadata,
+                pipeline.load_lora_into_text_encoder(
+                    state_dict, alphas, text_encoder=model, prefix=component, adapter_name=adapter, metadata=metadata
                 )
         except Exception as exc:  # noqa: BLE001 - shape mismatch = a LoRA for another architecture
             _delete(model, adapter)
             raise InvalidRequestError(
-                field, f"{path.name}: does not match this model's {component} ({type(exc).__name__}: {exc})"
+                field,
+                f"{path.stem}: a LoRA for another architecture: its {component} layers do not match this {arch} "
+                f"model ({type(exc).__name__}: {str(exc)[:300]})",
             ) from None
         try:
-            for name, layer in _lora_layers(model, adapter):
+            layers = list(_lora_layers(model, adapter))
+            expected = _layer_count(state_dict, component)
+            if len(layers) < expected:
+                raise InvalidRequestError(
+                    field,
+                    f"{path.stem}: a LoRA for another architecture: only {len(layers)} of its {expected} {component} "
+                    f"layers exist in this {arch} model",
+                )
+            for name, layer in layers:
                 key = f"{component}:{name.removesuffix('.base_layer')}"
                 out[key + ".lora_A"] = layer.lora_A[adapter].weight.detach().float().cpu().contiguous()
                 out[key + ".lora_B"] = layer.lora_B[adapter].weight.detach().float().cpu().contiguous()
@@ -81,7 +99,7 @@ def convert_lora_file(
         finally:
             _delete(model, adapter)
     if not out:
-        raise InvalidRequestError(field, f"{path.name}: no layer of this model matched")
+        raise InvalidRequestError(field, f"{path.stem}: no layer of this model matched")
     return out
 
 

@@ -35,11 +35,13 @@ def _float_param(cfg: StageConfig, name: str) -> float:
 
 
 class LoraManager:
-    """Owns the store and the conversion skeletons (a CPU UNet and text encoder of the served model)."""
+    """Owns the store and the conversion skeletons (the UNet and text encoder(s) of the served model)."""
 
     def __init__(self, cfg: StageConfig):
         from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        from ..components import ModelInfo
 
         self.cfg = cfg
         budget_mb = cfg.params.get("cache_budget_mb", "") or "1024"
@@ -47,11 +49,14 @@ class LoraManager:
             budget = int(float(budget_mb) * (1 << 20))
         except ValueError:
             raise ConfigError(f"{cfg.model_name}: parameter cache_budget_mb={budget_mb!r} is not a number") from None
-        self.unet = load_part(UNet2DConditionModel, cfg.model_dir, "unet", cfg.device, cfg.dtype)
-        self.text_encoder = load_part(CLIPTextModel, cfg.model_dir, "text_encoder", cfg.device, cfg.dtype)
+        parts = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
+        if ModelInfo.read(cfg.model_dir).is_sdxl:
+            parts["text_encoder_2"] = CLIPTextModelWithProjection
+        #: Conversion skeletons by diffusers component name.
+        self.components = {c: load_part(cls, cfg.model_dir, c, cfg.device, cfg.dtype) for c, cls in parts.items()}
         self.store = LoraStore(
             root=lora_dir(cfg.params, cfg.model_dir),
-            convert=lambda path: convert_lora_file(path, self.unet, self.text_encoder),
+            convert=lambda path: convert_lora_file(path, self.components),
             budget_bytes=budget,
             emulate_latency_s=_float_param(cfg, "emulate_storage_latency_ms") / 1000.0,
             emulate_bandwidth_bps=_float_param(cfg, "emulate_storage_mbps") * 1e6 / 8,

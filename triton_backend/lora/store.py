@@ -30,7 +30,7 @@ from .convert import file_signature
 #: Directory-name prefix of converted-adapter caches (the UNet maps only files under such a directory).
 CACHE_DIR_PREFIX = "swiftdiffusion-lora-"
 #: Key prefixes of text-encoder layers in the formats diffusers reads (PEFT/diffusers, kohya/A1111).
-_TE_PREFIXES = ("text_encoder.", "lora_te_", "lora_te1_", "te.")
+_TE_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_", "te.", "te1.", "te2.")
 
 
 def has_text_encoder_layers(path: Path, field: str = "LORA_NAMES") -> bool:
