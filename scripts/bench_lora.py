@@ -38,14 +38,13 @@ LORAS = [("ink_kohya", 0.8), ("glow_kohya", 0.6)]  # for the patch/restore cycle
 
 
 def cycles(model_dir: Path, n: int) -> dict[str, float]:
-    from triton_backend.text_encoding import TextEncoder
+    from triton_backend.text_encoding import TEXT_COMPONENTS, TextEncoder
     from triton_backend.unet_step import UNetStep
 
     cfg = StageConfig.from_params("bench", {"model_dir": str(model_dir)})
-    unet, skeleton = UNetStep(cfg), UNetStep(cfg).model
-    store = LoraStore(
-        root=model_dir / "loras", convert=lambda p: convert_lora_file(p, skeleton, TextEncoder(cfg).model)
-    )
+    unet, skeletons = UNetStep(cfg), {"unet": UNetStep(cfg).model}
+    skeletons.update(zip(TEXT_COMPONENTS, TextEncoder(cfg).models, strict=False))
+    store = LoraStore(root=model_dir / "loras", convert=lambda p: convert_lora_file(p, skeletons))
     start = time.perf_counter()
     refs = tuple(AdapterRef(name, str(store.get(name).file), s) for name, s in LORAS)
     convert_s = time.perf_counter() - start

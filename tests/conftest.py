@@ -65,6 +65,83 @@ def reference(model_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def sdxl_reference(sdxl_model_dir: Path):
+    """A callable: ``GenerationRequest`` → uint8 image from diffusers' SDXL pipelines, in-process.
+
+    ``StableDiffusionXLPipeline``; ``StableDiffusionXLControlNetPipeline`` (``MultiControlNetModel`` for several)
+    when the request has ControlNets; its LoRAs loaded with ``load_lora_weights`` + ``set_adapters`` +
+    ``fuse_lora`` before the call (k = 0) and unloaded after. No invisible watermark (SwiftDiffusion adds none).
+    """
+    from diffusers import (
+        ControlNetModel,
+        MultiControlNetModel,
+        StableDiffusionXLControlNetPipeline,
+        StableDiffusionXLPipeline,
+    )
+    from PIL import Image
+
+    from triton_backend.schedulers import make_scheduler
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_model_dir), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    base = pipe.scheduler
+
+    def run(request) -> np.ndarray:
+        kwargs: dict = {}
+        call = pipe
+        if request.controlnet_names:
+            store = sdxl_model_dir / "controlnets"
+            nets = [ControlNetModel.from_pretrained(str(store / n)) for n in request.controlnet_names]
+            one = len(nets) == 1
+            components = {k: v for k, v in pipe.components.items() if k != "scheduler"}
+            call = StableDiffusionXLControlNetPipeline(
+                **components,
+                scheduler=base,
+                controlnet=nets[0] if one else MultiControlNetModel(nets),
+                add_watermarker=False,
+            )
+            call.set_progress_bar_config(disable=True)
+            images = [Image.fromarray(img) for img in request.controlnet_images]
+            cn = request.controlnets
+            kwargs = {
+                "image": images[0] if one else images,
+                "controlnet_conditioning_scale": cn[0][1] if one else [c[1] for c in cn],
+                "control_guidance_start": cn[0][2] if one else [c[2] for c in cn],
+                "control_guidance_end": cn[0][3] if one else [c[3] for c in cn],
+            }
+        call.scheduler = make_scheduler(request.scheduler, base)
+        names = [n for n, _ in request.loras]
+        try:
+            for name in names:
+                pipe.load_lora_weights(str(sdxl_model_dir / "loras" / f"{name}.safetensors"), adapter_name=name)
+            if names:
+                pipe.set_adapters(names, adapter_weights=[s for _, s in request.loras])
+                pipe.fuse_lora(adapter_names=names)
+            out = call(
+                request.prompt,
+                negative_prompt=request.negative_prompt,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                height=request.height or None,
+                width=request.width or None,
+                original_size=tuple(request.original_size) or None,
+                crops_coords_top_left=tuple(request.crops_coords_top_left) or (0, 0),
+                target_size=tuple(request.target_size) or None,
+                generator=torch.Generator("cpu").manual_seed(request.seed),
+                output_type="np",
+                **kwargs,
+            ).images[0]
+        finally:
+            if names:
+                pipe.unfuse_lora()
+                pipe.unload_lora_weights()
+        return (out * 255).round().astype(np.uint8)
+
+    run.pipe = pipe
+    return run
+
+
+@pytest.fixture(scope="session")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The real bundled tritonserver on our model repository, on free loopback ports, once per test run."""
     from triton_backend.server import TritonServer

@@ -44,12 +44,7 @@ def env(model_dir):
     unet = UNetStep(cfg)
 
     def control(step):
-        rows = [
-            ControlRow(
-                n, f, step.sample, step.timestep, step.encoder_hidden_states, torch.full((step.sample.shape[0], 1), s)
-            )
-            for n, f, s in step.controlnets
-        ]
+        rows = [ControlRow.from_step(step, n, f, s) for n, f, s in step.controlnets]
         return lambda: service.step_many(rows)
 
     def unet_fn(*call):

@@ -15,17 +15,25 @@ from .paths import default_model_dir
 def _default_model(args: argparse.Namespace) -> int:
     from .default_model import write_default_model
 
-    path = write_default_model(args.out, force=args.force, preset=args.preset)
+    if args.out is None:
+        args.out = str(default_model_dir()) + ("-sdxl" if args.arch == "sdxl" else "")
+    try:
+        path = write_default_model(args.out, force=args.force, preset=args.preset, arch=args.arch)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"default model written to {path}")
     return 0
 
 
-def _ensure_model_dir(model_dir: str | None) -> Path:
-    """An explicit ``--model-dir`` is used as is; otherwise the default model is generated if missing."""
+def _ensure_model_dir(model_dir: str | None, arch: str = "sd1") -> Path:
+    """An explicit ``--model-dir`` is used as is; otherwise the default model of ``arch`` is generated if missing."""
     if model_dir:
         return Path(model_dir)
     from .default_model import write_default_model
 
+    if arch == "sdxl":
+        return write_default_model(Path(str(default_model_dir()) + "-sdxl"), arch="sdxl")
     return write_default_model(default_model_dir())
 
 
@@ -33,7 +41,7 @@ def _server_from_args(args: argparse.Namespace):
     from .server import TritonServer
 
     kwargs = dict(
-        model_dir=_ensure_model_dir(args.model_dir),
+        model_dir=_ensure_model_dir(args.model_dir, args.arch),
         host=args.host,
         grpc_port=args.grpc_port,
         http_port=args.http_port,
@@ -87,7 +95,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_server_args(p: argparse.ArgumentParser, ports: bool = True) -> None:
-    p.add_argument("--model-dir", default=None, help="diffusers SD model directory (default: the generated model)")
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="diffusers SD1.x/2.x or SDXL model directory, architecture read from its config "
+        "(default: the generated default model of --arch)",
+    )
+    p.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"], help="architecture of the generated default model")
     p.add_argument("--model-repository", default=None, help="Triton model repository (default: the bundled one)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     p.add_argument("--log-file", default=None, help="write the server log here instead of the terminal")
@@ -101,17 +115,25 @@ def _add_server_args(p: argparse.ArgumentParser, ports: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from swiftdiffusion_client import cli as client_cli
 
+    from .default_model import ARCHS, PRESETS, SDXL_PRESETS
+
     parser = argparse.ArgumentParser(prog="swiftdiffusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("default-model", help="write the small deterministic random-weight default model")
-    p.add_argument("--out", default=str(default_model_dir()), help="output directory (default %(default)s)")
+    p.add_argument("--out", default=None, help=f"output directory (default {default_model_dir()}, -sdxl for SDXL)")
     p.add_argument("--force", action="store_true", help="rewrite even if the directory is current")
+    p.add_argument(
+        "--arch",
+        default="sd1",
+        choices=list(ARCHS),
+        help="sd1: Stable Diffusion 1.x architecture; sdxl: SDXL (two text encoders, text_time conditioning)",
+    )
     p.add_argument(
         "--preset",
         default="tiny",
-        choices=["tiny", "cpu", "sd15"],
-        help="tiny: tests; cpu: CPU benchmarks; sd15: full SD1.5 architecture (GPU benchmarks)",
+        choices=sorted({*PRESETS, *SDXL_PRESETS}),
+        help="tiny: tests (sd1, sdxl); cpu: CPU benchmarks (sd1); sd15: full SD1.5 architecture (GPU benchmarks)",
     )
     p.set_defaults(func=_default_model)
 

@@ -94,7 +94,10 @@ class TextEncoder:
         try:
             for patcher in self.patchers:
                 patcher.ensure(tuple(adapters))
-            embeds, pooled = self.encode(texts)
+            # One encode per text, as diffusers encodes the prompt and the negative prompt: a batch of two can
+            # differ from two batches of one in the last bits.
+            parts = [self.encode([text]) for text in texts]
+            embeds, pooled = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         finally:
             for patcher in self.patchers:
                 patcher.restore()

@@ -22,6 +22,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,6 +76,21 @@ class ControlRow:
     #: SDXL ControlNets: the step's added conditioning (pooled text embeddings, time ids), one row per row.
     text_embeds: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+
+    @classmethod
+    def from_step(cls, step: Any, name: str, hint_file: str, scale: float) -> ControlRow:
+        """The row of one ControlNet of a ``unet`` step (a ``StepInput``): same inputs, the ControlNet's scale."""
+        rows = step.sample.shape[0]
+        return cls(
+            name,
+            hint_file,
+            step.sample,
+            step.timestep,
+            step.encoder_hidden_states,
+            torch.full((rows, 1), float(scale)),
+            step.text_embeds,
+            step.time_ids,
+        )
 
 
 @dataclass

@@ -1,0 +1,105 @@
+"""Every stage of ``txt2img`` wired together in one process: the same stage code Triton runs, without the servers.
+
+For tests against diffusers, benchmarks of the stages themselves and debugging a model directory without
+Triton. ``unet`` runs its ControlNets through a local :class:`ControlNetService` (encoder half, then residuals);
+LoRAs come from a local :class:`LoraStore` and land at ``LORA_BOUND_K`` (or after ``lora_ready_after`` polls).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import denoise
+from .components import ModelInfo
+from .config import StageConfig
+from .controlnet.service import ControlNetService, ControlRow
+from .lora.convert import convert_lora_file
+from .lora.patch import AdapterRef
+from .lora.store import CACHE_DIR_PREFIX, LoraStore
+from .paths import lora_dir
+from .schema import GenerationRequest
+from .text_encoding import TEXT_COMPONENTS, TextEncoder
+from .unet_step import StepInput, UNetStep
+from .vae_decode import VaeDecoder
+
+
+class ReadyLoad:
+    """A LoRA load that reports done after ``after`` polls (``after = 0``: at once), like a finished future."""
+
+    def __init__(self, adapters: tuple[AdapterRef, ...], after: int = 0):
+        self.adapters, self.after, self.polls = adapters, after, 0
+
+    def done(self) -> bool:
+        self.polls += 1
+        return self.polls > self.after
+
+    def result(self) -> tuple[AdapterRef, ...]:
+        return self.adapters
+
+
+@dataclass
+class LocalResult:
+    image: np.ndarray
+    landed_step: int
+
+
+class LocalPipeline:
+    """``text_encoder`` → ``denoise`` (→ ``unet`` → ``controlnet``) → ``vae`` in this process."""
+
+    def __init__(self, model_dir: Path, params: dict[str, str] | None = None):
+        self.cfg = StageConfig.from_params("local", {"model_dir": str(model_dir), **(params or {})})
+        self.info = ModelInfo.read(self.cfg.model_dir)
+        self.text_encoder = TextEncoder(self.cfg)
+        self.unet = UNetStep(self.cfg)
+        self.vae = VaeDecoder(self.cfg)
+        self.controlnets = ControlNetService(self.cfg)
+        # Conversion skeletons, separate from the served modules (as in the lora_manager process).
+        skeletons = {"unet": UNetStep(self.cfg).model}
+        skeletons.update(zip(TEXT_COMPONENTS, TextEncoder(self.cfg).models, strict=False))
+        self._cache = tempfile.mkdtemp(prefix=CACHE_DIR_PREFIX + "local-")
+        self.loras = LoraStore(
+            root=lora_dir(self.cfg.params, self.cfg.model_dir),
+            convert=lambda path: convert_lora_file(path, skeletons),
+            cache_root=Path(self._cache),
+        )
+
+    def control(self, step: StepInput):
+        """The in-process ``ControlFn``: one service row per ControlNet of the step."""
+        rows = [ControlRow.from_step(step, name, hint, scale) for name, hint, scale in step.controlnets]
+        return lambda: self.controlnets.step_many(rows)
+
+    def unet_fn(self, *call) -> torch.Tensor:
+        return self.unet.forward_many([StepInput.of(*call)], self.control)[0]
+
+    def adapters(self, request: GenerationRequest) -> tuple[AdapterRef, ...]:
+        return tuple(AdapterRef(n, str(self.loras.get(n).file), s) for n, s in request.loras)
+
+    def generate(
+        self, request: GenerationRequest, latent_parallel: bool = False, lora_ready_after: int = 0
+    ) -> LocalResult:
+        """One image; LoRAs land when ready (after ``lora_ready_after`` polls) or at the request's bound k (0)."""
+        adapters = self.adapters(request)
+        text_adapters = adapters if adapters and self.text_encoder.needs_loras(request) else ()
+        state = denoise.prepare_encoded(request, self.text_encoder.encode_request(request, text_adapters), self.info)
+        if adapters:
+            k = request.lora_bound_k if request.lora_bound_k is not None else 0
+            denoise.attach_loras(state, ReadyLoad(adapters, lora_ready_after), k)
+        unet = denoise.latent_parallel(lambda calls: [self.unet_fn(*c) for c in calls]) if latent_parallel else None
+        try:
+            if request.controlnet_names:
+                denoise.attach_controlnets(
+                    state, lambda hints: [self.controlnets.prepare(n, img) for n, img in hints], self.info
+                )
+            latents = denoise.run(state, unet or self.unet_fn)
+        finally:
+            denoise.release_hints(state)
+        return LocalResult(self.vae.decode(latents), state.landed_step)
+
+    def close(self) -> None:
+        self.loras.close()
+        self.controlnets.close()
