@@ -141,35 +141,52 @@ def sdxl_reference(sdxl_model_dir: Path):
     return run
 
 
-@pytest.fixture(scope="session")
-def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The real bundled tritonserver on our model repository, on free loopback ports, once per test run."""
+def start_server(model_dir: Path, workdir: Path, env: dict[str, str] | None = None, **kwargs):
+    """The real bundled tritonserver on free loopback ports; the log's tail is printed if it fails to start."""
     from triton_backend.server import TritonServer
 
-    log = tmp_path_factory.mktemp("triton") / "server.log"
-    repository = {}
-    if os.environ.get("SWIFTDIFFUSION_TEST_DEVICE") == "cuda":  # scripts/device_check.sh: stages on GPU 0, fp32
-        from triton_backend.server import gpu_repository
+    if os.environ.get("SWIFTDIFFUSION_TEST_DEVICE") == "cuda" and "model_repository" not in kwargs:
+        from triton_backend.server import gpu_repository  # scripts/device_check.sh: stages on GPU 0, fp32
 
-        repository = {"model_repository": gpu_repository(dtype="float32")}
-    # Test-only: every lora_manager response waits this long, so a 4-step request always reaches its bound k
-    # first and the landing step is deterministic (== LORA_BOUND_K).
-    # Stages append timestamps to this trace file (ControlNet overlap test).
-    trace = tmp_path_factory.mktemp("trace") / "trace.jsonl"
-    srv = TritonServer(
-        model_dir=model_dir,
-        log_file=log,
-        **repository,
-        env={"SWIFTDIFFUSION_LORA_TEST_DELAY_S": str(LORA_DELAY_S), "SWIFTDIFFUSION_TRACE_FILE": str(trace)},
-    )
-    srv.trace_file = trace
+        kwargs["model_repository"] = gpu_repository(dtype="float32")
+    log = workdir / "server.log"
+    srv = TritonServer(model_dir=model_dir, log_file=log, env=env or {}, **kwargs)
     try:
         srv.start(timeout=600)
     except Exception:
         print(log.read_text()[-5000:] if log.exists() else "(no log)")  # noqa: T201
         raise
+    return srv
+
+
+@pytest.fixture(scope="session")
+def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Our model repository on the SD default model, once per test run."""
+    # Test-only: every lora_manager response waits this long, so a 4-step request always reaches its bound k
+    # first and the landing step is deterministic (== LORA_BOUND_K).
+    # Stages append timestamps to this trace file (ControlNet overlap test).
+    trace = tmp_path_factory.mktemp("trace") / "trace.jsonl"
+    env = {"SWIFTDIFFUSION_LORA_TEST_DELAY_S": str(LORA_DELAY_S), "SWIFTDIFFUSION_TRACE_FILE": str(trace)}
+    srv = start_server(model_dir, tmp_path_factory.mktemp("triton"), env)
+    srv.trace_file = trace
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def sdxl_server(sdxl_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The same model repository on the SDXL default model (the architecture comes from the model directory)."""
+    srv = start_server(sdxl_model_dir, tmp_path_factory.mktemp("triton-sdxl"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def sdxl_client(sdxl_server):
+    from swiftdiffusion_client import Client
+
+    with Client(sdxl_server.grpc_url, timeout_s=120) as c:
+        yield c
 
 
 @pytest.fixture()

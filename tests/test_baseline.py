@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from swiftdiffusion_client import Client, GenerationRequest, NotFoundError
 
-from .conftest import assert_same_image
+from .conftest import assert_same_image, start_server
 from .test_controlnet import diffusers_controlnet_image, hint_images
 from .test_lora import diffusers_image
 
@@ -15,14 +15,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def baseline(model_dir, tmp_path_factory):
     from triton_backend.paths import baseline_repository_dir
-    from triton_backend.server import TritonServer
 
-    srv = TritonServer(
-        model_dir=model_dir,
-        model_repository=baseline_repository_dir(),
-        log_file=tmp_path_factory.mktemp("baseline") / "server.log",
-    )
-    srv.start(timeout=600)
+    srv = start_server(model_dir, tmp_path_factory.mktemp("baseline"), model_repository=baseline_repository_dir())
     with Client(srv.grpc_url, timeout_s=300) as c:
         yield c
     srv.stop()

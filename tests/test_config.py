@@ -10,11 +10,19 @@ from triton_backend.paths import model_repository_dir
 REPO = model_repository_dir()
 
 
-def _load_config(name):
+def _load_config(name, repo=REPO):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    return text_format.Parse((REPO / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    return text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def test_baseline_takes_exactly_the_txt2img_inputs():
+    from triton_backend.paths import baseline_repository_dir
+
+    ours = {(i.name, i.data_type, tuple(i.dims)) for i in _load_config("txt2img").input}
+    baseline = {(i.name, i.data_type, tuple(i.dims)) for i in _load_config("txt2img", baseline_repository_dir()).input}
+    assert ours == baseline
 
 
 def test_every_config_parses_and_has_a_model_py():
