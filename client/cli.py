@@ -39,6 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lora-bound-k", type=int, default=None, help="step by which LoRAs must be patched (0 = first)"
     )
+    for flag, names in (
+        ("--original-size", ("H", "W")),
+        ("--crops-coords-top-left", ("TOP", "LEFT")),
+        ("--target-size", ("H", "W")),
+    ):
+        parser.add_argument(
+            flag, type=int, nargs=2, default=(), metavar=names, help="SDXL micro-conditioning (SDXL models only)"
+        )
     parser.add_argument("--timeout", type=float, default=None, help="client timeout in seconds")
     parser.add_argument("-o", "--output", default="out.png", help="PNG file to write (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress line")
@@ -104,6 +112,9 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
         height=args.height,
         width=args.width,
         scheduler=args.scheduler,
+        original_size=tuple(args.original_size),
+        crops_coords_top_left=tuple(args.crops_coords_top_left),
+        target_size=tuple(args.target_size),
     )
 
 

@@ -1,9 +1,10 @@
 """Latency and throughput of txt2img through Triton vs. in-process diffusers, measured side by side in one run.
 
-    python scripts/bench_pipeline.py [--model-dir DIR] [--steps 4] [--size 64] [--repeats 30] [--out results/]
+    python scripts/bench_pipeline.py [--model-dir DIR | --arch sdxl] [--steps 4] [--size 64] [--repeats 30]
+                                     [--latency-only] [--out results/]
 
-1. one request, in-process ``StableDiffusionPipeline`` vs. ``txt2img`` over gRPC (default repository:
-   two unet instances, latent parallelism on);
+1. one request, in-process diffusers (``StableDiffusionPipeline``, or ``StableDiffusionXLPipeline`` for an SDXL
+   model directory) vs. ``txt2img`` over gRPC (default repository: two unet instances, latent parallelism on);
 2. latent parallel vs. batch-2 CFG on one unet instance (a rendered copy of the repository);
 3. throughput and p50/p99 at concurrency 1, 2, 4, 8 with step-level batching on vs. off (dynamic batching
    removed from unet in a rendered copy).
@@ -36,9 +37,16 @@ def pct(values: list[float], q: float) -> float:
 
 
 def in_process(model_dir: Path, req: GenerationRequest, repeats: int) -> list[float]:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
+    from triton_backend.components import ModelInfo
+
+    if ModelInfo.read(model_dir).is_sdxl:
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(model_dir), safety_checker=None, requires_safety_checker=False
+        )
     pipe.set_progress_bar_config(disable=True)
     times = []
     for i in range(repeats + 3):
@@ -93,6 +101,8 @@ def load(url: str, req: GenerationRequest, concurrency: int, total: int) -> dict
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"], help="default model to use without --model-dir")
+    ap.add_argument("--latency-only", action="store_true", help="only part 1 (one request, Triton vs diffusers)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=30)
@@ -100,7 +110,12 @@ def main() -> int:
     ap.add_argument("--out", default="results")
     args = ap.parse_args()
 
-    model_dir = Path(args.model_dir) if args.model_dir else write_default_model(default_model_dir())
+    if args.model_dir:
+        model_dir = Path(args.model_dir)
+    elif args.arch == "sdxl":
+        model_dir = write_default_model(Path(f"{default_model_dir()}-sdxl"), arch="sdxl")
+    else:
+        model_dir = write_default_model(default_model_dir())
     req = GenerationRequest(
         prompt="a photo of an astronaut riding a horse",
         seed=0,
@@ -135,6 +150,13 @@ def main() -> int:
         lp = sequential(server.grpc_url, req, args.repeats)
         results["triton_latent_parallel_s"] = statistics.median(lp)
         rows.append(("txt2img, latent parallel (2 unet instances x 1 thread)", statistics.median(lp), pct(lp, 95)))
+        if args.latency_only:
+            print(f"\n## One request ({model_dir}: {req.steps} steps, {req.width}x{req.height})\n")
+            print("| configuration | median s | p95 s | vs diffusers |\n|---|---|---|---|")
+            for name, med, p95 in rows:
+                print(f"| {name} | {med:.4f} | {p95:.4f} | {med / results['diffusers_in_process_s']:.2f}x |")
+            print(f"\nwrote {write_results(args.out, 'bench_pipeline_latency', results)}")
+            return 0
         results["load_batching_on"] = {c: load(server.grpc_url, req, c, args.load_requests) for c in (1, 2, 4, 8)}
 
     with TritonServer(model_dir=model_dir, model_repository=one_instance) as server:

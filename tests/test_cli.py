@@ -47,6 +47,12 @@ def test_parser_has_the_documented_commands():
     )
     args = parser.parse_args(["generate", "--prompt", "x", "--scheduler", "ddim", "-o", "a.png"])
     assert args.scheduler == "ddim" and args.output == "a.png"
+    from swiftdiffusion_client.cli import request_from_args
+
+    args = parser.parse_args(["generate", "--prompt", "x", "--original-size", "32", "40", "--target-size", "48", "48"])
+    req = request_from_args(args)
+    assert (req.original_size, req.crops_coords_top_left, req.target_size) == ((32, 40), (), (48, 48))
+    assert parser.parse_args(["serve", "--arch", "sdxl"]).arch == "sdxl"
     with pytest.raises(SystemExit):
         parser.parse_args(["generate", "--prompt", "x", "--scheduler", "nope"])
 
@@ -56,6 +62,20 @@ def test_default_model_command_is_deterministic(tmp_path):
         subprocess.run([str(BIN), "default-model", "--out", str(tmp_path / name)], check=True, capture_output=True)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+
+
+def test_default_model_command_writes_sdxl(sdxl_model_dir, tmp_path):
+    out = tmp_path / "xl"
+    subprocess.run([str(BIN), "default-model", "--arch", "sdxl", "--out", str(out)], check=True, capture_output=True)
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert (out / "text_encoder_2").is_dir()
+    assert all((out / f).read_bytes() == (sdxl_model_dir / f).read_bytes() for f in files)
+    bad = subprocess.run(
+        [str(BIN), "default-model", "--arch", "sdxl", "--preset", "sd15", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "unknown sdxl preset 'sd15'" in bad.stderr
 
 
 def test_serve_generate_and_clean_stop(model_dir, reference, tmp_path):

@@ -22,6 +22,34 @@ def test_deterministic_bytes(model_dir, tmp_path):
     assert _digest(again) == _digest(model_dir)
 
 
+def test_sdxl_model_is_deterministic_loadable_and_marked(sdxl_model_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    again = write_default_model(tmp_path / "again", arch="sdxl")
+    assert _digest(again) == _digest(sdxl_model_dir)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_model_dir), local_files_only=True)
+    assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer.pad_token != "!"
+    assert sorted(p.stem for p in (sdxl_model_dir / "loras").glob("*.safetensors")) == [
+        "glow_kohya",
+        "ink_kohya",
+        "pastel_peft",
+    ]
+    assert sorted(p.name for p in (sdxl_model_dir / "controlnets").iterdir()) == ["depth", "edges"]
+    assert is_current_default_model(sdxl_model_dir, arch="sdxl")
+    assert not is_current_default_model(sdxl_model_dir)  # an SD1 default model is asked for: regenerate
+
+
+@pytest.mark.parametrize("change", [{"prompt": "a red house at night"}, {"seed": 1}, {"target_size": (32, 32)}])
+def test_sdxl_outputs_are_sensitive(sdxl_reference, change):
+    base = GenerationRequest(prompt="a photo of a cat", seed=0, steps=4)
+    a, b = sdxl_reference(base), sdxl_reference(GenerationRequest(**{**base.__dict__, **change}))
+    assert pixel_diff(a, b)[1] >= 2.0, change
+    assert a.std() > 20
+
+
 def test_is_a_loadable_sd_pipeline_without_downloads(model_dir):
     from diffusers import StableDiffusionPipeline
 

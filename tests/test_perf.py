@@ -27,6 +27,7 @@ def test_input_data_files_match_the_contract():
         "txt2img_1l.json",
         "txt2img_2c2l.json",
         "txt2img_2l.json",
+        "txt2img_sdxl.json",
     ]
     for name in files:
         for entry in json.loads((input_data_dir() / name).read_text())["data"]:
@@ -37,8 +38,17 @@ def test_binary_is_found():
     assert perf_analyzer_binary().is_file()
 
 
-@pytest.mark.parametrize("data", ["txt2img_0l.json", "txt2img_2l.json", "txt2img_1c1l.json"])
-def test_perf_analyzer_reports_successful_requests(server, data, tmp_path):
+@pytest.mark.parametrize(
+    "fixture,data",
+    [
+        ("server", "txt2img_0l.json"),
+        ("server", "txt2img_2l.json"),
+        ("server", "txt2img_1c1l.json"),
+        ("sdxl_server", "txt2img_sdxl.json"),
+    ],
+)
+def test_perf_analyzer_reports_successful_requests(request, fixture, data, tmp_path):
+    server = request.getfixturevalue(fixture)
     # The test server delays every lora_manager response by 1 s (deterministic LoRA landing), so count windows
     # of a few requests rather than a short time window.
     out = subprocess.run(

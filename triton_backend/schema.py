@@ -6,7 +6,8 @@ Inputs of ``txt2img`` (all shape ``[1]``)::
 
     PROMPT           BYTES  required, UTF-8, non-empty; tokens beyond the text encoder's 77 are truncated
                             like diffusers does (the tokenizer's ``truncation=True``)
-    NEGATIVE_PROMPT  BYTES  optional, default none (diffusers' empty unconditional prompt)
+    NEGATIVE_PROMPT  BYTES  optional, default none (diffusers' empty unconditional prompt; SDXL models with
+                            ``force_zeros_for_empty_prompt``: zero unconditional embeddings, as diffusers)
     SEED             INT64  optional, default 0; seeds a CPU ``torch.Generator`` exactly as diffusers does
     STEPS            INT32  optional, default 20; 1 .. max_steps
     GUIDANCE_SCALE   FP32   optional, default 7.5; <= 1 skips the unconditional branch (as diffusers)
