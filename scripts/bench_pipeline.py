@@ -28,7 +28,7 @@ from swiftdiffusion_client import Client, GenerationRequest
 
 from triton_backend.bench import write_results
 from triton_backend.default_model import write_default_model
-from triton_backend.paths import default_model_dir
+from triton_backend.paths import cache_dir, default_model_dir
 from triton_backend.server import TritonServer, render_repository
 
 
@@ -102,6 +102,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"], help="default model to use without --model-dir")
+    ap.add_argument("--preset", default="tiny", help="default-model preset (tiny, cpu; sd15 for sd1)")
     ap.add_argument("--latency-only", action="store_true", help="only part 1 (one request, Triton vs diffusers)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--size", type=int, default=64)
@@ -112,6 +113,9 @@ def main() -> int:
 
     if args.model_dir:
         model_dir = Path(args.model_dir)
+    elif args.preset != "tiny":
+        out = cache_dir() / "models" / f"{args.arch}-{args.preset}"
+        model_dir = write_default_model(out, preset=args.preset, arch=args.arch)
     elif args.arch == "sdxl":
         model_dir = write_default_model(Path(f"{default_model_dir()}-sdxl"), arch="sdxl")
     else:

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default="tiny",
         choices=sorted({*PRESETS, *SDXL_PRESETS}),
-        help="tiny: tests (sd1, sdxl); cpu: CPU benchmarks (sd1); sd15: full SD1.5 architecture (GPU benchmarks)",
+        help="tiny: tests; cpu: CPU benchmarks; sd15 (sd1 only): full SD1.5 architecture (GPU benchmarks)",
     )
     p.set_defaults(func=_default_model)
 

@@ -136,9 +136,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
-#: SDXL presets: ``tiny`` (tests). The UNet has SDXL's ``text_time`` added conditioning (pooled text embedding +
-#: 6 time ids), a CrossAttn block with 2 transformer layers, linear projections and per-block head dims; the
-#: two text encoders differ (seeds, and the second tokenizer pads with ``!`` as SDXL's does).
+#: SDXL presets: ``tiny`` (tests), ``cpu`` (CPU benchmarks). The UNet has SDXL's ``text_time`` added
+#: conditioning (pooled text embedding + 6 time ids), a CrossAttn block with 2 transformer layers, linear
+#: projections and per-block head dims; the two text encoders differ (sizes, seeds, and the second tokenizer
+#: pads with ``!`` as SDXL's does).
 SDXL_PRESETS: dict[str, dict] = {
     "tiny": {
         "unet": dict(
@@ -160,6 +161,27 @@ SDXL_PRESETS: dict[str, dict] = {
         "projection_dim": 24,
         "scale": (1.5, 1.3),
         "controlnet_embedding": (8, 8, 16, 16),
+    },
+    "cpu": {
+        "unet": dict(
+            sample_size=16,
+            block_out_channels=(64, 128, 128),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=16,
+            transformer_layers_per_block=(1, 1, 2),
+            norm_num_groups=32,
+        ),
+        "vae": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=128),
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4),
+        "text_2": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4),
+        "projection_dim": 64,
+        "scale": (1.3, 1.2),
+        "controlnet_embedding": (16, 16, 32, 32),
     },
 }
 
