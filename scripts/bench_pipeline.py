@@ -28,7 +28,7 @@ from swiftdiffusion_client import Client, GenerationRequest
 
 from triton_backend.bench import write_results
 from triton_backend.default_model import write_default_model
-from triton_backend.paths import cache_dir, default_model_dir
+from triton_backend.paths import default_model_dir
 from triton_backend.server import TritonServer, render_repository
 
 
@@ -113,13 +113,8 @@ def main() -> int:
 
     if args.model_dir:
         model_dir = Path(args.model_dir)
-    elif args.preset != "tiny":
-        out = cache_dir() / "models" / f"{args.arch}-{args.preset}"
-        model_dir = write_default_model(out, preset=args.preset, arch=args.arch)
-    elif args.arch == "sdxl":
-        model_dir = write_default_model(Path(f"{default_model_dir()}-sdxl"), arch="sdxl")
     else:
-        model_dir = write_default_model(default_model_dir())
+        model_dir = write_default_model(default_model_dir(args.arch, args.preset), preset=args.preset, arch=args.arch)
     req = GenerationRequest(
         prompt="a photo of an astronaut riding a horse",
         seed=0,

@@ -26,7 +26,7 @@ from swiftdiffusion_client import Client, GenerationRequest
 
 from triton_backend.bench import machine, summary, timed, write_results
 from triton_backend.default_model import write_default_model
-from triton_backend.paths import baseline_repository_dir, cache_dir, model_repository_dir
+from triton_backend.paths import baseline_repository_dir, default_model_dir, model_repository_dir
 from triton_backend.server import TritonServer, gpu_repository
 from triton_backend.trace_load import (
     TraceSpec,
@@ -90,6 +90,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", help="default-model preset (tiny, cpu); ignored with --model-dir")
     ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"], help="default-model architecture")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--size", type=int, default=0, help="pixels; 0 = the model's native size")
     ap.add_argument("--repeats", type=int, default=10)
@@ -104,7 +105,7 @@ def main() -> int:
     source = (
         Path(args.model_dir)
         if args.model_dir
-        else write_default_model(cache_dir() / "models" / args.preset, preset=args.preset)
+        else write_default_model(default_model_dir(args.arch, args.preset), preset=args.preset, arch=args.arch)
     )
     work = Path(tempfile.mkdtemp(prefix="swiftdiffusion-bench-"))
     model_dir = work / "model"

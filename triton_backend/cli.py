@@ -16,7 +16,7 @@ def _default_model(args: argparse.Namespace) -> int:
     from .default_model import write_default_model
 
     if args.out is None:
-        args.out = str(default_model_dir()) + ("-sdxl" if args.arch == "sdxl" else "")
+        args.out = str(default_model_dir(args.arch, args.preset))
     try:
         path = write_default_model(args.out, force=args.force, preset=args.preset, arch=args.arch)
     except ValueError as exc:
@@ -32,9 +32,7 @@ def _ensure_model_dir(model_dir: str | None, arch: str = "sd1") -> Path:
         return Path(model_dir)
     from .default_model import write_default_model
 
-    if arch == "sdxl":
-        return write_default_model(Path(str(default_model_dir()) + "-sdxl"), arch="sdxl")
-    return write_default_model(default_model_dir())
+    return write_default_model(default_model_dir(arch), arch=arch)
 
 
 def _server_from_args(args: argparse.Namespace):
@@ -121,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("default-model", help="write the small deterministic random-weight default model")
-    p.add_argument("--out", default=None, help=f"output directory (default {default_model_dir()}, -sdxl for SDXL)")
+    p.add_argument("--out", default=None, help=f"output directory (default {default_model_dir()}[-sdxl])")
     p.add_argument("--force", action="store_true", help="rewrite even if the directory is current")
     p.add_argument(
         "--arch",

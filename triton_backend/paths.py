@@ -36,9 +36,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "swiftdiffusion"
 
 
-def default_model_dir() -> Path:
-    """Where ``swiftdiffusion serve`` generates and finds the default model."""
-    return cache_dir() / "models" / "default"
+def default_model_dir(arch: str = "sd1", preset: str = "tiny") -> Path:
+    """Where the generated default model of ``arch``/``preset`` lives (``serve`` uses the tiny ones):
+    ``models/default`` (SD1 tiny), ``models/default-sdxl`` (SDXL tiny), ``models/<preset>`` and
+    ``models/sdxl-<preset>`` for the benchmark presets.
+    """
+    if preset == "tiny":
+        return cache_dir() / "models" / ("default-sdxl" if arch == "sdxl" else "default")
+    return cache_dir() / "models" / (f"sdxl-{preset}" if arch == "sdxl" else preset)
 
 
 def model_repository_dir() -> Path:
