@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC endpoint HOST:PORT (default %(default)s)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt (default --prompt)")
+    parser.add_argument("--negative-prompt-2", default=None, help="SDXL: default --negative-prompt")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--steps", type=int, default=d.steps)
     parser.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
@@ -106,6 +108,8 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
         lora_bound_k=args.lora_bound_k,
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
+        prompt_2=args.prompt_2,
+        negative_prompt_2=args.negative_prompt_2,
         seed=args.seed,
         steps=args.steps,
         guidance_scale=args.guidance_scale,

@@ -119,7 +119,9 @@ def sdxl_reference(sdxl_model_dir: Path):
                 pipe.fuse_lora(adapter_names=names)
             out = call(
                 request.prompt,
+                prompt_2=request.prompt_2,
                 negative_prompt=request.negative_prompt,
+                negative_prompt_2=request.negative_prompt_2,
                 num_inference_steps=request.steps,
                 guidance_scale=request.guidance_scale,
                 height=request.height or None,

@@ -61,6 +61,8 @@ def test_public_contract_names_and_types():
     assert types == {
         "PROMPT": (pb.TYPE_STRING, True),  # required, enforced by text_encoder (see config.pbtxt)
         "NEGATIVE_PROMPT": (pb.TYPE_STRING, True),
+        "PROMPT_2": (pb.TYPE_STRING, True),  # SDXL only
+        "NEGATIVE_PROMPT_2": (pb.TYPE_STRING, True),
         "SEED": (pb.TYPE_INT64, True),
         "STEPS": (pb.TYPE_INT32, True),
         "GUIDANCE_SCALE": (pb.TYPE_FP32, True),

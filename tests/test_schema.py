@@ -41,6 +41,8 @@ def test_every_field_has_a_dtype_and_attribute():
     assert names == {
         "PROMPT",
         "NEGATIVE_PROMPT",
+        "PROMPT_2",
+        "NEGATIVE_PROMPT_2",
         "SEED",
         "STEPS",
         "GUIDANCE_SCALE",

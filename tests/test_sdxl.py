@@ -50,6 +50,44 @@ def test_text_encoder_equals_diffusers_encode_prompt(xl, sdxl_reference, negativ
         assert not ours["PROMPT_EMBEDS"][0].any() and not ours["POOLED_EMBEDS"][0].any()
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(prompt_2="an oil painting"),
+        dict(negative_prompt="blurry", negative_prompt_2="ugly dark", prompt_2="a sketch"),
+        dict(negative_prompt_2="ugly"),  # ignored, as diffusers: no negative prompt → zero embeddings
+    ],
+)
+def test_second_encoder_prompts_equal_diffusers(xl, sdxl_reference, fields):
+    req = GenerationRequest(prompt="a photo of a cat", seed=6, steps=3, **fields)
+    ours = xl.text_encoder.encode_request(req)
+    embeds, neg, pooled, neg_pooled = sdxl_reference.pipe.encode_prompt(
+        req.prompt,
+        prompt_2=req.prompt_2,
+        device="cpu",
+        do_classifier_free_guidance=True,
+        negative_prompt=req.negative_prompt,
+        negative_prompt_2=req.negative_prompt_2,
+    )
+    assert torch.equal(torch.from_numpy(ours["PROMPT_EMBEDS"]), torch.cat([neg, embeds]))
+    assert torch.equal(torch.from_numpy(ours["POOLED_EMBEDS"]), torch.cat([neg_pooled, pooled]))
+    plain = xl.text_encoder.encode_request(GenerationRequest(prompt=req.prompt, negative_prompt=req.negative_prompt))
+    changed = not np.array_equal(ours["PROMPT_EMBEDS"], plain["PROMPT_EMBEDS"])
+    assert changed == ("prompt_2" in fields)
+    assert_same_image(xl.generate(req).image, sdxl_reference(req))
+
+
+def test_second_encoder_prompts_are_refused_by_sd_models(model_dir):
+    sd = LocalPipeline(model_dir)
+    try:
+        for field in ("prompt_2", "negative_prompt_2"):
+            with pytest.raises(InvalidRequestError, match="SDXL models; this model is SD1.x/2.x") as info:
+                sd.text_encoder.encode_request(GenerationRequest(prompt="x", **{field: "y"}))
+            assert info.value.field == field.upper()
+    finally:
+        sd.close()
+
+
 @pytest.mark.parametrize("scheduler", ["default", "euler_a", "ddim", "dpmpp_2m", "unipc"])
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
 def test_equals_stable_diffusion_xl_pipeline(xl, sdxl_reference, scheduler, guidance):

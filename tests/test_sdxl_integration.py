@@ -22,6 +22,7 @@ MICRO = dict(original_size=(32, 40), crops_coords_top_left=(4, 8), target_size=(
         dict(prompt="a photo of a cat"),  # no negative prompt: zero negative embeddings (force_zeros_for_empty_prompt)
         dict(prompt="a red house", negative_prompt="blurry", scheduler="euler_a", guidance_scale=5.0, **MICRO),
         dict(prompt="a castle", guidance_scale=1.0, height=48, width=96, scheduler="ddim"),
+        dict(prompt="a cat", prompt_2="a watercolor", negative_prompt="dark", negative_prompt_2="blurry"),
     ],
 )
 def test_txt2img_equals_stable_diffusion_xl_pipeline(sdxl_client, sdxl_reference, fields):
@@ -132,6 +133,13 @@ def test_sdxl_adapters_and_fields_on_the_sd_server_are_refused(client, reference
             {"ORIGINAL_SIZE": np.array([64, 64], dtype=np.int32)},
             InvalidArgumentError,
             "ORIGINAL_SIZE: is SDXL micro-conditioning",
+        )
+        assert_rejected_then_served(
+            client,
+            reference,
+            {"PROMPT_2": np.array([b"a sketch"], dtype=object)},
+            InvalidArgumentError,
+            "PROMPT_2: is the second text encoder's prompt of SDXL models",
         )
     finally:
         (model_dir / "loras" / "xl_glow.safetensors").unlink()

@@ -19,7 +19,7 @@ from .errors import InvalidRequestError, NotFoundError
 from .lora.store import resolve_lora_path
 from .paths import controlnet_dir, lora_dir
 from .schedulers import make_scheduler
-from .schema import field_names, parse_request
+from .schema import FIELDS_BY_NAME, SDXL_FIELDS, field_names, parse_request
 
 
 class BaselinePipeline:
@@ -70,12 +70,16 @@ class BaselinePipeline:
         kwargs: dict = {}
         if self.sdxl:
             kwargs = {
+                "prompt_2": req.prompt_2,
+                "negative_prompt_2": req.negative_prompt_2,
                 "original_size": tuple(req.original_size) or None,
                 "crops_coords_top_left": tuple(req.crops_coords_top_left) or (0, 0),
                 "target_size": tuple(req.target_size) or None,
             }
-        elif req.has_sdxl_conditioning:
-            raise InvalidRequestError("ORIGINAL_SIZE", "SDXL micro-conditioning; this model is SD1.x/2.x")
+        else:
+            for name in ("PROMPT_2", "NEGATIVE_PROMPT_2", *SDXL_FIELDS):
+                if getattr(req, FIELDS_BY_NAME[name].attr) not in (None, ()):
+                    raise InvalidRequestError(name, "is an SDXL-only input; this model is SD1.x/2.x")
         if req.controlnet_names:
             nets = [self._controlnet(n) for n in req.controlnet_names]
             images = req.controlnet_images

@@ -29,7 +29,11 @@ ControlNets (ControlNet-as-a-Service)::
     CONTROLNET_GUIDANCE_START  FP32  [n]           optional, default 0.0 (diffusers' control_guidance_start)
     CONTROLNET_GUIDANCE_END    FP32  [n]           optional, default 1.0 (diffusers' control_guidance_end)
 
-SDXL micro-conditioning (``add_time_ids``; SDXL models only, an SD model rejects them)::
+SDXL only (an SD model rejects them by name)::
+
+    PROMPT_2               BYTES [1]  optional, default PROMPT: the second text encoder's prompt
+    NEGATIVE_PROMPT_2      BYTES [1]  optional, default NEGATIVE_PROMPT (ignored when NEGATIVE_PROMPT is absent and
+                                      the model zeroes empty negative prompts, as diffusers)
 
     ORIGINAL_SIZE          INT32 [2]  optional, (height, width), default the output size
     CROPS_COORDS_TOP_LEFT  INT32 [2]  optional, (top, left), default (0, 0)
@@ -65,6 +69,8 @@ class FieldSpec:
 FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("PROMPT", "prompt", "BYTES", required=True),
     FieldSpec("NEGATIVE_PROMPT", "negative_prompt", "BYTES"),
+    FieldSpec("PROMPT_2", "prompt_2", "BYTES"),
+    FieldSpec("NEGATIVE_PROMPT_2", "negative_prompt_2", "BYTES"),
     FieldSpec("SEED", "seed", "INT64"),
     FieldSpec("STEPS", "steps", "INT32"),
     FieldSpec("GUIDANCE_SCALE", "guidance_scale", "FP32"),
@@ -95,6 +101,9 @@ class GenerationRequest:
 
     prompt: str
     negative_prompt: str | None = None
+    #: SDXL: the prompts of the second text encoder (``None``: the same as ``prompt`` / ``negative_prompt``).
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
     seed: int = 0
     steps: int = 20
     guidance_scale: float = 7.5
@@ -324,10 +333,10 @@ def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> No
             raise InvalidRequestError("PROMPT", "must not be empty")
         if len(req.prompt) > limits.max_prompt_chars:
             raise InvalidRequestError("PROMPT", f"{len(req.prompt)} characters; at most {limits.max_prompt_chars}")
-    if req.negative_prompt is not None and len(req.negative_prompt) > limits.max_prompt_chars:
-        raise InvalidRequestError(
-            "NEGATIVE_PROMPT", f"{len(req.negative_prompt)} characters; at most {limits.max_prompt_chars}"
-        )
+    for name in ("NEGATIVE_PROMPT", "PROMPT_2", "NEGATIVE_PROMPT_2"):
+        value = getattr(req, name.lower())
+        if value is not None and len(value) > limits.max_prompt_chars:
+            raise InvalidRequestError(name, f"{len(value)} characters; at most {limits.max_prompt_chars}")
     if not 1 <= req.steps <= limits.max_steps:
         raise InvalidRequestError("STEPS", f"{req.steps} is out of range; allowed 1 .. {limits.max_steps}")
     if not math.isfinite(req.guidance_scale) or not 0.0 <= req.guidance_scale <= 100.0:

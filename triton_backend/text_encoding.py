@@ -10,13 +10,14 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from .components import ModelInfo, load_part
 from .config import StageConfig
+from .errors import InvalidRequestError
 from .lora.patch import AdapterRef, WeightPatcher
 from .lora.store import has_text_encoder_layers, resolve_lora_path
 from .paths import lora_dir
 from .schema import GenerationRequest, parse_request
 
 #: The request fields this stage consumes (the ensemble maps these ``txt2img`` inputs onto it).
-INPUTS = ("PROMPT", "NEGATIVE_PROMPT", "GUIDANCE_SCALE", "LORA_NAMES", "LORA_SCALES")
+INPUTS = ("PROMPT", "NEGATIVE_PROMPT", "PROMPT_2", "NEGATIVE_PROMPT_2", "GUIDANCE_SCALE", "LORA_NAMES", "LORA_SCALES")
 
 #: Text encoders by diffusers component name (SD has the first only).
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
@@ -54,19 +55,19 @@ class TextEncoder:
         return self.info.pooled_dim
 
     @torch.inference_mode()
-    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``texts`` → ``([len, 77, D], [len, P])`` float32: diffusers' ``prompt_embeds`` and pooled embeddings
-        (``P`` = 0 for SD 1.x/2.x, which has none).
+    def encode(self, text: str, text_2: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One text → ``([1, 77, D], [1, P])`` float32: diffusers' ``prompt_embeds`` and pooled embeddings (``P`` = 0
+        for SD 1.x/2.x, which has none). SDXL: ``text_2`` goes to the second encoder (default: ``text``).
         """
         dev = self.cfg.device
         if not self.info.is_sdxl:
-            ids = self._tokenize(0, texts)
+            ids = self._tokenize(0, [text])
             mask = ids.attention_mask.to(dev) if self.use_attention_mask else None
             hidden = self.models[0](ids.input_ids.to(dev), attention_mask=mask)[0]
-            return hidden.float().cpu(), torch.zeros(len(texts), 0)
+            return hidden.float().cpu(), torch.zeros(1, 0)
         hiddens, pooled = [], None
-        for i, model in enumerate(self.models):
-            out = model(self._tokenize(i, texts).input_ids.to(dev), output_hidden_states=True)
+        for i, (model, part) in enumerate(zip(self.models, (text, text_2 or text), strict=True)):
+            out = model(self._tokenize(i, [part]).input_ids.to(dev), output_hidden_states=True)
             if pooled is None and out[0].ndim == 2:  # diffusers: the pooled output of the projection encoder
                 pooled = out[0]
             hiddens.append(out.hidden_states[-2])
@@ -84,19 +85,28 @@ class TextEncoder:
 
         The negative prompt defaults to ``""`` exactly as diffusers' ``encode_prompt`` does; on an SDXL model with
         ``force_zeros_for_empty_prompt`` an absent negative prompt gives zero embeddings instead, as diffusers'.
+        SDXL: ``PROMPT_2``/``NEGATIVE_PROMPT_2`` go to the second encoder (defaults: ``PROMPT``/the negative prompt).
         Text-encoder LoRA layers of ``adapters`` are patched in for this encode and restored right after (also on
         failure).
         """
+        if not self.info.is_sdxl:
+            for name in ("PROMPT_2", "NEGATIVE_PROMPT_2"):
+                if getattr(request, name.lower()) is not None:
+                    raise InvalidRequestError(
+                        name,
+                        f"is the second text encoder's prompt of SDXL models; this model is {self.info.arch_label}",
+                    )
         zero_negative = request.negative_prompt is None and self.info.force_zeros_for_empty_prompt
-        texts = [request.prompt]
+        texts = [(request.prompt, request.prompt_2)]
         if request.do_classifier_free_guidance and not zero_negative:
-            texts = [request.negative_prompt or "", request.prompt]
+            negative = request.negative_prompt or ""
+            texts.insert(0, (negative, request.negative_prompt_2 or negative))
         try:
             for patcher in self.patchers:
                 patcher.ensure(tuple(adapters))
             # One encode per text, as diffusers encodes the prompt and the negative prompt: a batch of two can
             # differ from two batches of one in the last bits.
-            parts = [self.encode([text]) for text in texts]
+            parts = [self.encode(*text) for text in texts]
             embeds, pooled = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         finally:
             for patcher in self.patchers:
