@@ -269,3 +269,13 @@ def test_bad_micro_conditioning_is_invalid(field, value, needle):
     with pytest.raises(InvalidRequestError, match=needle) as info:
         parse_request(tensors)
     assert info.value.field == field
+
+
+def test_sdxl_vae_decodes_in_float32_when_the_stages_run_in_float16(model_dir, sdxl_model_dir):
+    from triton_backend.components import ModelInfo
+    from triton_backend.vae_decode import VaeDecoder
+
+    sd, xl = ModelInfo.read(model_dir), ModelInfo.read(sdxl_model_dir)
+    assert VaeDecoder.decode_dtype(xl, torch.float16) == torch.float32  # diffusers' force_upcast
+    assert VaeDecoder.decode_dtype(xl, torch.bfloat16) == torch.bfloat16
+    assert VaeDecoder.decode_dtype(sd, torch.float16) == torch.float16  # the SD pipeline never upcasts

@@ -40,6 +40,8 @@ class ModelInfo:
     #: VAE ``latents_mean``/``latents_std`` when the config has them (decode un-normalizes with them).
     latents_mean: tuple[float, ...] | None = None
     latents_std: tuple[float, ...] | None = None
+    #: VAE config ``force_upcast`` (diffusers' default True): SDXL pipelines decode in float32 instead of float16.
+    vae_force_upcast: bool = True
 
     @property
     def is_sdxl(self) -> bool:
@@ -91,6 +93,7 @@ class ModelInfo:
             force_zeros_for_empty_prompt=force_zeros,
             latents_mean=tuple(mean) if mean is not None and std is not None else None,
             latents_std=tuple(std) if mean is not None and std is not None else None,
+            vae_force_upcast=bool(vae.get("force_upcast", True)),
         )
 
 

@@ -17,7 +17,15 @@ class VaeDecoder:
     def __init__(self, cfg: StageConfig):
         self.cfg = cfg
         self.info = ModelInfo.read(cfg.model_dir)
-        self.model = load_part(AutoencoderKL, cfg.model_dir, "vae", cfg.device, cfg.dtype)
+        self.dtype = self.decode_dtype(self.info, cfg.dtype)
+        self.model = load_part(AutoencoderKL, cfg.model_dir, "vae", cfg.device, self.dtype)
+
+    @staticmethod
+    def decode_dtype(info: ModelInfo, dtype: torch.dtype) -> torch.dtype:
+        """SDXL's VAE overflows in float16: like the SDXL pipelines (``force_upcast``), decode in float32 then."""
+        if info.is_sdxl and dtype == torch.float16 and info.vae_force_upcast:
+            return torch.float32
+        return dtype
 
     @torch.inference_mode()
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -28,7 +36,7 @@ class VaeDecoder:
             )
         if latents.dtype != np.float32:
             raise InvalidRequestError("LATENTS", f"expected FP32, got {latents.dtype}")
-        z = torch.from_numpy(latents).to(self.cfg.device, self.cfg.dtype)
+        z = torch.from_numpy(latents).to(self.cfg.device, self.dtype)
         info = self.info
         if info.latents_mean is not None and info.latents_std is not None:  # SDXL-style VAE config
             mean = torch.tensor(info.latents_mean).view(1, -1, 1, 1).to(z.device, z.dtype)
