@@ -279,3 +279,28 @@ def test_sdxl_vae_decodes_in_float32_when_the_stages_run_in_float16(model_dir, s
     assert VaeDecoder.decode_dtype(xl, torch.float16) == torch.float32  # diffusers' force_upcast
     assert VaeDecoder.decode_dtype(xl, torch.bfloat16) == torch.bfloat16
     assert VaeDecoder.decode_dtype(sd, torch.float16) == torch.float16  # the SD pipeline never upcasts
+
+
+def test_sgm_style_kohya_lora_equals_diffusers(xl, sdxl_reference, sdxl_model_dir):
+    """kohya files of SDXL often name UNet blocks the SGM way (``lora_unet_input_blocks_4_1_…``); diffusers' SDXL
+    loader remaps them with the UNet config, and so must the conversion.
+    """
+    from safetensors.torch import load_file, save_file
+
+    per_block = xl.unet.model.config.layers_per_block + 1
+    tensors = {}
+    for key, value in load_file(str(sdxl_model_dir / "loras" / "ink_kohya.safetensors")).items():
+        parts = key.split("_")  # lora_unet_down_blocks_{i}_attentions_{j}_…
+        if parts[2:4] == ["down", "blocks"] and parts[5] == "attentions":
+            block = 1 + int(parts[4]) * per_block + int(parts[6])
+            tensors["_".join(["lora", "unet", "input", "blocks", str(block), "1", *parts[7:]])] = value
+    assert tensors and all("input_blocks_" in k for k in tensors)
+    path = sdxl_model_dir / "loras" / "sgm_ink.safetensors"
+    save_file(tensors, str(path))
+    try:
+        req = GenerationRequest(prompt="a red car", seed=2, steps=3, lora_names=("sgm_ink",), lora_bound_k=0)
+        ours = xl.generate(req).image
+        assert pixel_diff(ours, xl.generate(GenerationRequest(prompt="a red car", seed=2, steps=3)).image)[0] >= 2
+        assert_same_image(ours, sdxl_reference(req))
+    finally:
+        path.unlink()

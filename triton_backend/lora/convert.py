@@ -51,9 +51,11 @@ def convert_lora_file(
     pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     arch = "SDXL" if sdxl else "SD1.x/2.x"
     adapter = f"sd_{uuid.uuid4().hex[:8]}"
+    # As the SDXL pipeline's load_lora_weights: the UNet config maps SGM-style kohya keys (input_blocks_…).
+    extra = {"unet_config": components["unet"].config} if sdxl else {}
     try:
         state_dict, alphas, metadata = pipeline.lora_state_dict(
-            str(path), return_lora_metadata=True, local_files_only=True
+            str(path), return_lora_metadata=True, local_files_only=True, **extra
         )
     except Exception as exc:  # noqa: BLE001 - corrupt/foreign files
         raise InvalidRequestError(field, f"{path.stem}: not a readable LoRA file ({exc})") from None
