@@ -19,7 +19,7 @@ from .errors import InvalidRequestError, NotFoundError
 from .lora.store import resolve_lora_path
 from .paths import controlnet_dir, lora_dir
 from .schedulers import make_scheduler
-from .schema import FIELDS_BY_NAME, SDXL_FIELDS, field_names, parse_request
+from .schema import field_names, parse_request, reject_sdxl_only
 
 
 class BaselinePipeline:
@@ -77,9 +77,7 @@ class BaselinePipeline:
                 "target_size": tuple(req.target_size) or None,
             }
         else:
-            for name in ("PROMPT_2", "NEGATIVE_PROMPT_2", *SDXL_FIELDS):
-                if getattr(req, FIELDS_BY_NAME[name].attr) not in (None, ()):
-                    raise InvalidRequestError(name, "is an SDXL-only input; this model is SD1.x/2.x")
+            reject_sdxl_only(req, "SD1.x/2.x")
         if req.controlnet_names:
             nets = [self._controlnet(n) for n in req.controlnet_names]
             images = req.controlnet_images

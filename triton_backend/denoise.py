@@ -23,7 +23,7 @@ from .config import StageConfig
 from .errors import CancelledError, InvalidRequestError
 from .lora.patch import AdapterRef
 from .schedulers import make_scheduler
-from .schema import FIELDS_BY_NAME, SDXL_FIELDS, GenerationRequest, parse_request
+from .schema import SDXL_FIELDS, GenerationRequest, parse_request, reject_sdxl_only
 
 #: Request fields this stage consumes, besides ``PROMPT_EMBEDS`` from ``text_encoder``.
 INPUTS = (
@@ -158,9 +158,7 @@ def added_conditioning(
     fields are rejected.
     """
     if not info.is_sdxl:
-        for name in SDXL_FIELDS:
-            if getattr(request, FIELDS_BY_NAME[name].attr):
-                raise InvalidRequestError(name, f"is SDXL micro-conditioning; this model is {info.arch_label}")
+        reject_sdxl_only(request, info.arch_label, SDXL_FIELDS)
         return {}
     if pooled_embeds is None or pooled_embeds.shape != (rows, info.pooled_dim):
         got = None if pooled_embeds is None else list(pooled_embeds.shape)

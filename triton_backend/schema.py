@@ -91,6 +91,12 @@ FIELDS: tuple[FieldSpec, ...] = (
 )
 #: The SDXL micro-conditioning fields (pairs).
 SDXL_FIELDS = ("ORIGINAL_SIZE", "CROPS_COORDS_TOP_LEFT", "TARGET_SIZE")
+#: Every SDXL-only field, with what it is (for the error an SD model answers it with).
+SDXL_ONLY = {
+    "PROMPT_2": "the second text encoder's prompt of SDXL models",
+    "NEGATIVE_PROMPT_2": "the second text encoder's prompt of SDXL models",
+    **dict.fromkeys(SDXL_FIELDS, "SDXL micro-conditioning"),
+}
 FIELDS_BY_NAME = {f.name: f for f in FIELDS}
 NUMPY_DTYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "UINT8": np.uint8}
 
@@ -123,11 +129,6 @@ class GenerationRequest:
     original_size: tuple[int, ...] = ()
     crops_coords_top_left: tuple[int, ...] = ()
     target_size: tuple[int, ...] = ()
-
-    @property
-    def has_sdxl_conditioning(self) -> bool:
-        """Whether any SDXL micro-conditioning field was given."""
-        return bool(self.original_size or self.crops_coords_top_left or self.target_size)
 
     def add_time_ids(self, height: int, width: int) -> list[int]:
         """SDXL ``original_size + crops_coords_top_left + target_size`` with diffusers' defaults filled in."""
@@ -308,6 +309,13 @@ def _check_controlnets(req: GenerationRequest, names: set[str]) -> None:
             )
         if abs(scale) > 16:
             raise InvalidRequestError("CONTROLNET_SCALES", f"{name}: |{scale}| > 16")
+
+
+def reject_sdxl_only(req: GenerationRequest, arch_label: str, names: tuple[str, ...] = tuple(SDXL_ONLY)) -> None:
+    """On a model without SDXL conditioning: any of ``names`` given raises ``InvalidRequestError`` naming it."""
+    for name in names:
+        if getattr(req, FIELDS_BY_NAME[name].attr) not in (None, ()):
+            raise InvalidRequestError(name, f"is {SDXL_ONLY[name]}; this model is {arch_label}")
 
 
 def _check_sdxl(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> None:

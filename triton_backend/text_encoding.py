@@ -10,11 +10,10 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from .components import ModelInfo, load_part
 from .config import StageConfig
-from .errors import InvalidRequestError
 from .lora.patch import AdapterRef, WeightPatcher
 from .lora.store import has_text_encoder_layers, resolve_lora_path
 from .paths import lora_dir
-from .schema import GenerationRequest, parse_request
+from .schema import GenerationRequest, parse_request, reject_sdxl_only
 
 #: The request fields this stage consumes (the ensemble maps these ``txt2img`` inputs onto it).
 INPUTS = ("PROMPT", "NEGATIVE_PROMPT", "PROMPT_2", "NEGATIVE_PROMPT_2", "GUIDANCE_SCALE", "LORA_NAMES", "LORA_SCALES")
@@ -49,10 +48,6 @@ class TextEncoder:
         #: One patcher per encoder; LoRA factors are keyed ``text_encoder:…`` / ``text_encoder_2:…``.
         self.patchers = [WeightPatcher(m, c) for m, c in zip(self.models, TEXT_COMPONENTS, strict=False)]
         self.lora_dir = lora_dir(cfg.params, cfg.model_dir)
-
-    @property
-    def pooled_dim(self) -> int:
-        return self.info.pooled_dim
 
     @torch.inference_mode()
     def encode(self, text: str, text_2: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,12 +85,7 @@ class TextEncoder:
         failure).
         """
         if not self.info.is_sdxl:
-            for name in ("PROMPT_2", "NEGATIVE_PROMPT_2"):
-                if getattr(request, name.lower()) is not None:
-                    raise InvalidRequestError(
-                        name,
-                        f"is the second text encoder's prompt of SDXL models; this model is {self.info.arch_label}",
-                    )
+            reject_sdxl_only(request, self.info.arch_label, ("PROMPT_2", "NEGATIVE_PROMPT_2"))
         zero_negative = request.negative_prompt is None and self.info.force_zeros_for_empty_prompt
         texts = [(request.prompt, request.prompt_2)]
         if request.do_classifier_free_guidance and not zero_negative:
