@@ -28,7 +28,7 @@ from swiftdiffusion_client import Client, GenerationRequest
 from triton_backend.bench import timed, write_results
 from triton_backend.config import StageConfig
 from triton_backend.default_model import write_default_model
-from triton_backend.lora.convert import convert_lora_file
+from triton_backend.lora.convert import convert_lora_file, load_skeletons
 from triton_backend.lora.patch import AdapterRef, WeightPatcher
 from triton_backend.lora.store import LoraStore
 from triton_backend.paths import default_model_dir, model_repository_dir
@@ -38,12 +38,10 @@ LORAS = [("ink_kohya", 0.8), ("glow_kohya", 0.6)]  # for the patch/restore cycle
 
 
 def cycles(model_dir: Path, n: int) -> dict[str, float]:
-    from triton_backend.text_encoding import TEXT_COMPONENTS, TextEncoder
     from triton_backend.unet_step import UNetStep
 
     cfg = StageConfig.from_params("bench", {"model_dir": str(model_dir)})
-    unet, skeletons = UNetStep(cfg), {"unet": UNetStep(cfg).model}
-    skeletons.update(zip(TEXT_COMPONENTS, TextEncoder(cfg).models, strict=False))
+    unet, skeletons = UNetStep(cfg), load_skeletons(cfg)
     store = LoraStore(root=model_dir / "loras", convert=lambda p: convert_lora_file(p, skeletons))
     start = time.perf_counter()
     refs = tuple(AdapterRef(name, str(store.get(name).file), s) for name, s in LORAS)

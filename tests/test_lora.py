@@ -13,7 +13,7 @@ from triton_backend import denoise
 from triton_backend.components import ModelInfo
 from triton_backend.config import StageConfig
 from triton_backend.errors import InvalidRequestError, NotFoundError
-from triton_backend.lora.convert import convert_lora_file
+from triton_backend.lora.convert import convert_lora_file, load_skeletons
 from triton_backend.lora.patch import AdapterRef, WeightPatcher, lora_delta
 from triton_backend.lora.store import LoraStore, has_text_encoder_layers, lora_names
 from triton_backend.schema import GenerationRequest
@@ -31,7 +31,7 @@ def env(model_dir, tmp_path_factory):
 
     cfg = StageConfig.from_params("test", {"model_dir": str(model_dir)})
     te, unet, vae = TextEncoder(cfg), UNetStep(cfg), VaeDecoder(cfg)
-    skeletons = {"unet": UNetStep(cfg).model, "text_encoder": TextEncoder(cfg).models[0]}
+    skeletons = load_skeletons(cfg)
     store = LoraStore(
         root=model_dir / "loras",
         convert=lambda p: convert_lora_file(p, skeletons),

@@ -18,12 +18,12 @@ from . import denoise
 from .components import ModelInfo
 from .config import StageConfig
 from .controlnet.service import ControlNetService, ControlRow
-from .lora.convert import convert_lora_file
+from .lora.convert import convert_lora_file, load_skeletons
 from .lora.patch import AdapterRef
 from .lora.store import CACHE_DIR_PREFIX, LoraStore
 from .paths import lora_dir
 from .schema import GenerationRequest
-from .text_encoding import TEXT_COMPONENTS, TextEncoder
+from .text_encoding import TextEncoder
 from .unet_step import StepInput, UNetStep
 from .vae_decode import VaeDecoder
 
@@ -58,9 +58,7 @@ class LocalPipeline:
         self.unet = UNetStep(self.cfg)
         self.vae = VaeDecoder(self.cfg)
         self.controlnets = ControlNetService(self.cfg)
-        # Conversion skeletons, separate from the served modules (as in the lora_manager process).
-        skeletons = {"unet": UNetStep(self.cfg).model}
-        skeletons.update(zip(TEXT_COMPONENTS, TextEncoder(self.cfg).models, strict=False))
+        skeletons = load_skeletons(self.cfg)  # separate from the served modules, as in the lora_manager process
         self._cache = tempfile.mkdtemp(prefix=CACHE_DIR_PREFIX + "local-")
         self.loras = LoraStore(
             root=lora_dir(self.cfg.params, self.cfg.model_dir),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import StageConfig
 from ..errors import InvalidRequestError
 
 #: Components a LoRA can touch, as diffusers names them in converted state dicts.
@@ -26,6 +27,21 @@ def _lora_layers(module: torch.nn.Module, adapter: str) -> Iterator[tuple[str, t
     for name, sub in module.named_modules():
         if hasattr(sub, "lora_A") and adapter in getattr(sub, "lora_A", {}):
             yield name, sub
+
+
+def load_skeletons(cfg: StageConfig) -> dict[str, torch.nn.Module]:
+    """The conversion skeletons of the served model by diffusers component name: its own copies of ``unet`` and
+    ``text_encoder`` (and ``text_encoder_2`` for SDXL), separate from the modules that serve requests.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..components import ModelInfo, load_part
+
+    parts = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
+    if ModelInfo.read(cfg.model_dir).is_sdxl:
+        parts["text_encoder_2"] = CLIPTextModelWithProjection
+    return {c: load_part(cls, cfg.model_dir, c, cfg.device, cfg.dtype) for c, cls in parts.items()}
 
 
 def _layer_count(state_dict: dict[str, torch.Tensor], component: str) -> int:

@@ -11,12 +11,11 @@ import time
 
 import numpy as np
 
-from ..components import load_part
 from ..config import StageConfig
 from ..errors import ConfigError
 from ..paths import lora_dir
 from ..schema import parse_names
-from .convert import convert_lora_file
+from .convert import convert_lora_file, load_skeletons
 from .store import LoraStore
 
 #: Test-only: seconds every manager response is delayed, so tests can make the landing step deterministic.
@@ -38,22 +37,14 @@ class LoraManager:
     """Owns the store and the conversion skeletons (the UNet and text encoder(s) of the served model)."""
 
     def __init__(self, cfg: StageConfig):
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-        from ..components import ModelInfo
-
         self.cfg = cfg
         budget_mb = cfg.params.get("cache_budget_mb", "") or "1024"
         try:
             budget = int(float(budget_mb) * (1 << 20))
         except ValueError:
             raise ConfigError(f"{cfg.model_name}: parameter cache_budget_mb={budget_mb!r} is not a number") from None
-        parts = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
-        if ModelInfo.read(cfg.model_dir).is_sdxl:
-            parts["text_encoder_2"] = CLIPTextModelWithProjection
         #: Conversion skeletons by diffusers component name.
-        self.components = {c: load_part(cls, cfg.model_dir, c, cfg.device, cfg.dtype) for c, cls in parts.items()}
+        self.components = load_skeletons(cfg)
         self.store = LoraStore(
             root=lora_dir(cfg.params, cfg.model_dir),
             convert=lambda path: convert_lora_file(path, self.components),
