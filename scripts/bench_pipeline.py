@@ -98,6 +98,17 @@ def load(url: str, req: GenerationRequest, concurrency: int, total: int) -> dict
     return {"images_per_s": total / wall, "p50_s": pct(latencies, 50), "p99_s": pct(latencies, 99)}
 
 
+def print_one_request(model_dir: Path, req: GenerationRequest, repeats: int, rows: list) -> None:
+    """The one-request table: ``rows`` of (configuration, median s, p95 s); the first row is diffusers."""
+    print(
+        f"\n## One request ({model_dir}: {req.steps} steps, {req.width}x{req.height}, guidance {req.guidance_scale}), "
+        f"median of {repeats}\n"
+    )
+    print("| configuration | median s | p95 s | vs diffusers |\n|---|---|---|---|")
+    for name, med, p95 in rows:
+        print(f"| {name} | {med:.4f} | {p95:.4f} | {med / rows[0][1]:.2f}x |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=None)
@@ -131,6 +142,20 @@ def main() -> int:
     }
     rows = []
 
+    ref = in_process(model_dir, req, args.repeats)
+    results["diffusers_in_process_s"] = statistics.median(ref)
+    rows.append(("diffusers in-process (1 process, all threads)", statistics.median(ref), pct(ref, 95)))
+
+    with TritonServer(model_dir=model_dir) as server:
+        lp = sequential(server.grpc_url, req, args.repeats)
+        results["triton_latent_parallel_s"] = statistics.median(lp)
+        rows.append(("txt2img, latent parallel (2 unet instances x 1 thread)", statistics.median(lp), pct(lp, 95)))
+        if args.latency_only:
+            print_one_request(model_dir, req, args.repeats, rows)
+            print(f"\nwrote {write_results(args.out, 'bench_pipeline_latency', results)}")
+            return 0
+        results["load_batching_on"] = {c: load(server.grpc_url, req, c, args.load_requests) for c in (1, 2, 4, 8)}
+
     one_instance = render_repository(
         {
             "unet": [("count: 2", "count: 1")],
@@ -141,23 +166,6 @@ def main() -> int:
     )
     no_batching = render_repository({"unet": [("dynamic_batching { max_queue_delay_microseconds: 0 }", "")]})
 
-    ref = in_process(model_dir, req, args.repeats)
-    results["diffusers_in_process_s"] = statistics.median(ref)
-    rows.append(("diffusers in-process (1 process, all threads)", statistics.median(ref), pct(ref, 95)))
-
-    with TritonServer(model_dir=model_dir) as server:
-        lp = sequential(server.grpc_url, req, args.repeats)
-        results["triton_latent_parallel_s"] = statistics.median(lp)
-        rows.append(("txt2img, latent parallel (2 unet instances x 1 thread)", statistics.median(lp), pct(lp, 95)))
-        if args.latency_only:
-            print(f"\n## One request ({model_dir}: {req.steps} steps, {req.width}x{req.height})\n")
-            print("| configuration | median s | p95 s | vs diffusers |\n|---|---|---|---|")
-            for name, med, p95 in rows:
-                print(f"| {name} | {med:.4f} | {p95:.4f} | {med / results['diffusers_in_process_s']:.2f}x |")
-            print(f"\nwrote {write_results(args.out, 'bench_pipeline_latency', results)}")
-            return 0
-        results["load_batching_on"] = {c: load(server.grpc_url, req, c, args.load_requests) for c in (1, 2, 4, 8)}
-
     with TritonServer(model_dir=model_dir, model_repository=one_instance) as server:
         b2 = sequential(server.grpc_url, req, args.repeats)
         results["triton_batch2_cfg_s"] = statistics.median(b2)
@@ -166,13 +174,7 @@ def main() -> int:
     with TritonServer(model_dir=model_dir, model_repository=no_batching) as server:
         results["load_batching_off"] = {c: load(server.grpc_url, req, c, args.load_requests) for c in (1, 2, 4, 8)}
 
-    print(
-        f"\n## One request ({req.steps} steps, {req.width}x{req.height}, guidance {req.guidance_scale}), "
-        f"median of {args.repeats}\n"
-    )
-    print("| configuration | median s | p95 s | vs diffusers |\n|---|---|---|---|")
-    for name, med, p95 in rows:
-        print(f"| {name} | {med:.4f} | {p95:.4f} | {med / results['diffusers_in_process_s']:.2f}x |")
+    print_one_request(model_dir, req, args.repeats, rows)
     print(
         f"\nlatent parallel / batch-2 CFG latency ratio: "
         f"{results['triton_latent_parallel_s'] / results['triton_batch2_cfg_s']:.2f}"
