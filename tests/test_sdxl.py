@@ -23,6 +23,18 @@ from .test_controlnet import hint_images
 MICRO = dict(original_size=(32, 40), crops_coords_top_left=(4, 8), target_size=(48, 48))
 
 
+def lora_request(loras: tuple[tuple[str, float], ...]) -> GenerationRequest:
+    """A 4-step request with ``(name, scale)`` LoRAs patched in before the first step (k = 0)."""
+    return GenerationRequest(
+        prompt="an oil painting of a forest",
+        seed=3,
+        steps=4,
+        lora_names=tuple(n for n, _ in loras),
+        lora_scales=tuple(s for _, s in loras),
+        lora_bound_k=0,
+    )
+
+
 @pytest.fixture(scope="module")
 def xl(sdxl_model_dir):
     pipe = LocalPipeline(sdxl_model_dir)
@@ -156,14 +168,7 @@ def test_unet_split_equals_forward_with_added_conditioning(xl):
     ],
 )
 def test_loras_at_k0_equal_diffusers_fuse_lora(xl, sdxl_reference, loras):
-    req = GenerationRequest(
-        prompt="an oil painting of a forest",
-        seed=3,
-        steps=4,
-        lora_names=tuple(n for n, _ in loras),
-        lora_scales=tuple(s for _, s in loras),
-        lora_bound_k=0,
-    )
+    req = lora_request(loras)
     result = xl.generate(req)
     assert result.landed_step == 0
     base = xl.generate(GenerationRequest(prompt=req.prompt, seed=3, steps=4)).image

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -10,10 +11,27 @@ from swiftdiffusion_client import Client, GenerationRequest, InvalidArgumentErro
 
 from .conftest import assert_rejected_then_served, assert_same_image, generate_concurrently, start_server
 from .test_controlnet import hint_images
+from .test_sdxl import lora_request
 
 pytestmark = pytest.mark.integration
 
 MICRO = dict(original_size=(32, 40), crops_coords_top_left=(4, 8), target_size=(48, 48))
+
+
+@contextmanager
+def borrowed_adapters(source, target, lora: tuple[str, str], controlnet: tuple[str, str]):
+    """Copy a LoRA and a ControlNet of ``source``'s model into ``target``'s stores under new names (servable at
+    once: the stores are read per request), and remove them again.
+    """
+    lora_file = target / "loras" / f"{lora[1]}.safetensors"
+    cn_dir = target / "controlnets" / controlnet[1]
+    shutil.copy(source / "loras" / f"{lora[0]}.safetensors", lora_file)
+    shutil.copytree(source / "controlnets" / controlnet[0], cn_dir)
+    try:
+        yield
+    finally:
+        lora_file.unlink()
+        shutil.rmtree(cn_dir)
 
 
 @pytest.mark.parametrize(
@@ -54,14 +72,7 @@ def test_controlnets_equal_stable_diffusion_xl_controlnet_pipeline(sdxl_client, 
     "loras", [(("pastel_peft", 1.0),), (("ink_kohya", 0.7), ("glow_kohya", -0.5))], ids=["peft", "kohya-two"]
 )
 def test_loras_at_k0_equal_diffusers_fuse_lora(sdxl_client, sdxl_reference, loras):
-    req = GenerationRequest(
-        prompt="an oil painting of a forest",
-        seed=3,
-        steps=4,
-        lora_names=tuple(n for n, _ in loras),
-        lora_scales=tuple(s for _, s in loras),
-        lora_bound_k=0,
-    )
+    req = lora_request(loras)
     result = sdxl_client.run(req)
     assert result.lora_landed_step == 0
     assert_same_image(result.image, sdxl_reference(req))
@@ -84,9 +95,7 @@ def test_concurrent_mixed_requests_each_equal_their_reference(sdxl_server, sdxl_
 def test_adapters_of_the_other_architecture_are_refused_and_the_server_keeps_serving(
     sdxl_client, sdxl_reference, model_dir, sdxl_model_dir
 ):
-    shutil.copy(model_dir / "loras" / "ink_kohya.safetensors", sdxl_model_dir / "loras" / "sd15_ink.safetensors")
-    shutil.copytree(model_dir / "controlnets" / "edges", sdxl_model_dir / "controlnets" / "sd15_edges")
-    try:
+    with borrowed_adapters(model_dir, sdxl_model_dir, ("ink_kohya", "sd15_ink"), ("edges", "sd15_edges")):
         assert_rejected_then_served(
             sdxl_client,
             sdxl_reference,
@@ -104,15 +113,10 @@ def test_adapters_of_the_other_architecture_are_refused_and_the_server_keeps_ser
             InvalidArgumentError,
             "sd15_edges: an SD1.x/2.x ControlNet",
         )
-    finally:
-        (sdxl_model_dir / "loras" / "sd15_ink.safetensors").unlink()
-        shutil.rmtree(sdxl_model_dir / "controlnets" / "sd15_edges")
 
 
 def test_sdxl_adapters_and_fields_on_the_sd_server_are_refused(client, reference, model_dir, sdxl_model_dir):
-    shutil.copy(sdxl_model_dir / "loras" / "glow_kohya.safetensors", model_dir / "loras" / "xl_glow.safetensors")
-    shutil.copytree(sdxl_model_dir / "controlnets" / "edges", model_dir / "controlnets" / "xl_edges")
-    try:
+    with borrowed_adapters(sdxl_model_dir, model_dir, ("glow_kohya", "xl_glow"), ("edges", "xl_edges")):
         assert_rejected_then_served(
             client,
             reference,
@@ -141,9 +145,6 @@ def test_sdxl_adapters_and_fields_on_the_sd_server_are_refused(client, reference
             InvalidArgumentError,
             "PROMPT_2: is the second text encoder's prompt of SDXL models",
         )
-    finally:
-        (model_dir / "loras" / "xl_glow.safetensors").unlink()
-        shutil.rmtree(model_dir / "controlnets" / "xl_edges")
 
 
 def test_bad_micro_conditioning_is_rejected_naming_the_field(sdxl_client, sdxl_reference):

@@ -151,9 +151,10 @@ def resolve_size(request: GenerationRequest, info: ModelInfo) -> tuple[int, int]
 
 
 def added_conditioning(
-    request: GenerationRequest, pooled_embeds: torch.Tensor | None, info: ModelInfo, rows: int
+    request: GenerationRequest, pooled_embeds: torch.Tensor | None, info: ModelInfo, rows: int, size: tuple[int, int]
 ) -> Added:
-    """SDXL: ``text_embeds`` = the pooled embeddings, ``time_ids`` = ``original_size + crops + target_size`` for
+    """SDXL: ``text_embeds`` = the pooled embeddings, ``time_ids`` = ``original_size + crops + target_size`` (output
+    ``size`` = (height, width) where absent) for
     every row (diffusers' negative time ids default to the positive ones). SD 1.x/2.x: none, and SDXL-only
     fields are rejected.
     """
@@ -165,8 +166,7 @@ def added_conditioning(
         raise InvalidRequestError(
             "POOLED_EMBEDS", f"expected [{rows}, {info.pooled_dim}] for this SDXL model, got {got}"
         )
-    height, width = resolve_size(request, info)
-    time_ids = torch.tensor([request.add_time_ids(height, width)], dtype=torch.float32).repeat(rows, 1)
+    time_ids = torch.tensor([request.add_time_ids(*size)], dtype=torch.float32).repeat(rows, 1)
     return {"text_embeds": pooled_embeds.float(), "time_ids": time_ids}
 
 
@@ -186,7 +186,7 @@ def prepare(
             f"got {list(prompt_embeds.shape)}",
         )
     height, width = resolve_size(request, info)
-    added = added_conditioning(request, pooled_embeds, info, expected)
+    added = added_conditioning(request, pooled_embeds, info, expected, (height, width))
     scheduler = make_scheduler(request.scheduler, info.scheduler_config)
     scheduler.set_timesteps(request.steps, device="cpu")
     generator = torch.Generator("cpu").manual_seed(request.seed)
