@@ -86,7 +86,7 @@ def load_hints(specs: list[tuple[str, str, float]], width: int, height: int) -> 
         except OSError as exc:
             raise argparse.ArgumentTypeError(f"--controlnet: cannot read {path}: {exc}") from None
         if image.size != (width, height):
-            image = image.resize((width, height), Image.BICUBIC)
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
         images.append(np.asarray(image, dtype=np.uint8))
     return np.stack(images)
 

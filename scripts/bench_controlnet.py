@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from swiftdiffusion_client import Client, GenerationRequest
 
-from triton_backend.bench import summary, timed, write_results
-from triton_backend.default_model import write_default_model
 from triton_backend.paths import default_model_dir
-from triton_backend.server import TritonServer
-from triton_backend.trace_load import synthetic_hints
+from triton_backend.serving.server import TritonServer
+from triton_backend.tools.bench import summary, timed, write_results
+from triton_backend.tools.default_model import write_default_model
+from triton_backend.tools.workload import synthetic_hints
 
 NAMES = ("edges", "depth", "edges")
 

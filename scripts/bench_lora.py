@@ -25,20 +25,20 @@ from pathlib import Path
 import torch
 from swiftdiffusion_client import Client, GenerationRequest
 
-from triton_backend.bench import timed, write_results
 from triton_backend.config import StageConfig
-from triton_backend.default_model import write_default_model
 from triton_backend.lora.convert import convert_lora_file, load_skeletons
 from triton_backend.lora.patch import AdapterRef, WeightPatcher
 from triton_backend.lora.store import LoraStore
 from triton_backend.paths import default_model_dir, model_repository_dir
-from triton_backend.server import TritonServer, render_repository
+from triton_backend.serving.server import TritonServer, render_repository
+from triton_backend.tools.bench import timed, write_results
+from triton_backend.tools.default_model import write_default_model
 
 LORAS = [("ink_kohya", 0.8), ("glow_kohya", 0.6)]  # for the patch/restore cycles
 
 
 def cycles(model_dir: Path, n: int) -> dict[str, float]:
-    from triton_backend.unet_step import UNetStep
+    from triton_backend.stages.unet import UNetStep
 
     cfg = StageConfig.from_params("bench", {"model_dir": str(model_dir)})
     unet, skeletons = UNetStep(cfg), load_skeletons(cfg)

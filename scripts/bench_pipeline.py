@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from swiftdiffusion_client import Client, GenerationRequest
 
-from triton_backend.bench import write_results
-from triton_backend.default_model import write_default_model
 from triton_backend.paths import default_model_dir
-from triton_backend.server import TritonServer, render_repository
+from triton_backend.serving.server import TritonServer, render_repository
+from triton_backend.tools.bench import write_results
+from triton_backend.tools.default_model import write_default_model
 
 
 def pct(values: list[float], q: float) -> float:
@@ -39,7 +39,7 @@ def pct(values: list[float], q: float) -> float:
 def in_process(model_dir: Path, req: GenerationRequest, repeats: int) -> list[float]:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from triton_backend.components import ModelInfo
+    from triton_backend.model_info import ModelInfo
 
     if ModelInfo.read(model_dir).is_sdxl:
         pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), add_watermarker=False)

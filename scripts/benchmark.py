@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 from swiftdiffusion_client import Client, GenerationRequest
 
-from triton_backend.bench import machine, summary, timed, write_results
-from triton_backend.default_model import write_default_model
 from triton_backend.paths import baseline_repository_dir, default_model_dir, model_repository_dir
-from triton_backend.server import TritonServer, gpu_repository
-from triton_backend.trace_load import (
+from triton_backend.serving.server import TritonServer, gpu_repository
+from triton_backend.tools.bench import machine, summary, timed, write_results
+from triton_backend.tools.default_model import write_default_model
+from triton_backend.tools.workload import (
     TraceSpec,
     generate_trace,
     materialize_adapters,

@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 VENV="${SWIFTDIFFUSION_VENV:-.venv}"
 "$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
+"$VENV/bin/mypy"  # files and settings: [tool.mypy] in pyproject.toml
 exec "$VENV/bin/python" -m pytest -q "$@"

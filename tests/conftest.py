@@ -12,26 +12,31 @@ import torch
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-#: Images from Triton must match diffusers within this many uint8 levels at any pixel (see README "Correctness").
-MAX_PIXEL_DIFF = 2
-#: ... and on average.
-MEAN_PIXEL_DIFF = 0.05
-#: Seconds the test server's lora_manager delays each response (see the ``server`` fixture).
-LORA_DELAY_S = 1.0
+from .helpers import LORA_DELAY_S, start_server
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from triton_backend.default_model import write_default_model
+    from triton_backend.tools.default_model import write_default_model
 
     return write_default_model(tmp_path_factory.mktemp("models") / "default")
 
 
 @pytest.fixture(scope="session")
 def sdxl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from triton_backend.default_model import write_default_model
+    from triton_backend.tools.default_model import write_default_model
 
     return write_default_model(tmp_path_factory.mktemp("models") / "sdxl", arch="sdxl")
+
+
+@pytest.fixture(scope="session")
+def local(model_dir: Path):
+    """Every stage of the SD default model in this process (:class:`~triton_backend.pipeline.LocalPipeline`)."""
+    from triton_backend.pipeline import LocalPipeline
+
+    pipe = LocalPipeline(model_dir)
+    yield pipe
+    pipe.close()
 
 
 @pytest.fixture(scope="session")
@@ -143,24 +148,6 @@ def sdxl_reference(sdxl_model_dir: Path):
     return run
 
 
-def start_server(model_dir: Path, workdir: Path, env: dict[str, str] | None = None, **kwargs):
-    """The real bundled tritonserver on free loopback ports; the log's tail is printed if it fails to start."""
-    from triton_backend.server import TritonServer
-
-    if os.environ.get("SWIFTDIFFUSION_TEST_DEVICE") == "cuda" and "model_repository" not in kwargs:
-        from triton_backend.server import gpu_repository  # scripts/device_check.sh: stages on GPU 0, fp32
-
-        kwargs["model_repository"] = gpu_repository(dtype="float32")
-    log = workdir / "server.log"
-    srv = TritonServer(model_dir=model_dir, log_file=log, env=env or {}, **kwargs)
-    try:
-        srv.start(timeout=600)
-    except Exception:
-        print(log.read_text()[-5000:] if log.exists() else "(no log)")  # noqa: T201
-        raise
-    return srv
-
-
 @pytest.fixture(scope="session")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """Our model repository on the SD default model, once per test run."""
@@ -197,42 +184,3 @@ def client(server):
 
     with Client(server.grpc_url, timeout_s=120) as c:
         yield c
-
-
-def pixel_diff(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
-    """(max, mean) absolute difference in uint8 levels."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    return int(d.max()), float(d.mean())
-
-
-def assert_same_image(a: np.ndarray, b: np.ndarray) -> None:
-    worst, mean = pixel_diff(a, b)
-    assert worst <= MAX_PIXEL_DIFF and mean <= MEAN_PIXEL_DIFF, f"max diff {worst}, mean diff {mean:.4f}"
-
-
-def generate_concurrently(url: str, requests: list) -> list[np.ndarray]:
-    """Send every request at once, one client per request; images in request order."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from swiftdiffusion_client import Client
-
-    def one(req):
-        with Client(url, timeout_s=300) as c:
-            return c.generate(req)
-
-    with ThreadPoolExecutor(len(requests)) as pool:
-        return list(pool.map(one, requests))
-
-
-def assert_rejected_then_served(client, reference, override: dict, error: type, needle: str) -> None:
-    """A request with ``override`` applied fails with ``error`` naming ``needle``; the next valid one is correct."""
-    from swiftdiffusion_client import GenerationRequest
-
-    inputs = GenerationRequest(prompt="a cat", steps=2).to_tensors()
-    inputs.update(override)
-    with pytest.raises(error) as info:
-        client.infer_raw(inputs)
-    assert needle in info.value.message
-    good = GenerationRequest(prompt="a cat", seed=4, steps=3)
-    assert_same_image(client.generate(good), reference(good))

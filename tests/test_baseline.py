@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 from swiftdiffusion_client import Client, GenerationRequest, NotFoundError
 
-from .conftest import assert_same_image, start_server
-from .test_controlnet import diffusers_controlnet_image, hint_images
-from .test_lora import diffusers_image
+from .helpers import assert_same_image, diffusers_controlnet_image, diffusers_image, hint_images, start_server
 
 pytestmark = pytest.mark.integration
 

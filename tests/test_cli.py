@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from triton_backend.cli import build_parser
-from triton_backend.server import free_port
+from triton_backend.serving.cli import build_parser
+from triton_backend.serving.server import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -132,7 +132,7 @@ def test_instance_count_reads_the_unet_config(tmp_path):
 
 
 def test_architecture_is_read_from_the_model_config(model_dir, sdxl_model_dir):
-    from triton_backend.components import ModelInfo
+    from triton_backend.model_info import ModelInfo
 
     sd, xl = ModelInfo.read(model_dir), ModelInfo.read(sdxl_model_dir)
     assert (sd.arch, sd.pooled_dim, sd.force_zeros_for_empty_prompt) == ("sd", 0, False)
@@ -154,11 +154,11 @@ def _edited_copy(src, dst, part, **changes):
 def test_unsupported_architectures_are_refused_clearly(model_dir, sdxl_model_dir, tmp_path):
     import shutil
 
-    from triton_backend.components import ModelInfo
+    from triton_backend.model_info import ModelInfo
 
     refiner = _edited_copy(sdxl_model_dir, tmp_path / "refiner", "unet")
     shutil.rmtree(refiner / "text_encoder")
-    with pytest.raises(ConfigError, match="text_encoder_2.*refiner"):
+    with pytest.raises(ConfigError, match=r"text_encoder_2.*refiner"):
         ModelInfo.read(refiner)
     other = _edited_copy(model_dir, tmp_path / "other", "unet", addition_embed_type="image")
     with pytest.raises(ConfigError, match="addition_embed_type='image'"):

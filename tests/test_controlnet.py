@@ -6,107 +6,35 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from triton_backend import denoise
-from triton_backend.components import ModelInfo
 from triton_backend.config import StageConfig
-from triton_backend.controlnet.service import ControlNetService, ControlRow
+from triton_backend.controlnet.service import ControlNetService
 from triton_backend.controlnet.unet_split import decoder_half, encoder_half, pack_residuals, unpack_residuals
 from triton_backend.errors import InvalidRequestError, NotFoundError
 from triton_backend.schema import GenerationRequest
+from triton_backend.stages import denoise
 
-from .conftest import assert_same_image, pixel_diff
-
-
-def hint_images(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
-    """Deterministic hint images: stripes and noise, different per ControlNet."""
-    g = np.random.default_rng(seed)
-    yy, xx = np.indices((size, size))
-    out = []
-    for i in range(n):
-        stripes = ((xx + (i + 1) * yy) // (4 + 2 * i) % 2 * 255).astype(np.uint8)
-        noise = g.integers(0, 64, (size, size), dtype=np.uint8)
-        out.append(np.stack([stripes, stripes // 2 + noise, 255 - stripes], axis=-1))
-    return np.stack(out)
+from .helpers import assert_same_image, diffusers_controlnet_image, hint_images, pixel_diff
 
 
-@pytest.fixture(scope="module")
-def env(model_dir):
-    from triton_backend.text_encoding import TextEncoder
-    from triton_backend.unet_step import StepInput, UNetStep
-    from triton_backend.vae_decode import VaeDecoder
-
-    cfg = StageConfig.from_params("test", {"model_dir": str(model_dir)})
-    service = ControlNetService(cfg, capacity=4)
-    unet = UNetStep(cfg)
-
-    def control(step):
-        rows = [ControlRow.from_step(step, n, f, s) for n, f, s in step.controlnets]
-        return lambda: service.step_many(rows)
-
-    def unet_fn(*call):
-        return unet.forward_many([StepInput.of(*call)], control)[0]
-
-    class Env:
-        pass
-
-    e = Env()
-    e.cfg, e.service, e.unet, e.unet_fn, e.control = cfg, service, unet, unet_fn, control
-    e.te, e.vae, e.info = TextEncoder(cfg), VaeDecoder(cfg), ModelInfo.read(model_dir)
-    yield e
-    service.close()
-
-
-def generate(env, req):
-    state = denoise.prepare_encoded(req, env.te.encode_request(req), env.info)
+def generate(local, req):
+    state = denoise.prepare_encoded(req, local.text_encoder.encode_request(req), local.info)
     try:
         if req.controlnet_names:
-            denoise.attach_controlnets(state, lambda hints: [env.service.prepare(n, img) for n, img in hints], env.info)
-        return env.vae.decode(denoise.run(state, env.unet_fn)), state
+            denoise.attach_controlnets(
+                state, lambda hints: [local.controlnets.prepare(n, img) for n, img in hints], local.info
+            )
+        return local.vae.decode(denoise.run(state, local.unet_fn)), state
     finally:
         files = [f for _, f, *_ in state.controlnets]
         denoise.release_hints(state)
         assert not any(Path(f).exists() for f in files)
 
 
-def diffusers_controlnet_image(reference, model_dir, req):
-    """StableDiffusionControlNetPipeline (MultiControlNetModel for several) with the same components."""
-    from diffusers import ControlNetModel, MultiControlNetModel, StableDiffusionControlNetPipeline
-    from PIL import Image
-
-    from triton_backend.schedulers import make_scheduler
-
-    base = reference.pipe
-    nets = [ControlNetModel.from_pretrained(str(model_dir / "controlnets" / n)) for n in req.controlnet_names]
-    controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
-    components = {k: v for k, v in base.components.items() if k != "scheduler"}
-    pipe = StableDiffusionControlNetPipeline(
-        **components, scheduler=make_scheduler(req.scheduler, reference.base_scheduler), controlnet=controlnet
-    )
-    pipe.set_progress_bar_config(disable=True)
-    images = [Image.fromarray(img) for img in req.controlnet_images]
-    one = len(nets) == 1
-    cn = req.controlnets
-    out = pipe(
-        req.prompt,
-        negative_prompt=req.negative_prompt,
-        image=images[0] if one else images,
-        num_inference_steps=req.steps,
-        guidance_scale=req.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(req.seed),
-        controlnet_conditioning_scale=cn[0][1] if one else [c[1] for c in cn],
-        control_guidance_start=cn[0][2] if one else [c[2] for c in cn],
-        control_guidance_end=cn[0][3] if one else [c[3] for c in cn],
-        output_type="np",
-    ).images[0]
-    return (out * 255).round().astype(np.uint8)
-
-
-def test_split_forward_equals_unet_forward_with_residuals(env):
-    unet = env.unet.model
+def test_split_forward_equals_unet_forward_with_residuals(local):
+    unet = local.unet.model
     g = torch.Generator().manual_seed(0)
     s, t, e = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 700.0]), torch.randn(2, 77, 32, generator=g)
     with torch.no_grad():
@@ -127,17 +55,17 @@ def test_split_forward_equals_unet_forward_with_residuals(env):
 
 
 @pytest.mark.parametrize("name", ["edges", "depth"])
-def test_each_default_controlnet_changes_the_image(env, name):
-    base, _ = generate(env, GenerationRequest(prompt="a photo of a cat", seed=1, steps=4))
+def test_each_default_controlnet_changes_the_image(local, name):
+    base, _ = generate(local, GenerationRequest(prompt="a photo of a cat", seed=1, steps=4))
     req = GenerationRequest(
         prompt="a photo of a cat", seed=1, steps=4, controlnet_names=(name,), controlnet_images=hint_images(1)
     )
-    with_cn, _ = generate(env, req)
+    with_cn, _ = generate(local, req)
     assert pixel_diff(base, with_cn)[1] >= 2.0
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "ddim"])
-def test_one_controlnet_equals_diffusers(env, reference, model_dir, scheduler):
+def test_one_controlnet_equals_diffusers(local, reference, model_dir, scheduler):
     req = GenerationRequest(
         prompt="a photo of a cat",
         negative_prompt="blurry",
@@ -148,11 +76,11 @@ def test_one_controlnet_equals_diffusers(env, reference, model_dir, scheduler):
         controlnet_images=hint_images(1),
         controlnet_scales=(0.8,),
     )
-    ours, _ = generate(env, req)
+    ours, _ = generate(local, req)
     assert_same_image(ours, diffusers_controlnet_image(reference, model_dir, req))
 
 
-def test_two_controlnets_with_scales_and_windows_equal_multicontrolnet(env, reference, model_dir):
+def test_two_controlnets_with_scales_and_windows_equal_multicontrolnet(local, reference, model_dir):
     req = GenerationRequest(
         prompt="a red house",
         seed=5,
@@ -163,28 +91,28 @@ def test_two_controlnets_with_scales_and_windows_equal_multicontrolnet(env, refe
         controlnet_guidance_start=(0.0, 0.25),
         controlnet_guidance_end=(0.75, 1.0),
     )
-    ours, _ = generate(env, req)
+    ours, _ = generate(local, req)
     assert_same_image(ours, diffusers_controlnet_image(reference, model_dir, req))
 
 
-def test_hint_embedding_is_computed_once_per_request(env):
-    _, embedding = env.service.model("edges")
-    assert isinstance(env.service.model("edges")[0].controlnet_cond_embedding, torch.nn.Identity)
+def test_hint_embedding_is_computed_once_per_request(local):
+    _, embedding = local.controlnets.model("edges")
+    assert isinstance(local.controlnets.model("edges")[0].controlnet_cond_embedding, torch.nn.Identity)
     calls = []
     handle = embedding.register_forward_hook(lambda *a: calls.append(1))
     try:
         generate(
-            env, GenerationRequest(prompt="x", steps=5, controlnet_names=("edges",), controlnet_images=hint_images(1))
+            local, GenerationRequest(prompt="x", steps=5, controlnet_names=("edges",), controlnet_images=hint_images(1))
         )
     finally:
         handle.remove()
     assert len(calls) == 1  # not once per step (5) or per CFG branch (10)
 
 
-def test_hints_are_released_when_the_request_fails(env):
+def test_hints_are_released_when_the_request_fails(local):
     req = GenerationRequest(prompt="x", steps=3, controlnet_names=("edges",), controlnet_images=hint_images(1))
-    state = denoise.prepare_encoded(req, env.te.encode_request(req), env.info)
-    denoise.attach_controlnets(state, lambda hints: [env.service.prepare(n, i) for n, i in hints], env.info)
+    state = denoise.prepare_encoded(req, local.text_encoder.encode_request(req), local.info)
+    denoise.attach_controlnets(state, lambda hints: [local.controlnets.prepare(n, i) for n, i in hints], local.info)
     files = [f for _, f, *_ in state.controlnets]
 
     def broken(*args):
@@ -198,14 +126,14 @@ def test_hints_are_released_when_the_request_fails(env):
     assert files and not any(Path(f).exists() for f in files)
 
 
-def test_wrong_hint_size_is_invalid(env):
+def test_wrong_hint_size_is_invalid(local):
     req = GenerationRequest(prompt="x", steps=2, controlnet_names=("edges",), controlnet_images=hint_images(1, 32))
-    state = denoise.prepare_encoded(req, env.te.encode_request(req), env.info)
+    state = denoise.prepare_encoded(req, local.text_encoder.encode_request(req), local.info)
     with pytest.raises(InvalidRequestError, match="CONTROLNET_IMAGES"):
-        denoise.attach_controlnets(state, lambda hints: pytest.fail("must not prepare"), env.info)
+        denoise.attach_controlnets(state, lambda hints: pytest.fail("must not prepare"), local.info)
 
 
-def test_unknown_mismatched_and_corrupt_controlnets(env, model_dir, tmp_path):
+def test_unknown_mismatched_and_corrupt_controlnets(local, model_dir, tmp_path):
     root = tmp_path / "controlnets"
     shutil.copytree(model_dir / "controlnets" / "edges", root / "edges")
     shutil.copytree(model_dir / "controlnets" / "edges", root / "wrong_arch")

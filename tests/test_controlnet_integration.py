@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 from swiftdiffusion_client import GenerationRequest, InvalidArgumentError, NotFoundError
 
-from .conftest import assert_rejected_then_served, assert_same_image, generate_concurrently
-from .test_controlnet import diffusers_controlnet_image, hint_images
+from .helpers import (
+    assert_rejected_then_served,
+    assert_same_image,
+    diffusers_controlnet_image,
+    generate_concurrently,
+    hint_images,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -3,10 +3,10 @@ import hashlib
 import numpy as np
 import pytest
 
-from triton_backend.default_model import is_current_default_model, write_default_model
 from triton_backend.schema import GenerationRequest
+from triton_backend.tools.default_model import is_current_default_model, write_default_model
 
-from .conftest import pixel_diff
+from .helpers import pixel_diff
 
 
 def _digest(path):

@@ -4,29 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from triton_backend import denoise
-from triton_backend.components import ModelInfo
-from triton_backend.config import StageConfig
 from triton_backend.errors import CancelledError, InvalidRequestError
 from triton_backend.schema import GenerationRequest
+from triton_backend.stages import denoise
+from triton_backend.stages.unet import StepInput
 
-from .conftest import assert_same_image
+from .helpers import assert_same_image
 
 
 @pytest.fixture(scope="module")
-def stages(model_dir):
-    from triton_backend.text_encoding import TextEncoder
-    from triton_backend.unet_step import StepInput, UNetStep
-    from triton_backend.vae_decode import VaeDecoder
-
-    cfg = StageConfig.from_params("test", {"model_dir": str(model_dir)})
-    unet = UNetStep(cfg)
-    return (
-        TextEncoder(cfg),
-        (lambda *call: unet.forward(StepInput.of(*call))),
-        VaeDecoder(cfg),
-        ModelInfo.read(model_dir),
-    )
+def stages(local):
+    return (local.text_encoder, (lambda *call: local.unet.forward(StepInput.of(*call))), local.vae, local.info)
 
 
 def generate(stages, request):

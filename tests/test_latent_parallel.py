@@ -7,7 +7,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from swiftdiffusion_client import GenerationRequest
 
-from .conftest import assert_same_image, generate_concurrently
+from .helpers import assert_same_image, generate_concurrently
 
 pytestmark = pytest.mark.integration
 

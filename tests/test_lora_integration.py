@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from swiftdiffusion_client import GenerationRequest, InvalidArgumentError, NotFoundError
 
-from .conftest import assert_rejected_then_served, assert_same_image, generate_concurrently
-from .test_lora import diffusers_image
+from .helpers import assert_rejected_then_served, assert_same_image, diffusers_image, generate_concurrently
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from triton_backend.perf import input_data_dir, perf_analyzer_binary
+from triton_backend.serving.perf import input_data_dir, perf_analyzer_binary
 
 pytestmark = pytest.mark.integration
 

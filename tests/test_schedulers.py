@@ -11,7 +11,7 @@ def test_table_matches_schema():
 
 
 def test_each_name_builds_its_class_and_default_is_the_model_scheduler(model_dir):
-    from triton_backend.components import ModelInfo
+    from triton_backend.model_info import ModelInfo
 
     config = ModelInfo.read(model_dir).scheduler_config
     for name, cls in SCHEDULERS.items():
@@ -22,7 +22,7 @@ def test_each_name_builds_its_class_and_default_is_the_model_scheduler(model_dir
 
 
 def test_each_call_returns_a_fresh_instance(model_dir):
-    from triton_backend.components import ModelInfo
+    from triton_backend.model_info import ModelInfo
 
     config = ModelInfo.read(model_dir).scheduler_config
     assert make_scheduler("euler", config) is not make_scheduler("euler", config)

@@ -8,31 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from triton_backend import denoise
 from triton_backend.config import StageConfig
 from triton_backend.controlnet.service import ControlNetService
 from triton_backend.controlnet.unet_split import decoder_half, encoder_half
 from triton_backend.errors import InvalidRequestError
-from triton_backend.local import LocalPipeline
+from triton_backend.pipeline import LocalPipeline
 from triton_backend.schema import GenerationRequest
-from triton_backend.unet_step import StepInput
+from triton_backend.stages import denoise
+from triton_backend.stages.unet import StepInput
 
-from .conftest import assert_same_image, pixel_diff
-from .test_controlnet import hint_images
+from .helpers import assert_same_image, hint_images, lora_request, pixel_diff
 
 MICRO = dict(original_size=(32, 40), crops_coords_top_left=(4, 8), target_size=(48, 48))
-
-
-def lora_request(loras: tuple[tuple[str, float], ...]) -> GenerationRequest:
-    """A 4-step request with ``(name, scale)`` LoRAs patched in before the first step (k = 0)."""
-    return GenerationRequest(
-        prompt="an oil painting of a forest",
-        seed=3,
-        steps=4,
-        lora_names=tuple(n for n, _ in loras),
-        lora_scales=tuple(s for _, s in loras),
-        lora_bound_k=0,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +80,7 @@ def test_second_encoder_prompts_are_refused_by_sd_models(model_dir):
     sd = LocalPipeline(model_dir)
     try:
         for field in ("prompt_2", "negative_prompt_2"):
-            with pytest.raises(InvalidRequestError, match="SDXL models; this model is SD1.x/2.x") as info:
+            with pytest.raises(InvalidRequestError, match=r"SDXL models; this model is SD1.x/2.x") as info:
                 sd.text_encoder.encode_request(GenerationRequest(prompt="x", **{field: "y"}))
             assert info.value.field == field.upper()
     finally:
@@ -219,7 +206,7 @@ def test_sd_lora_on_sdxl_and_sdxl_lora_on_sd_are_refused_naming_both(model_dir, 
             with pytest.raises(InvalidRequestError, match=f"xl_{name}.*SDXL LoRA.*SD1.x/2.x"):
                 sd.loras.convert(tmp_path / f"xl_{name}.safetensors")
         shutil.copy(sdxl_model_dir / "loras" / "ink_kohya.safetensors", tmp_path / "xl_ink.safetensors")
-        with pytest.raises(InvalidRequestError, match="xl_ink.*another architecture"):
+        with pytest.raises(InvalidRequestError, match=r"xl_ink.*another architecture"):
             sd.loras.convert(tmp_path / "xl_ink.safetensors")
     finally:
         sd.close()
@@ -233,7 +220,7 @@ def test_controlnet_of_the_other_architecture_is_refused(model_dir, sdxl_model_d
     cfg = StageConfig.from_params("cn", {"model_dir": str(base), "controlnet_dir": str(tmp_path)})
     service = ControlNetService(cfg)
     try:
-        with pytest.raises(InvalidRequestError, match="foreign: an SD.*ControlNet.*this model is") as info:
+        with pytest.raises(InvalidRequestError, match=r"foreign: an SD.*ControlNet.*this model is") as info:
             service.model("foreign")
         assert info.value.field == "CONTROLNET_NAMES"
     finally:
@@ -241,11 +228,11 @@ def test_controlnet_of_the_other_architecture_is_refused(model_dir, sdxl_model_d
 
 
 def test_sdxl_only_inputs_are_checked_per_architecture(model_dir, sdxl_model_dir):
-    from triton_backend.components import ModelInfo
+    from triton_backend.model_info import ModelInfo
 
     sd, xl = ModelInfo.read(model_dir), ModelInfo.read(sdxl_model_dir)
     req = GenerationRequest(prompt="x", original_size=(64, 64))
-    with pytest.raises(InvalidRequestError, match="ORIGINAL_SIZE.*SD1.x/2.x"):
+    with pytest.raises(InvalidRequestError, match=r"ORIGINAL_SIZE.*SD1.x/2.x"):
         denoise.prepare(req, torch.zeros(2, 77, sd.cross_attention_dim), sd)
     with pytest.raises(InvalidRequestError, match="POOLED_EMBEDS"):
         denoise.prepare(GenerationRequest(prompt="x"), torch.zeros(2, 77, 80), xl)
@@ -254,7 +241,7 @@ def test_sdxl_only_inputs_are_checked_per_architecture(model_dir, sdxl_model_dir
         StepInput(s, t, torch.zeros(1, 77, 80)).validate(xl)
     with pytest.raises(InvalidRequestError, match="TIME_IDS"):
         StepInput(s, t, torch.zeros(1, 77, 80), text_embeds=torch.zeros(1, 24), time_ids=torch.zeros(1, 5)).validate(xl)
-    with pytest.raises(InvalidRequestError, match="TEXT_EMBEDS.*SD1.x/2.x"):
+    with pytest.raises(InvalidRequestError, match=r"TEXT_EMBEDS.*SD1.x/2.x"):
         StepInput(s, t, torch.zeros(1, 77, 32), text_embeds=torch.zeros(1, 24)).validate(sd)
 
 
@@ -277,8 +264,8 @@ def test_bad_micro_conditioning_is_invalid(field, value, needle):
 
 
 def test_sdxl_vae_decodes_in_float32_when_the_stages_run_in_float16(model_dir, sdxl_model_dir):
-    from triton_backend.components import ModelInfo
-    from triton_backend.vae_decode import VaeDecoder
+    from triton_backend.model_info import ModelInfo
+    from triton_backend.stages.vae import VaeDecoder
 
     sd, xl = ModelInfo.read(model_dir), ModelInfo.read(sdxl_model_dir)
     assert VaeDecoder.decode_dtype(xl, torch.float16) == torch.float32  # diffusers' force_upcast

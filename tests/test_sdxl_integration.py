@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 from swiftdiffusion_client import Client, GenerationRequest, InvalidArgumentError
 
-from .conftest import assert_rejected_then_served, assert_same_image, generate_concurrently, start_server
-from .test_controlnet import hint_images
-from .test_sdxl import lora_request
+from .helpers import (
+    assert_rejected_then_served,
+    assert_same_image,
+    generate_concurrently,
+    hint_images,
+    lora_request,
+    start_server,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -42,8 +42,9 @@ SDXL only (an SD model rejects them by name)::
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -370,3 +371,23 @@ def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> No
 def field_names() -> list[str]:
     """Names of every ``txt2img`` input, in schema order."""
     return [f.name for f in FIELDS]
+
+
+def encode_json_rows(triples: Sequence[tuple[str, str, float]], rows: int) -> np.ndarray:
+    """``[rows, 1]`` BYTES: ``[[name, file, scale], ...]`` as JSON, repeated per row (Triton batches by row).
+
+    Carries a request's LoRA set (``ADAPTERS``) and a step's ControlNets (``CONTROLNETS``) to ``unet``.
+    """
+    text = json.dumps([[n, f, s] for n, f, s in triples]).encode()
+    return np.array([[text]] * rows, dtype=np.object_)
+
+
+def decode_json_rows(value: np.ndarray, field: str) -> tuple[tuple[str, str, float], ...]:
+    """Inverse of :func:`encode_json_rows`; every row of one request must carry the same list."""
+    rows = {bytes(v) for v in np.asarray(value).reshape(-1)}
+    if len(rows) != 1:
+        raise InvalidRequestError(field, "all rows of one request must carry the same list")
+    try:
+        return tuple((str(n), str(f), float(s)) for n, f, s in json.loads(rows.pop()))
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequestError(field, f"not a JSON list of [name, file, scale]: {exc}") from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -28,9 +29,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..components import ModelInfo
 from ..config import StageConfig
 from ..errors import ConfigError, InvalidRequestError, NotFoundError
+from ..model_info import ModelInfo
 from ..paths import controlnet_dir, is_store_name
 from .unet_split import pack_residuals
 
@@ -120,6 +121,11 @@ class ControlNetService:
     def names(self) -> list[str]:
         return controlnet_names(self.root)
 
+    @property
+    def resident(self) -> int:
+        """How many ControlNets are resident now."""
+        return len(self._models)
+
     def _check_architecture(self, name: str, config: dict) -> None:
         unet = self.unet_config
         theirs = "SDXL" if config.get("addition_embed_type") == "text_time" else "SD1.x/2.x"
@@ -129,9 +135,15 @@ class ControlNetService:
                 f"{name}: an {theirs} ControlNet (addition_embed_type {config.get('addition_embed_type')!r}); this "
                 f"model is {self.info.arch_label} (addition_embed_type {unet.get('addition_embed_type')!r})",
             )
-        keys = ("cross_attention_dim", "block_out_channels", "in_channels", "layers_per_block")
         # Residual shapes and the added-conditioning widths must agree; depth (transformer layers) may differ.
-        keys += ("projection_class_embeddings_input_dim", "addition_time_embed_dim")
+        keys = (
+            "cross_attention_dim",
+            "block_out_channels",
+            "in_channels",
+            "layers_per_block",
+            "projection_class_embeddings_input_dim",
+            "addition_time_embed_dim",
+        )
         for key in keys:
             if key in config and config[key] != unet.get(key):
                 raise InvalidRequestError(
@@ -245,6 +257,4 @@ class ControlNetService:
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
-        import shutil
-
         shutil.rmtree(self.hint_root, ignore_errors=True)

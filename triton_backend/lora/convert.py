@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from peft.tuners.lora import LoraLayer
 
 from ..config import StageConfig
 from ..errors import InvalidRequestError
@@ -23,9 +24,10 @@ from ..errors import InvalidRequestError
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
-def _lora_layers(module: torch.nn.Module, adapter: str) -> Iterator[tuple[str, torch.nn.Module]]:
+def _lora_layers(module: torch.nn.Module, adapter: str) -> Iterator[tuple[str, LoraLayer]]:
+    """The PEFT LoRA layers ``adapter`` injected into ``module``, by module name."""
     for name, sub in module.named_modules():
-        if hasattr(sub, "lora_A") and adapter in getattr(sub, "lora_A", {}):
+        if isinstance(sub, LoraLayer) and adapter in sub.lora_A:
             yield name, sub
 
 
@@ -36,7 +38,7 @@ def load_skeletons(cfg: StageConfig) -> dict[str, torch.nn.Module]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from ..components import ModelInfo, load_part
+    from ..model_info import ModelInfo, load_part
 
     parts = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
     if ModelInfo.read(cfg.model_dir).is_sdxl:
@@ -122,12 +124,13 @@ def convert_lora_file(
 
 
 def _delete(model: torch.nn.Module, adapter: str) -> None:
+    """Remove ``adapter``: diffusers models have ``delete_adapters``, transformers models ``delete_adapter``."""
     try:
-        if hasattr(model, "delete_adapters"):
-            model.delete_adapters([adapter])
-        elif hasattr(model, "delete_adapter"):
-            model.delete_adapter(adapter)
-    except Exception:  # noqa: BLE001,S110 - nothing was injected
+        if (delete_many := getattr(model, "delete_adapters", None)) is not None:
+            delete_many([adapter])
+        elif (delete_one := getattr(model, "delete_adapter", None)) is not None:
+            delete_one(adapter)
+    except Exception:  # noqa: BLE001 - nothing was injected
         pass
 
 

@@ -95,11 +95,12 @@ class LoraStore:
     def __post_init__(self) -> None:
         shm = Path("/dev/shm")
         base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-        self.cache_root = Path(
+        #: Where converted factor files are written (``cache_root``, else a fresh shared-memory directory).
+        self.cache_dir = Path(
             self.cache_root
             or tempfile.mkdtemp(prefix=CACHE_DIR_PREFIX + os.environ.get("SWIFTDIFFUSION_SHM_TAG", ""), dir=base)
         )
-        self.cache_root.mkdir(parents=True, exist_ok=True)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._entries: OrderedDict[tuple[str, str], CacheEntry] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -124,7 +125,7 @@ class LoraStore:
             start = time.perf_counter()
             self._emulate_slow_storage(path)
             factors = self.convert(path)
-            file = self.cache_root / f"{name}-{signature}.safetensors"
+            file = self.cache_dir / f"{name}-{signature}.safetensors"
             tmp = file.with_suffix(".tmp")
             save_file(factors, str(tmp))
             os.replace(tmp, file)
@@ -164,5 +165,4 @@ class LoraStore:
         with self._lock:
             self._entries.clear()
             self.stats.bytes_resident = 0
-            if self.cache_root is not None:
-                shutil.rmtree(self.cache_root, ignore_errors=True)
+            shutil.rmtree(self.cache_dir, ignore_errors=True)

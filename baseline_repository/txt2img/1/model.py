@@ -1,7 +1,7 @@
-"""Baseline ``txt2img``: a thin shell; the logic is ``triton_backend.triton_models.BaselineModel``."""
+"""Baseline ``txt2img``: a thin shell; the logic is ``triton_backend.serving.models.BaselineModel``."""
 
-from triton_backend.triton_models import BaselineModel
+from triton_backend.serving.models import BaselineModel
 
 
 class TritonPythonModel(BaselineModel):
-    """See :class:`triton_backend.triton_models.BaselineModel`."""
+    """See :class:`triton_backend.serving.models.BaselineModel`."""

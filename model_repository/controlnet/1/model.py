@@ -1,7 +1,7 @@
-"""Triton model ``controlnet``: a thin shell; the logic is ``triton_backend.triton_models.ControlNetModel``."""
+"""Triton model ``controlnet``: a thin shell; the logic is ``triton_backend.controlnet.model.ControlNetModel``."""
 
-from triton_backend.triton_models import ControlNetModel
+from triton_backend.controlnet.model import ControlNetModel
 
 
 class TritonPythonModel(ControlNetModel):
-    """See :class:`triton_backend.triton_models.ControlNetModel` for the tensors."""
+    """See :class:`triton_backend.controlnet.model.ControlNetModel` for the tensors."""

@@ -1,7 +1,7 @@
-"""Triton model ``vae``: a thin shell; the logic is ``triton_backend.triton_models.VaeModel``."""
+"""Triton model ``vae``: a thin shell; the logic is ``triton_backend.serving.models.VaeModel``."""
 
-from triton_backend.triton_models import VaeModel
+from triton_backend.serving.models import VaeModel
 
 
 class TritonPythonModel(VaeModel):
-    """See :class:`triton_backend.triton_models.VaeModel` for the tensors."""
+    """See :class:`triton_backend.serving.models.VaeModel` for the tensors."""

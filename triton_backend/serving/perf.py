@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .paths import cache_dir
+from ..paths import cache_dir
 from .server import pytriton_libs
 
 _SONAMES = {"libb64.so.0d": "libb64-*.so.0d", "libcudart.so.12": "libcudart-*.so.12*"}
@@ -49,7 +49,7 @@ def perf_analyzer_env() -> dict[str, str]:
 
 def input_data_dir() -> Path:
     """The shipped ``--input-data`` JSON files for ``txt2img`` (one per adapter configuration)."""
-    return Path(__file__).resolve().parent.parent / "perf_data"
+    return Path(__file__).resolve().parents[2] / "perf_data"
 
 
 def run_perf_analyzer(args: list[str], **kwargs) -> subprocess.CompletedProcess:

@@ -31,12 +31,75 @@ ARCHS = ("sd1", "sdxl")
 _MARKER = "swiftdiffusion_default_model.json"
 
 # Words that get whole-word BPE merges; everything else falls back to byte-level characters.
-_WORDS = (
-    "a an the of and with in on at photo painting portrait cat dog red blue green yellow black white house tree "
-    "mountain river city night day sky sun moon astronaut horse riding forest ocean beach car street flower garden "
-    "old young man woman robot castle snow rain fire water light dark bright blurry lowres ugly bad quality best "
-    "detailed landscape oil sketch watercolor cinematic style art"
-).split()
+_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "with",
+    "in",
+    "on",
+    "at",
+    "photo",
+    "painting",
+    "portrait",
+    "cat",
+    "dog",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "black",
+    "white",
+    "house",
+    "tree",
+    "mountain",
+    "river",
+    "city",
+    "night",
+    "day",
+    "sky",
+    "sun",
+    "moon",
+    "astronaut",
+    "horse",
+    "riding",
+    "forest",
+    "ocean",
+    "beach",
+    "car",
+    "street",
+    "flower",
+    "garden",
+    "old",
+    "young",
+    "man",
+    "woman",
+    "robot",
+    "castle",
+    "snow",
+    "rain",
+    "fire",
+    "water",
+    "light",
+    "dark",
+    "bright",
+    "blurry",
+    "lowres",
+    "ugly",
+    "bad",
+    "quality",
+    "best",
+    "detailed",
+    "landscape",
+    "oil",
+    "sketch",
+    "watercolor",
+    "cinematic",
+    "style",
+    "art",
+]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -59,7 +122,7 @@ def build_tokenizer_files(out: Path) -> int:
     merges: list[str] = []
     seen = set(vocab)
     for word in _WORDS:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        symbols = [*word[:-1], word[-1] + "</w>"]
         current = symbols[0]
         for nxt in symbols[1:]:
             merged = current + nxt

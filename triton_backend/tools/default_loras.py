@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import PreTrainedModel
 
 
 def _kohya(
@@ -43,11 +44,11 @@ def _metadata(config) -> dict:
     return {**config.to_dict(), "base_model_name_or_path": None, "target_modules": sorted(config.target_modules)}
 
 
-def _text_encoders(model_dir: Path, arch: str) -> dict[str, torch.nn.Module]:
+def _text_encoders(model_dir: Path, arch: str) -> dict[str, PreTrainedModel]:
     """Fresh text encoders of the model by diffusers component name (PEFT leaves wrappers behind on delete)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    out = {"text_encoder": CLIPTextModel.from_pretrained(str(model_dir / "text_encoder"))}
+    out: dict[str, PreTrainedModel] = {"text_encoder": CLIPTextModel.from_pretrained(str(model_dir / "text_encoder"))}
     if arch == "sdxl":
         out["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(str(model_dir / "text_encoder_2"))
     return out

@@ -3,7 +3,7 @@ import torch
 
 from triton_backend.config import StageConfig
 from triton_backend.errors import InvalidRequestError
-from triton_backend.unet_step import StepInput, UNetStep, parse_step
+from triton_backend.stages.unet import StepInput, UNetStep, parse_step
 
 
 @pytest.fixture(scope="module")

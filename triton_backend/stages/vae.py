@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from .components import ModelInfo, load_part
-from .config import StageConfig
-from .errors import InvalidRequestError
+from ..config import StageConfig
+from ..errors import InvalidRequestError
+from ..model_info import ModelInfo, load_part
 
 
 class VaeDecoder:

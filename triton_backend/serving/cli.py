@@ -9,11 +9,11 @@ import threading
 import time
 from pathlib import Path
 
-from .paths import default_model_dir
+from ..paths import default_model_dir
 
 
 def _default_model(args: argparse.Namespace) -> int:
-    from .default_model import write_default_model
+    from ..tools.default_model import write_default_model
 
     if args.out is None:
         args.out = str(default_model_dir(args.arch, args.preset))
@@ -30,7 +30,7 @@ def _ensure_model_dir(model_dir: str | None, arch: str = "sd1") -> Path:
     """An explicit ``--model-dir`` is used as is; otherwise the default model of ``arch`` is generated if missing."""
     if model_dir:
         return Path(model_dir)
-    from .default_model import write_default_model
+    from ..tools.default_model import write_default_model
 
     return write_default_model(default_model_dir(arch), arch=arch)
 
@@ -113,7 +113,7 @@ def _add_server_args(p: argparse.ArgumentParser, ports: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from swiftdiffusion_client import cli as client_cli
 
-    from .default_model import ARCHS, PRESETS, SDXL_PRESETS
+    from ..tools.default_model import ARCHS, PRESETS, SDXL_PRESETS
 
     parser = argparse.ArgumentParser(prog="swiftdiffusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .components import ModelInfo
-from .config import StageConfig
-from .controlnet.service import controlnet_names
-from .errors import InvalidRequestError, NotFoundError
-from .lora.store import resolve_lora_path
-from .paths import controlnet_dir, lora_dir
-from .schedulers import make_scheduler
-from .schema import field_names, parse_request, reject_sdxl_only
+from ..config import StageConfig
+from ..controlnet.service import controlnet_names
+from ..errors import InvalidRequestError, NotFoundError
+from ..lora.store import resolve_lora_path
+from ..model_info import ModelInfo
+from ..paths import controlnet_dir, lora_dir
+from ..schedulers import make_scheduler
+from ..schema import field_names, parse_request, reject_sdxl_only
 
 
 class BaselinePipeline:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RemoteStageError, StageUnavailableError, SwiftDiffusionError, parse_error_tag, to_triton_error
+from ..errors import RemoteStageError, StageUnavailableError, SwiftDiffusionError, parse_error_tag, to_triton_error
 
 Tensors = dict[str, np.ndarray]
 
@@ -55,7 +55,7 @@ def respond_each(requests: Sequence[Any], handle: Callable[[Any], Tensors], pb_u
 def respond_batched(
     requests: Sequence[Any],
     parse: Callable[[Any], Any],
-    compute_many: Callable[[list[Any]], list[Tensors]],
+    compute_many: Callable[[list[Any]], Sequence[Tensors | BaseException]],
     pb_utils: Any,
 ) -> list:
     """Dynamic batching: parse each request alone (a bad one fails alone), compute the valid ones together."""

@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .paths import MODEL_DIR_ENV, cache_dir, model_repository_dir
+from ..paths import MODEL_DIR_ENV, cache_dir, model_repository_dir
 
 #: Stages put this tag in the names of the shared-memory directories they create, so ``stop`` can remove them.
 SHM_TAG_ENV = "SWIFTDIFFUSION_SHM_TAG"
@@ -39,7 +39,7 @@ def pytriton_root() -> Path:
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
         raise ServerError("nvidia-pytriton is not installed (pip install nvidia-pytriton==0.7.0)")
-    return Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
 
 
 def pytriton_libs() -> Path:
@@ -77,7 +77,7 @@ def server_env(model_dir: Path | None) -> dict[str, str]:
     libdirs = [str(pytriton_libs()), sysconfig.get_config_var("LIBDIR") or ""]
     env["LD_LIBRARY_PATH"] = os.pathsep.join([d for d in libdirs if d] + [env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    package_parent = str(Path(__file__).resolve().parent.parent)
+    package_parent = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([package_parent, env.get("PYTHONPATH", "")]).rstrip(":")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("HF_HUB_OFFLINE", "1")

@@ -8,12 +8,13 @@ import numpy as np
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .components import ModelInfo, load_part
-from .config import StageConfig
-from .lora.patch import AdapterRef, WeightPatcher
-from .lora.store import has_text_encoder_layers, resolve_lora_path
-from .paths import lora_dir
-from .schema import GenerationRequest, parse_request, reject_sdxl_only
+from ..config import StageConfig
+from ..errors import ConfigError
+from ..lora.patch import AdapterRef, WeightPatcher
+from ..lora.store import has_text_encoder_layers, resolve_lora_path
+from ..model_info import ModelInfo, load_part
+from ..paths import lora_dir
+from ..schema import GenerationRequest, parse_request, reject_sdxl_only
 
 #: The request fields this stage consumes (the ensemble maps these ``txt2img`` inputs onto it).
 INPUTS = ("PROMPT", "NEGATIVE_PROMPT", "PROMPT_2", "NEGATIVE_PROMPT_2", "GUIDANCE_SCALE", "LORA_NAMES", "LORA_SCALES")
@@ -66,6 +67,8 @@ class TextEncoder:
             if pooled is None and out[0].ndim == 2:  # diffusers: the pooled output of the projection encoder
                 pooled = out[0]
             hiddens.append(out.hidden_states[-2])
+        if pooled is None:  # ModelInfo.read accepts SDXL only with a CLIPTextModelWithProjection as text_encoder_2
+            raise ConfigError(f"{self.cfg.model_name}: no text encoder returned pooled embeddings")
         return torch.cat(hiddens, dim=-1).float().cpu(), pooled.float().cpu()
 
     def _tokenize(self, i: int, texts: list[str]):

@@ -136,6 +136,6 @@ def load_part(cls: Any, model_dir: Path, subfolder: str, device: torch.device, d
     """``cls.from_pretrained(model_dir/subfolder)`` in eval mode on ``device``/``dtype``; errors name the part."""
     try:
         model = cls.from_pretrained(str(model_dir / subfolder), torch_dtype=dtype)
-    except Exception as exc:  # noqa: BLE001 - any loader failure fails the model load with the path
+    except Exception as exc:
         raise ConfigError(f"cannot load {subfolder} from {model_dir}: {exc}") from exc
     return model.to(device).eval().requires_grad_(False)

@@ -12,18 +12,21 @@ import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .components import ModelInfo
-from .config import StageConfig
-from .errors import CancelledError, InvalidRequestError
-from .lora.patch import AdapterRef
-from .schedulers import make_scheduler
-from .schema import SDXL_FIELDS, GenerationRequest, parse_request, reject_sdxl_only
+from ..config import StageConfig
+from ..controlnet.service import HINT_DIR_PREFIX
+from ..controlnet.wire import ControlRef
+from ..errors import CancelledError, InvalidRequestError
+from ..lora.patch import AdapterRef
+from ..model_info import ModelInfo
+from ..schedulers import make_scheduler
+from ..schema import SDXL_FIELDS, GenerationRequest, parse_request, reject_sdxl_only
 
 #: Request fields this stage consumes, besides ``PROMPT_EMBEDS`` from ``text_encoder``.
 INPUTS = (
@@ -47,8 +50,8 @@ INPUTS = (
 )
 
 Adapters = tuple[AdapterRef, ...]
-#: ControlNets of one step: ``(name, hint_file, effective scale)``.
-Controls = tuple[tuple[str, str, float], ...]
+#: ControlNets of one step, each with its effective scale.
+Controls = tuple[ControlRef, ...]
 
 #: SDXL's added conditioning of a UNet call, per row: ``{"text_embeds": [B, P], "time_ids": [B, 6]}`` (diffusers'
 #: ``added_cond_kwargs``); empty for SD 1.x/2.x.
@@ -193,7 +196,7 @@ def prepare(
     shape = (1, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
     latents = torch.randn(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
     params = set(inspect.signature(scheduler.step).parameters)
-    extra = {}
+    extra: dict[str, Any] = {}
     if "eta" in params:
         extra["eta"] = 0.0
     if "generator" in params:
@@ -247,10 +250,6 @@ def attach_controlnets(
 
 def release_hints(state: DenoiseState) -> None:
     """Free this request's hint embeddings (also after a failure or cancellation)."""
-    from pathlib import Path
-
-    from .controlnet.service import HINT_DIR_PREFIX
-
     for _, file, *_ in state.controlnets:
         path = Path(file)
         if path.parent.name.startswith(HINT_DIR_PREFIX):
@@ -276,7 +275,7 @@ def step_controlnets(state: DenoiseState) -> Controls:
     for name, hint, scale, start, end in state.controlnets:
         keep = 1.0 - float(i / n < start or (i + 1) / n > end)
         if scale * keep != 0.0:
-            out.append((name, hint, scale * keep))
+            out.append(ControlRef(name, hint, scale * keep))
     return tuple(out)
 
 

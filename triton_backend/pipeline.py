@@ -8,24 +8,25 @@ LoRAs come from a local :class:`LoraStore` and land at ``LORA_BOUND_K`` (or afte
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import denoise
-from .components import ModelInfo
 from .config import StageConfig
 from .controlnet.service import ControlNetService, ControlRow
 from .lora.convert import convert_lora_file, load_skeletons
 from .lora.patch import AdapterRef
 from .lora.store import CACHE_DIR_PREFIX, LoraStore
+from .model_info import ModelInfo
 from .paths import lora_dir
 from .schema import GenerationRequest
-from .text_encoding import TextEncoder
-from .unet_step import StepInput, UNetStep
-from .vae_decode import VaeDecoder
+from .stages import denoise
+from .stages.text_encoder import TextEncoder
+from .stages.unet import StepInput, UNetStep
+from .stages.vae import VaeDecoder
 
 
 class ReadyLoad:
@@ -68,20 +69,21 @@ class LocalPipeline:
 
     def control(self, step: StepInput):
         """The in-process ``ControlFn``: one service row per ControlNet of the step."""
-        rows = [ControlRow.from_step(step, name, hint, scale) for name, hint, scale in step.controlnets]
+        rows = [ControlRow.from_step(step, ref.name, ref.hint_file, ref.scale) for ref in step.controlnets]
         return lambda: self.controlnets.step_many(rows)
 
     def unet_fn(self, *call) -> torch.Tensor:
         return self.unet.forward_many([StepInput.of(*call)], self.control)[0]
 
-    def adapters(self, request: GenerationRequest) -> tuple[AdapterRef, ...]:
-        return tuple(AdapterRef(n, str(self.loras.get(n).file), s) for n, s in request.loras)
+    def adapters(self, loras: Sequence[tuple[str, float]]) -> tuple[AdapterRef, ...]:
+        """``[(name, scale)]`` → ``AdapterRef``s of files converted by the local LoRA store."""
+        return tuple(AdapterRef(n, str(self.loras.get(n).file), s) for n, s in loras)
 
     def generate(
         self, request: GenerationRequest, latent_parallel: bool = False, lora_ready_after: int = 0
     ) -> LocalResult:
         """One image; LoRAs land when ready (after ``lora_ready_after`` polls) or at the request's bound k (0)."""
-        adapters = self.adapters(request)
+        adapters = self.adapters(request.loras)
         text_adapters = adapters if adapters and self.text_encoder.needs_loras(request) else ()
         state = denoise.prepare_encoded(request, self.text_encoder.encode_request(request, text_adapters), self.info)
         if adapters:

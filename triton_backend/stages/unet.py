@@ -6,27 +6,28 @@ requests — at different timesteps, seeds and schedulers — can share one forw
 
 from __future__ import annotations
 
-import json
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 
-from .components import ModelInfo, load_part
-from .config import StageConfig
-from .controlnet.unet_split import decoder_half, encoder_half, unpack_residuals
-from .errors import InvalidRequestError
-from .lora.patch import AdapterRef, WeightPatcher, adapter_key
-from .lora.store import CACHE_DIR_PREFIX
-from .trace import enabled as trace_enabled
-from .trace import trace
+from ..config import StageConfig
+from ..controlnet.unet_split import decoder_half, encoder_half, unpack_residuals
+from ..controlnet.wire import ControlRef, decode_controlnets
+from ..errors import InvalidRequestError
+from ..lora.patch import AdapterRef, WeightPatcher, adapter_key
+from ..lora.wire import decode_adapters
+from ..model_info import ModelInfo, load_part
+from ..serving.events import enabled as trace_enabled
+from ..serving.events import trace
 
-#: Starts the ControlNet requests of one step; the returned function waits for their packed ``[b, N]`` residuals.
-ControlFn = Callable[["StepInput"], Callable[[], list[torch.Tensor]]]
+#: Waits for the packed ``[b, N]`` residuals of a step's ControlNets (one tensor per ControlNet).
+ResidualsWait = Callable[[], list[torch.Tensor]]
+#: Starts the ControlNet requests of one step and returns their :data:`ResidualsWait`.
+ControlFn = Callable[["StepInput"], ResidualsWait]
 
 
 @dataclass
@@ -38,9 +39,9 @@ class StepInput:
     encoder_hidden_states: torch.Tensor
     #: The LoRA set this step must run with (empty = base weights); rows with different sets never share a pass.
     adapters: tuple[AdapterRef, ...] = ()
-    #: ControlNets of this step: ``(name, hint_file, scale)``; their residuals are per row, so rows with different
-    #: ControlNets still share the UNet passes.
-    controlnets: tuple[tuple[str, str, float], ...] = ()
+    #: ControlNets of this step; their residuals are per row, so rows with different ControlNets still share the
+    #: UNet passes.
+    controlnets: tuple[ControlRef, ...] = ()
     #: SDXL added conditioning per row: pooled text embeddings ``[b, P]`` and time ids ``[b, 6]``.
     text_embeds: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
@@ -92,9 +93,7 @@ class UNetStep:
         self.patcher = WeightPatcher(self.model, "unet")
 
     @torch.inference_mode()
-    def _split_forward(
-        self, merged: StepInput, rows: list[tuple[int, Callable[[], list[torch.Tensor]] | None]]
-    ) -> torch.Tensor:
+    def _split_forward(self, merged: StepInput, rows: list[tuple[int, ResidualsWait | None]]) -> torch.Tensor:
         """Encoder half, then (waiting for ControlNet residuals where a step has them) the decoder half."""
         self.patcher.ensure(merged.adapters)
         dev, dt = self.cfg.device, self.cfg.dtype
@@ -181,51 +180,17 @@ def parse_step(tensors: dict[str, np.ndarray], info: ModelInfo) -> StepInput:
     for name in INPUTS:
         if name not in tensors:
             raise InvalidRequestError(name, "is required")
-    step = StepInput(*(torch.from_numpy(np.array(tensors[name])) for name in INPUTS))
+    sample, timestep, hidden = (torch.from_numpy(np.array(tensors[name])) for name in INPUTS)
+    step = StepInput(sample, timestep, hidden)
     if "ADAPTERS" in tensors:
         step.adapters = decode_adapters(tensors["ADAPTERS"])
     if "CONTROLNETS" in tensors:
-        step.controlnets = decode_triples(tensors["CONTROLNETS"], "CONTROLNETS")
+        step.controlnets = decode_controlnets(tensors["CONTROLNETS"])
     for name in ADDED_INPUTS:
         if name in tensors:
             setattr(step, name.lower(), torch.from_numpy(np.array(tensors[name])))
     step.validate(info)
     return step
-
-
-def encode_triples(triples: Sequence[tuple[str, str, float]], rows: int) -> np.ndarray:
-    """``[rows, 1]`` BYTES: ``[[name, file, scale], ...]`` as JSON, repeated per row (Triton batches by row).
-
-    Carries a request's LoRA set (``ADAPTERS``) and a step's ControlNets (``CONTROLNETS``) to ``unet``.
-    """
-    text = json.dumps([[n, f, s] for n, f, s in triples]).encode()
-    return np.array([[text]] * rows, dtype=np.object_)
-
-
-def decode_triples(value: np.ndarray, field: str) -> tuple[tuple[str, str, float], ...]:
-    """Inverse of :func:`encode_triples`; every row of one request must carry the same list."""
-    rows = {bytes(v) for v in np.asarray(value).reshape(-1)}
-    if len(rows) != 1:
-        raise InvalidRequestError(field, "all rows of one request must carry the same list")
-    try:
-        return tuple((str(n), str(f), float(s)) for n, f, s in json.loads(rows.pop()))
-    except (ValueError, TypeError) as exc:
-        raise InvalidRequestError(field, f"not a JSON list of [name, file, scale]: {exc}") from None
-
-
-def encode_adapters(adapters: tuple[AdapterRef, ...], rows: int) -> np.ndarray:
-    """``ADAPTERS [rows, 1]``: the request's LoRA set."""
-    return encode_triples([(a.name, a.file, a.scale) for a in adapters], rows)
-
-
-def decode_adapters(value: np.ndarray) -> tuple[AdapterRef, ...]:
-    """``ADAPTERS`` → ``AdapterRef``s; only converted files written by a lora_manager are ever mapped."""
-    refs = tuple(AdapterRef(*t) for t in decode_triples(value, "ADAPTERS"))
-    for ref in refs:
-        path = Path(ref.file)
-        if path.suffix != ".safetensors" or not path.parent.name.startswith(CACHE_DIR_PREFIX):
-            raise InvalidRequestError("ADAPTERS", f"{ref.name}: {ref.file} is not a lora_manager cache file")
-    return refs
 
 
 #: Input tensors of the ``unet`` model, in :class:`StepInput` field order.

@@ -8,7 +8,7 @@ from swiftdiffusion_client import Client, ClientError, GenerationRequest, Invali
 
 from triton_backend.schema import SCHEDULER_NAMES
 
-from .conftest import assert_rejected_then_served, assert_same_image, generate_concurrently, pixel_diff
+from .helpers import assert_rejected_then_served, assert_same_image, generate_concurrently, pixel_diff
 
 pytestmark = pytest.mark.integration
 

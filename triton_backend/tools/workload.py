@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .schema import GenerationRequest
+from ..schema import GenerationRequest
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def _zipf_choice(rng: np.random.Generator, n: int, k: int, s: float, prefix: str
 def generate_trace(spec: TraceSpec) -> list[dict]:
     """Poisson arrivals over ``duration_s``; per request adapter counts and Zipf-popular names."""
     rng = np.random.default_rng(spec.seed)
-    t, out = 0.0, []
+    t, out = 0.0, list[dict]()
     while True:
         t += rng.exponential(1.0 / spec.rate)
         if t > spec.duration_s:
@@ -107,7 +107,7 @@ async def replay(url: str, trace: list[dict], steps: int, size: int, slo_s: floa
     """Send each request at its arrival time (open loop); report throughput, p50/p99 and SLO attainment."""
     import tritonclient.grpc.aio as aio
 
-    from .schema import FIELDS_BY_NAME
+    from ..schema import FIELDS_BY_NAME
 
     client = aio.InferenceServerClient(url)
     latencies: list[float] = []

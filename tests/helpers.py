@@ -1,0 +1,188 @@
+"""The shared test harness: image comparison, the real server, diffusers references, deterministic inputs.
+
+Fixtures (the default models, the local pipeline, the servers, the diffusers reference pipelines) are in
+``conftest.py``; everything a test module calls directly is here, so no test module imports another.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from triton_backend.schema import GenerationRequest
+
+#: Images from Triton must match diffusers within this many uint8 levels at any pixel (see README "Correctness").
+MAX_PIXEL_DIFF = 2
+#: ... and on average.
+MEAN_PIXEL_DIFF = 0.05
+#: Seconds the test server's lora_manager delays each response (see the ``server`` fixture).
+LORA_DELAY_S = 1.0
+
+
+def start_server(model_dir: Path, workdir: Path, env: dict[str, str] | None = None, **kwargs):
+    """The real bundled tritonserver on free loopback ports; the log's tail is printed if it fails to start."""
+    from triton_backend.serving.server import TritonServer
+
+    if os.environ.get("SWIFTDIFFUSION_TEST_DEVICE") == "cuda" and "model_repository" not in kwargs:
+        from triton_backend.serving.server import gpu_repository  # scripts/device_check.sh: stages on GPU 0, fp32
+
+        kwargs["model_repository"] = gpu_repository(dtype="float32")
+    log = workdir / "server.log"
+    srv = TritonServer(model_dir=model_dir, log_file=log, env=env or {}, **kwargs)
+    try:
+        srv.start(timeout=600)
+    except Exception:
+        print(log.read_text()[-5000:] if log.exists() else "(no log)")
+        raise
+    return srv
+
+
+def pixel_diff(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
+    """(max, mean) absolute difference in uint8 levels."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return int(d.max()), float(d.mean())
+
+
+def assert_same_image(a: np.ndarray, b: np.ndarray) -> None:
+    worst, mean = pixel_diff(a, b)
+    assert worst <= MAX_PIXEL_DIFF and mean <= MEAN_PIXEL_DIFF, f"max diff {worst}, mean diff {mean:.4f}"
+
+
+def generate_concurrently(url: str, requests: list) -> list[np.ndarray]:
+    """Send every request at once, one client per request; images in request order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from swiftdiffusion_client import Client
+
+    def one(req):
+        with Client(url, timeout_s=300) as c:
+            return c.generate(req)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(one, requests))
+
+
+def assert_rejected_then_served(client, reference, override: dict, error: type, needle: str) -> None:
+    """A request with ``override`` applied fails with ``error`` naming ``needle``; the next valid one is correct."""
+    from swiftdiffusion_client import GenerationRequest
+
+    inputs = GenerationRequest(prompt="a cat", steps=2).to_tensors()
+    inputs.update(override)
+    with pytest.raises(error) as info:
+        client.infer_raw(inputs)
+    assert needle in info.value.message
+    good = GenerationRequest(prompt="a cat", seed=4, steps=3)
+    assert_same_image(client.generate(good), reference(good))
+
+
+def hint_images(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    """Deterministic hint images: stripes and noise, different per ControlNet."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.indices((size, size))
+    out = []
+    for i in range(n):
+        stripes = ((xx + (i + 1) * yy) // (4 + 2 * i) % 2 * 255).astype(np.uint8)
+        noise = g.integers(0, 64, (size, size), dtype=np.uint8)
+        out.append(np.stack([stripes, stripes // 2 + noise, 255 - stripes], axis=-1))
+    return np.stack(out)
+
+
+def diffusers_controlnet_image(reference, model_dir, req):
+    """StableDiffusionControlNetPipeline (MultiControlNetModel for several) with the same components."""
+    from diffusers import ControlNetModel, MultiControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from triton_backend.schedulers import make_scheduler
+
+    base = reference.pipe
+    nets = [ControlNetModel.from_pretrained(str(model_dir / "controlnets" / n)) for n in req.controlnet_names]
+    controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+    components = {k: v for k, v in base.components.items() if k != "scheduler"}
+    pipe = StableDiffusionControlNetPipeline(
+        **components, scheduler=make_scheduler(req.scheduler, reference.base_scheduler), controlnet=controlnet
+    )
+    pipe.set_progress_bar_config(disable=True)
+    images = [Image.fromarray(img) for img in req.controlnet_images]
+    one = len(nets) == 1
+    cn = req.controlnets
+    out = pipe(
+        req.prompt,
+        negative_prompt=req.negative_prompt,
+        image=images[0] if one else images,
+        num_inference_steps=req.steps,
+        guidance_scale=req.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(req.seed),
+        controlnet_conditioning_scale=cn[0][1] if one else [c[1] for c in cn],
+        control_guidance_start=cn[0][2] if one else [c[2] for c in cn],
+        control_guidance_end=cn[0][3] if one else [c[3] for c in cn],
+        output_type="np",
+    ).images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
+def diffusers_image(reference, req, loras, land_step=0):
+    """diffusers: load_lora_weights + set_adapters + fuse_lora, before the call or at ``land_step`` (callback)."""
+    pipe = reference.pipe
+    names = [n for n, _ in loras]
+    te_req = GenerationRequest(**{**req.__dict__, "lora_names": (), "lora_scales": ()})
+
+    def load_and_fuse():
+        for n in names:
+            pipe.load_lora_weights(str(env_lora_dir(pipe) / f"{n}.safetensors"), adapter_name=n)
+        pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
+        pipe.fuse_lora(adapter_names=names)
+
+    try:
+        if land_step == 0:
+            load_and_fuse()
+            return reference(te_req)
+
+        def callback(p, i, t, kwargs):  # after step land_step - 1: steps >= land_step run fused
+            if i == land_step - 1:
+                load_and_fuse()
+            return kwargs
+
+        return reference_with_callback(reference, te_req, callback)
+    finally:
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+
+
+def env_lora_dir(pipe):
+    from pathlib import Path
+
+    return Path(pipe.config._name_or_path) / "loras"
+
+
+def reference_with_callback(reference, req, callback):
+    from triton_backend.schedulers import make_scheduler
+
+    pipe = reference.pipe
+    pipe.scheduler = make_scheduler(req.scheduler, reference.base_scheduler)
+    out = pipe(
+        req.prompt,
+        negative_prompt=req.negative_prompt,
+        num_inference_steps=req.steps,
+        guidance_scale=req.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(req.seed),
+        output_type="np",
+        callback_on_step_end=callback,
+    ).images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
+def lora_request(loras: tuple[tuple[str, float], ...]) -> GenerationRequest:
+    """A 4-step request with ``(name, scale)`` LoRAs patched in before the first step (k = 0)."""
+    return GenerationRequest(
+        prompt="an oil painting of a forest",
+        seed=3,
+        steps=4,
+        lora_names=tuple(n for n, _ in loras),
+        lora_scales=tuple(s for _, s in loras),
+        lora_bound_k=0,
+    )

@@ -1,0 +1,40 @@
+"""The Triton model classes (``serving.models``, ``controlnet.model``, ``lora.model``) against their configs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from triton_backend.paths import baseline_repository_dir, model_repository_dir
+
+PYTHON_MODELS = [
+    (repo, path.name)
+    for repo in (model_repository_dir(), baseline_repository_dir())
+    for path in sorted(repo.iterdir())
+    if (path / "1" / "model.py").is_file()
+]
+
+
+def model_class(model_py: Path) -> type:
+    spec = importlib.util.spec_from_file_location(f"model_{model_py.parent.parent.name}", model_py)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TritonPythonModel
+
+
+@pytest.mark.parametrize(("repo", "name"), PYTHON_MODELS, ids=[f"{r.name}/{n}" for r, n in PYTHON_MODELS])
+def test_model_class_reads_exactly_the_inputs_its_config_declares(repo, name):
+    config = text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    declared = {i.name for i in config.input}
+    read = set(model_class(repo / name / "1" / "model.py").inputs)
+    assert read == declared, f"read but not declared: {read - declared}; declared but never read: {declared - read}"
+
+
+def test_model_py_files_are_thin_shells():
+    for repo, name in PYTHON_MODELS:
+        code = (repo / name / "1" / "model.py").read_text()
+        assert code.count("\n") < 12 and "class TritonPythonModel(" in code, f"{repo.name}/{name}"

@@ -1,0 +1,1 @@
+"""Development tooling: deterministic default models and adapters, benchmark helpers, workload traces."""
