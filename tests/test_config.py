@@ -80,6 +80,7 @@ def test_public_contract_names_and_types():
         "ORIGINAL_SIZE": (pb.TYPE_INT32, True),  # SDXL only
         "CROPS_COORDS_TOP_LEFT": (pb.TYPE_INT32, True),
         "TARGET_SIZE": (pb.TYPE_INT32, True),
+        "DEADLINE_MS": (pb.TYPE_INT32, True),  # the step scheduler's deadline
     }
     outputs = {o.name: o for o in ensemble.output}
     image = outputs["IMAGE"]
@@ -125,10 +126,14 @@ def test_gpu_kind_without_cuda_fails_clearly(model_dir):
 def test_instance_count_reads_the_unet_config(tmp_path):
     from triton_backend.config import instance_count
 
-    assert instance_count(REPO / "unet" / "config.pbtxt") == 2
-    assert instance_count(REPO / "denoise" / "config.pbtxt") == 4
+    # CPU defaults: one UNet instance with every core; one denoise instance drives every generation.
+    assert instance_count(REPO / "unet" / "config.pbtxt") == 1
+    assert instance_count(REPO / "denoise" / "config.pbtxt") == 1
     (tmp_path / "config.pbtxt").write_text('name: "x"\nbackend: "python"\n')
     assert instance_count(tmp_path / "config.pbtxt") == 1
+    two = 'instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0 ] }, { count: 1 kind: KIND_GPU gpus: [ 1 ] } ]'
+    (tmp_path / "config.pbtxt").write_text(f'name: "x"\nbackend: "python"\n{two}\n')
+    assert instance_count(tmp_path / "config.pbtxt") == 2
 
 
 def test_architecture_is_read_from_the_model_config(model_dir, sdxl_model_dir):
@@ -166,3 +171,29 @@ def test_unsupported_architectures_are_refused_clearly(model_dir, sdxl_model_dir
     wrong = _edited_copy(sdxl_model_dir, tmp_path / "wrong", "unet", projection_class_embeddings_input_dim=99)
     with pytest.raises(ConfigError, match="projection_class_embeddings_input_dim=99"):
         ModelInfo.read(wrong)
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"max_active": "zero"}, "max_active='zero' is not an integer"),
+        ({"max_active": "0"}, "max_active=0 must be >= 1"),
+        ({"max_pending": "-1"}, "max_pending=-1 must be >= 1"),
+        ({"default_deadline_ms": "soon"}, "default_deadline_ms"),
+        ({"late_policy": "drop"}, "late_policy='drop'; allowed: serve, reject"),
+    ],
+)
+def test_bad_scheduler_parameters_fail_the_denoise_load_naming_them(model_dir, params, needle):
+    from triton_backend.stages.denoise import Denoiser
+
+    with pytest.raises(ConfigError, match=needle):
+        Denoiser(StageConfig.from_params("denoise", {"model_dir": str(model_dir), **params}))
+
+
+def test_scheduler_parameters_reach_the_policy(model_dir):
+    from triton_backend.stages.denoise import Denoiser
+
+    params = {"max_active": "3", "max_pending": "5", "default_deadline_ms": "2500", "late_policy": "reject"}
+    scheduler = Denoiser(StageConfig.from_params("denoise", {"model_dir": str(model_dir), **params})).scheduler
+    assert scheduler.policy.concurrency.limit == 3 and scheduler.policy.concurrency.fixed == 3
+    assert (scheduler.max_pending, scheduler.default_deadline_ms, scheduler.late_policy) == (5, 2500, "reject")

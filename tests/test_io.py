@@ -115,32 +115,67 @@ def models():
     pb.MODELS.clear()
 
 
-def test_bls_one_call_is_synchronous_several_are_gathered(models):
+@pytest.fixture()
+def bls():
+    client = io.BlsClient(pb, name="test")
+    yield client
+    client.close()
+
+
+def test_bls_one_call_is_synchronous_several_are_gathered(models, bls):
     models["double"] = lambda t: {"Y": t["X"] * 2, "Z": t["X"]}
-    (one,) = io.bls_infer_many(pb, [("double", {"X": np.array([1])}, ["Y"])])
+    (one,) = bls.infer_many([("double", {"X": np.array([1])}, ["Y"])])
     assert list(one) == ["Y"] and one["Y"].tolist() == [2]
     assert pb.ISSUED == [("double", ("X",), "exec")]
-    many = io.bls_infer_many(pb, [("double", {"X": np.array([i])}, ["Y"]) for i in range(3)])
+    many = bls.infer_many([("double", {"X": np.array([i])}, ["Y"]) for i in range(3)])
     assert [m["Y"].tolist() for m in many] == [[0], [2], [4]]
     assert [kind for *_, kind in pb.ISSUED[1:]] == ["async_exec"] * 3
 
 
 @pytest.mark.parametrize("code", ["INVALID_ARG", "NOT_FOUND", "CANCELLED"])
-def test_bls_error_keeps_the_callees_code_through_the_tag(models, code):
+def test_bls_error_keeps_the_callees_code_through_the_tag(models, bls, code):
     error = {"INVALID_ARG": InvalidRequestError("STEPS", "bad"), "NOT_FOUND": NotFoundError("LORA_NAMES", "x", [])}
     exc = error.get(code)
     models["callee"] = lambda t: to_triton_error(exc, pb) if exc else pb.TritonError(f"[{code}] stop", 0)
     with pytest.raises(RemoteStageError) as info:
-        io.bls_infer_many(pb, [("callee", {"X": np.array([1])}, ["Y"])])
+        bls.infer_many([("callee", {"X": np.array([1])}, ["Y"])])
     assert info.value.code == code
 
 
-def test_bls_other_errors_are_unavailable_naming_the_stage(models):
+def test_bls_other_errors_are_unavailable_naming_the_stage(models, bls):
     models["unet"] = lambda t: pb.TritonError("Stub process 'unet_0' is not healthy.", pb.TritonError.INTERNAL)
     with pytest.raises(StageUnavailableError, match="unet: Stub process"):
-        io.bls_infer_many(pb, [("unet", {"X": np.array([1])}, ["Y"])])
+        bls.infer_many([("unet", {"X": np.array([1])}, ["Y"])])
 
 
 def test_is_cancelled():
     assert io.is_cancelled(pb.Request({}, cancelled=True)) and not io.is_cancelled(pb.Request({}))
     assert not io.is_cancelled(object())  # backends before 23.10 have no is_cancelled
+
+
+def test_bls_client_runs_coroutines_on_its_own_loop_and_close_cancels_them(models, bls):
+    import asyncio
+    import threading
+
+    models["echo"] = lambda t: {"Y": t["X"]}
+
+    async def work():
+        return threading.current_thread().name, await bls.infer([("echo", {"X": np.array([7])}, ["Y"])] * 2)
+
+    name, outs = bls.submit(work()).result(5)
+    assert name == "test-loop" and [o["Y"].tolist() for o in outs] == [[7], [7]]
+    pending = bls.submit(asyncio.sleep(60))
+    bls.close()
+    assert pending.cancelled() or isinstance(pending.exception(1), asyncio.CancelledError)
+
+
+def test_send_final_marks_the_one_response_final():
+    sent = []
+
+    class Sender:
+        def send(self, response, flags=0):
+            sent.append((response, flags))
+
+    pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    io.send_final(Sender(), "r", pb)
+    assert sent == [("r", 1)]

@@ -39,6 +39,7 @@ def test_defaults_when_optional_fields_absent():
 def test_every_field_has_a_dtype_and_attribute():
     names = {f.name for f in FIELDS}
     assert names == {
+        "DEADLINE_MS",
         "PROMPT",
         "NEGATIVE_PROMPT",
         "PROMPT_2",
@@ -207,3 +208,24 @@ def test_bad_controlnet_fields(overrides, field):
     with pytest.raises(InvalidRequestError) as info:
         parse_request(tensors(**overrides))
     assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        (np.array([0], dtype=np.int32), "0 is out of range; allowed 1 .. 3600000"),
+        (np.array([-5], dtype=np.int32), "-5 is out of range"),
+        (np.array([2_000_000_000], dtype=np.int32), "out of range"),
+        (np.array([1.5], dtype=np.float32), "expected INT32"),
+        (np.array([1, 2], dtype=np.int32), "exactly one element"),
+    ],
+)
+def test_bad_deadline_names_the_field(value, needle):
+    with pytest.raises(InvalidRequestError, match=needle) as info:
+        parse_request({"PROMPT": np.array([b"x"], dtype=object), "DEADLINE_MS": value})
+    assert info.value.field == "DEADLINE_MS"
+
+
+def test_deadline_round_trips():
+    req = GenerationRequest(prompt="x", deadline_ms=2500)
+    assert req.to_tensors()["DEADLINE_MS"].dtype == np.int32 and parse_request(req.to_tensors()) == req

@@ -74,14 +74,14 @@ class StageConfig:
             raise ConfigError(f"{model_name}: parameter dtype={dtype_name!r}; allowed: auto, {', '.join(_DTYPES)}")
 
         model_dir = resolve_model_dir(params.get("model_dir", ""))
-        threads = _int_param(model_name, params, "num_threads", 0)
+        threads = int_param(model_name, params, "num_threads", 0)
         if threads <= 0:
             threads = max(1, (os.cpu_count() or 1) // max(1, instance_count))
         limits = RequestLimits(
-            max_steps=_int_param(model_name, params, "max_steps", RequestLimits.max_steps, minimum=1),
-            max_height=_int_param(model_name, params, "max_height", RequestLimits.max_height, minimum=8),
-            max_width=_int_param(model_name, params, "max_width", RequestLimits.max_width, minimum=8),
-            max_prompt_chars=_int_param(
+            max_steps=int_param(model_name, params, "max_steps", RequestLimits.max_steps, minimum=1),
+            max_height=int_param(model_name, params, "max_height", RequestLimits.max_height, minimum=8),
+            max_width=int_param(model_name, params, "max_width", RequestLimits.max_width, minimum=8),
+            max_prompt_chars=int_param(
                 model_name, params, "max_prompt_chars", RequestLimits.max_prompt_chars, minimum=1
             ),
         )
@@ -110,7 +110,7 @@ def resolve_model_dir(value: str) -> Path:
     return path
 
 
-def _int_param(model: str, params: dict[str, str], name: str, default: int, minimum: int | None = None) -> int:
+def int_param(model: str, params: dict[str, str], name: str, default: int, minimum: int | None = None) -> int:
     raw = params.get(name, "")
     if raw == "":
         return default

@@ -46,6 +46,18 @@ class StageUnavailableError(SwiftDiffusionError):
     code = "UNAVAILABLE"
 
 
+class DeadlineExceededError(SwiftDiffusionError):
+    """The request cannot finish within its deadline (``DEADLINE_MS``) and the deployment refuses late work.
+
+    Triton has no DEADLINE_EXCEEDED code: it maps to ``UNAVAILABLE`` and the message says ``deadline exceeded``.
+    """
+
+    code = "UNAVAILABLE"
+
+    def __init__(self, reason: str):
+        super().__init__(f"deadline exceeded: {reason}")
+
+
 class RemoteStageError(SwiftDiffusionError):
     """A BLS callee answered with an error: its code (``INVALID_ARG``, ``NOT_FOUND``, ...) and message pass through."""
 

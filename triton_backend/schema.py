@@ -38,6 +38,12 @@ SDXL only (an SD model rejects them by name)::
     ORIGINAL_SIZE          INT32 [2]  optional, (height, width), default the output size
     CROPS_COORDS_TOP_LEFT  INT32 [2]  optional, (top, left), default (0, 0)
     TARGET_SIZE            INT32 [2]  optional, (height, width), default the output size
+
+Serving::
+
+    DEADLINE_MS            INT32 [1]  optional, default the deployment's ``default_deadline_ms`` (0 = none);
+                                      1 .. 3,600,000 ms after arrival; the step scheduler serves requests that can
+                                      still meet their deadline first
 """
 
 from __future__ import annotations
@@ -89,6 +95,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("ORIGINAL_SIZE", "original_size", "INT32", vector=True),
     FieldSpec("CROPS_COORDS_TOP_LEFT", "crops_coords_top_left", "INT32", vector=True),
     FieldSpec("TARGET_SIZE", "target_size", "INT32", vector=True),
+    FieldSpec("DEADLINE_MS", "deadline_ms", "INT32"),
 )
 #: The SDXL micro-conditioning fields (pairs).
 SDXL_FIELDS = ("ORIGINAL_SIZE", "CROPS_COORDS_TOP_LEFT", "TARGET_SIZE")
@@ -99,6 +106,8 @@ SDXL_ONLY = {
     **dict.fromkeys(SDXL_FIELDS, "SDXL micro-conditioning"),
 }
 FIELDS_BY_NAME = {f.name: f for f in FIELDS}
+#: The longest ``DEADLINE_MS`` accepted: one hour.
+MAX_DEADLINE_MS = 3_600_000
 NUMPY_DTYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "UINT8": np.uint8}
 
 
@@ -130,6 +139,9 @@ class GenerationRequest:
     original_size: tuple[int, ...] = ()
     crops_coords_top_left: tuple[int, ...] = ()
     target_size: tuple[int, ...] = ()
+    #: Milliseconds from arrival by which the image should be ready (``None``: the deployment's default). The step
+    #: scheduler favours requests that can still meet theirs (see ``triton_backend/slo``).
+    deadline_ms: int | None = None
 
     def add_time_ids(self, height: int, width: int) -> list[int]:
         """SDXL ``original_size + crops_coords_top_left + target_size`` with diffusers' defaults filled in."""
@@ -362,6 +374,10 @@ def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> No
     _check_loras(req, limits, names)
     _check_controlnets(req, names)
     _check_sdxl(req, limits, names)
+    if req.deadline_ms is not None and not 1 <= req.deadline_ms <= MAX_DEADLINE_MS:
+        raise InvalidRequestError(
+            "DEADLINE_MS", f"{req.deadline_ms} is out of range; allowed 1 .. {MAX_DEADLINE_MS} (milliseconds)"
+        )
     if req.scheduler not in SCHEDULER_NAMES:
         raise InvalidRequestError(
             "SCHEDULER", f"unknown scheduler {req.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}"

@@ -7,14 +7,19 @@ in by the caller rather than imported here; this keeps the package importable (a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ..errors import RemoteStageError, StageUnavailableError, SwiftDiffusionError, parse_error_tag, to_triton_error
 
 Tensors = dict[str, np.ndarray]
+T = TypeVar("T")
 
 
 def read_tensors(request: Any, names: Iterable[str], pb_utils: Any) -> Tensors:
@@ -85,46 +90,84 @@ def respond_batched(
 #: One BLS call: (model name, input tensors, requested output names).
 BlsCall = tuple[str, Tensors, Sequence[str]]
 
-_loop: asyncio.AbstractEventLoop | None = None
 
+class BlsClient:
+    """The BLS client of one model instance: an event loop on its own thread (vllm_backend's shape).
 
-def bls_infer_many(pb_utils: Any, calls: Sequence[BlsCall]) -> list[Tensors]:
-    """Issue every BLS call at once and wait for all (``async_exec`` + ``asyncio.gather``).
-
-    Every ``InferenceRequest`` is built first, all are awaited together, then every response is checked; a
-    failed call raises with the callee's code (``INVALID_ARG`` stays an invalid-argument error, anything else
-    is ``UNAVAILABLE``). ``execute`` is synchronous here, so a private event loop drives the awaitables.
+    ``pb_utils.InferenceRequest.async_exec`` runs the blocking ``exec`` in the running loop's default executor, so
+    the loop gets an executor wide enough for every call in flight. Coroutines (a ``denoise`` generation, a batch of
+    calls) are handed to the loop with :meth:`submit`; :meth:`infer_many` is for synchronous ``execute`` code.
+    Every call is built first, all are awaited together, then every response is checked; a failed call raises with
+    the callee's code (``INVALID_ARG``, ``NOT_FOUND``, ``CANCELLED`` pass through, anything else is ``UNAVAILABLE``
+    naming the stage).
     """
-    global _loop
-    requests = [
-        pb_utils.InferenceRequest(
-            model_name=model,
-            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()],
-            requested_output_names=list(outputs),
-        )
-        for model, inputs, outputs in calls
-    ]
-    if len(requests) == 1:
-        responses = [requests[0].exec()]
-    else:
-        if _loop is None:
-            _loop = asyncio.new_event_loop()
 
-        async def gather() -> list[Any]:  # async_exec needs a running loop when it is called
-            return list(await asyncio.gather(*(r.async_exec() for r in requests)))
+    def __init__(self, pb_utils: Any, workers: int = 64, name: str = "bls"):
+        self.pb = pb_utils
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-exec")
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_default_executor(self.executor)
+        self.thread = threading.Thread(target=self.loop.run_forever, name=f"{name}-loop", daemon=True)
+        self.thread.start()
 
-        responses = _loop.run_until_complete(gather())
-    results = []
-    for (model, _, outputs), response in zip(calls, responses, strict=True):
-        if response.has_error():
-            error = response.error()
-            # Triton hands BLS errors back with code INTERNAL, so the code travels as the message's "[CODE] " tag.
-            code_name, message = parse_error_tag(error.message())
-            if code_name in ("INVALID_ARG", "NOT_FOUND", "CANCELLED"):
-                raise RemoteStageError(code_name, message)
-            raise StageUnavailableError(f"{model}: {message}")
-        results.append({name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs})
-    return results
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coroutine`` on this client's loop; the future is safe to wait on from any other thread."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    async def infer(self, calls: Sequence[BlsCall]) -> list[Tensors]:
+        """Issue every call at once (``async_exec``) and wait for all; on this client's loop."""
+        requests = self._requests(calls)
+        responses = await asyncio.gather(*(r.async_exec() for r in requests))
+        return self._outputs(calls, responses)
+
+    def infer_many(self, calls: Sequence[BlsCall]) -> list[Tensors]:
+        """:meth:`infer` from synchronous code; one call runs directly on the caller's thread."""
+        if len(calls) == 1:
+            return self._outputs(calls, [self._requests(calls)[0].exec()])
+        return self.submit(self.infer(calls)).result()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel what is still running on the loop, stop it and its executor."""
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self.loop.is_running():
+            with contextlib.suppress(Exception):
+                self.submit(cancel_all()).result(timeout)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _requests(self, calls: Sequence[BlsCall]) -> list[Any]:
+        return [
+            self.pb.InferenceRequest(
+                model_name=model,
+                inputs=[self.pb.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()],
+                requested_output_names=list(outputs),
+            )
+            for model, inputs, outputs in calls
+        ]
+
+    def _outputs(self, calls: Sequence[BlsCall], responses: Sequence[Any]) -> list[Tensors]:
+        results = []
+        for (model, _, outputs), response in zip(calls, responses, strict=True):
+            if response.has_error():
+                # Triton hands BLS errors back with code INTERNAL, so the code travels as the message's "[CODE] " tag.
+                code_name, message = parse_error_tag(response.error().message())
+                if code_name in ("INVALID_ARG", "NOT_FOUND", "CANCELLED"):
+                    raise RemoteStageError(code_name, message)
+                raise StageUnavailableError(f"{model}: {message}")
+            results.append({name: self.pb.get_output_tensor_by_name(response, name).as_numpy() for name in outputs})
+        return results
+
+
+def send_final(sender: Any, response: Any, pb_utils: Any) -> None:
+    """Send the one response of a request through its ``InferenceResponseSender`` (default mode, Triton >= 24.06)."""
+    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 def is_cancelled(request: Any) -> bool:

@@ -8,7 +8,8 @@ them: :class:`~triton_backend.controlnet.model.ControlNetModel`, :class:`~triton
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import asyncio
+import time
 from typing import Any
 
 import numpy as np
@@ -16,18 +17,28 @@ import torch
 
 from ..config import StageConfig, instance_count
 from ..controlnet import wire as controlnet_wire
-from ..errors import ConfigError
+from ..errors import ConfigError, SwiftDiffusionError
 from ..lora import wire as lora_wire
 from ..lora.patch import AdapterRef
 from ..stages import baseline, denoise, text_encoder, unet, vae
 from .events import trace
-from .io import Tensors, bls_infer_many, is_cancelled, read_tensors, respond_batched, respond_each
+from .io import (
+    BlsCall,
+    BlsClient,
+    Tensors,
+    error_response,
+    is_cancelled,
+    make_response,
+    read_tensors,
+    respond_batched,
+    respond_each,
+    send_final,
+)
 
 
-def load_adapters(pb_utils: Any, manager: str, loras: list[tuple[str, float]]) -> list[AdapterRef]:
-    """BLS call to the LoRA manager: ``[(name, scale)]`` → ``AdapterRef``s pointing at converted factor files."""
-    call = (manager, {"LORA_NAMES": lora_wire.names_tensor(loras)}, ["LORA_FILES"])
-    return lora_wire.adapter_refs(loras, bls_infer_many(pb_utils, [call])[0])
+def lora_call(manager: str, loras: list[tuple[str, float]]) -> BlsCall:
+    """The BLS call to the LoRA manager for ``[(name, scale)]``; :func:`lora_wire.adapter_refs` reads its answer."""
+    return (manager, {"LORA_NAMES": lora_wire.names_tensor(loras)}, ["LORA_FILES"])
 
 
 class StageModel:
@@ -42,6 +53,8 @@ class StageModel:
         self.logger = pb_utils.Logger
         self.cfg = StageConfig.from_triton_args(args)
         self.cfg.apply_threads()
+        #: This instance's BLS client: its own event loop and executor (created before build, which may use it).
+        self.bls = BlsClient(pb_utils, name=self.cfg.model_name)
         self.stage = self.build(self.cfg)
 
     def build(self, cfg: StageConfig) -> Any:
@@ -50,12 +63,13 @@ class StageModel:
     def handle(self, tensors: Tensors, request: Any) -> Tensors:
         return self.stage.handle(tensors)
 
-    def execute(self, requests: list[Any]) -> list[Any]:
+    def execute(self, requests: list[Any]) -> list[Any] | None:
         return respond_each(
             requests, lambda r: self.handle(read_tensors(r, self.inputs, self.pb), r), self.pb, self.logger
         )
 
     def finalize(self) -> None:
+        self.bls.close()
         self.stage = None
 
 
@@ -97,7 +111,10 @@ class TextEncoderModel(StageModel):
         return text_encoder.TextEncoder(cfg)
 
     def handle(self, tensors: Tensors, request: Any) -> Tensors:
-        return self.stage.handle(tensors, lambda loras: load_adapters(self.pb, self.lora_manager, loras))
+        def load_adapters(loras: list[tuple[str, float]]) -> list[AdapterRef]:
+            return lora_wire.adapter_refs(loras, self.bls.infer_many([lora_call(self.lora_manager, loras)])[0])
+
+        return self.stage.handle(tensors, load_adapters)
 
 
 class VaeModel(StageModel):
@@ -111,6 +128,10 @@ class VaeModel(StageModel):
 
 class DenoiseModel(StageModel):
     """``denoise``: request fields + ``PROMPT_EMBEDS`` → ``LATENTS``; calls ``unet`` over BLS once per step.
+
+    One instance drives every generation: ``execute`` hands each request to a coroutine on the instance's BLS loop and
+    returns; the coroutine waits for the step scheduler (:mod:`triton_backend.slo`) before each step and answers
+    through the request's response sender when its latents are done (or with its error).
 
     Parameter ``latent_parallel`` (``on``/``off``/``auto``): with guidance, send the two branches of each step as
     two concurrent requests (two ``unet`` instances) instead of one batch-2 request; ``auto`` = on when the
@@ -134,7 +155,6 @@ class DenoiseModel(StageModel):
         self.logger.log_info(f"denoise: latent_parallel={self.latent_parallel} (unet instances: {unet_instances})")
         self.lora_manager = cfg.stage("lora_manager")
         self.controlnet_model = cfg.stage("controlnet")
-        self.loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-load")
         return denoise.Denoiser(cfg)
 
     def step_inputs(self, call: denoise.UNetCall) -> Tensors:
@@ -148,30 +168,53 @@ class DenoiseModel(StageModel):
             inputs["CONTROLNETS"] = controlnet_wire.encode_controlnets(step.controlnets, rows)
         return inputs
 
-    def prepare_hints(self, hints: list[tuple[str, np.ndarray]]) -> list[str]:
+    async def prepare_hints(self, hints: list[tuple[str, np.ndarray]]) -> list[str]:
         """One ``controlnet`` *prepare* request per hint image, all at once; their hint-embedding files."""
         calls = [
             (self.controlnet_model, controlnet_wire.prepare_tensors(name, image), ["HINT_FILE"])
             for name, image in hints
         ]
-        return [controlnet_wire.hint_file(out) for out in bls_infer_many(self.pb, calls)]
+        return [controlnet_wire.hint_file(out) for out in await self.bls.infer(calls)]
 
-    def unet_many(self, calls: list[denoise.UNetCall]) -> list[torch.Tensor]:
-        outs = bls_infer_many(self.pb, [(self.unet_model, self.step_inputs(c), ["NOISE_PRED"]) for c in calls])
+    async def unet_many(self, calls: list[denoise.UNetCall]) -> list[torch.Tensor]:
+        outs = await self.bls.infer([(self.unet_model, self.step_inputs(c), ["NOISE_PRED"]) for c in calls])
         return [torch.from_numpy(o["NOISE_PRED"]) for o in outs]
 
-    def handle(self, tensors: Tensors, request: Any) -> Tensors:
+    async def load_adapters(self, loras: list[tuple[str, float]]) -> list[AdapterRef]:
+        return lora_wire.adapter_refs(loras, (await self.bls.infer([lora_call(self.lora_manager, loras)]))[0])
+
+    async def generate(self, request: Any, arrival: float) -> Tensors:
+        tensors = read_tensors(request, self.inputs, self.pb)
         parallel = self.latent_parallel
         if "LATENT_PARALLEL" in tensors:
             parallel = bool(np.asarray(tensors.pop("LATENT_PARALLEL")).reshape(-1)[0])
-        unet_fn = denoise.latent_parallel(self.unet_many) if parallel else (lambda *call: self.unet_many([call])[0])
-        return self.stage.handle(
+
+        async def one_call(*call: Any) -> torch.Tensor:
+            return (await self.unet_many([call]))[0]
+
+        return await self.stage.generate(
             tensors,
-            unet_fn,
-            load_loras=lambda loras: self.loader.submit(load_adapters, self.pb, self.lora_manager, loras),
+            denoise.latent_parallel(self.unet_many) if parallel else one_call,
+            arrival,
+            load_loras=lambda loras: asyncio.ensure_future(self.load_adapters(loras)),
             is_cancelled=lambda: is_cancelled(request),
             prepare_hints=self.prepare_hints,
         )
+
+    async def answer(self, request: Any, sender: Any, arrival: float) -> None:
+        """Generate, then send the request's one response (its error if anything failed)."""
+        try:
+            response = make_response(await self.generate(request, arrival), self.pb)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
+            if not isinstance(exc, SwiftDiffusionError):
+                self.logger.log_error(f"unexpected error: {type(exc).__name__}: {exc}")
+            response = error_response(exc, self.pb)
+        send_final(sender, response, self.pb)
+
+    def execute(self, requests: list[Any]) -> None:
+        arrival = time.monotonic()
+        for request in requests:
+            self.bls.submit(self.answer(request, request.get_response_sender(), arrival))
 
 
 class UNetModel(StageModel):
@@ -184,8 +227,6 @@ class UNetModel(StageModel):
 
     def build(self, cfg: StageConfig) -> unet.UNetStep:
         self.controlnet_model = cfg.stage("controlnet")
-        # Exec() of a BLS request blocks; like async_exec, run it on threads so the encoder half overlaps it.
-        self.control_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="controlnet")
         return unet.UNetStep(cfg)
 
     def control(self, step: unet.StepInput) -> unet.ResidualsWait:
@@ -196,7 +237,8 @@ class UNetModel(StageModel):
             for ref in step.controlnets
         ]
         trace("unet_controlnet_sent", n=len(calls))
-        futures = [self.control_pool.submit(bls_infer_many, self.pb, [call]) for call in calls]
+        # Started on the BLS loop, so the encoder half runs while they are in flight.
+        futures = [self.bls.submit(self.bls.infer([call])) for call in calls]
         return lambda: [torch.from_numpy(f.result()[0]["RESIDUALS"]) for f in futures]
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -8,6 +8,8 @@ Triton, where ``UNetFn`` is a BLS call to the ``unet`` model. All request state 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import inspect
 from collections.abc import Callable
@@ -27,6 +29,8 @@ from ..lora.patch import AdapterRef
 from ..model_info import ModelInfo
 from ..schedulers import make_scheduler
 from ..schema import SDXL_FIELDS, GenerationRequest, parse_request, reject_sdxl_only
+from ..slo.engine import StepScheduler
+from ..slo.policy import Job, deadline_from
 
 #: Request fields this stage consumes, besides ``PROMPT_EMBEDS`` from ``text_encoder``.
 INPUTS = (
@@ -47,6 +51,7 @@ INPUTS = (
     "ORIGINAL_SIZE",
     "CROPS_COORDS_TOP_LEFT",
     "TARGET_SIZE",
+    "DEADLINE_MS",
 )
 
 Adapters = tuple[AdapterRef, ...]
@@ -60,9 +65,10 @@ Added = dict[str, torch.Tensor]
 #: -> noise_pred [B, C, h, w]``; ``adapters`` is the LoRA set the UNet must have patched in for this step (empty =
 #: the base weights), ``controls`` the step's ControlNets.
 UNetCall = tuple[torch.Tensor, torch.Tensor, torch.Tensor, Adapters, Controls, Added]
-UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Adapters, Controls, Added], torch.Tensor]
-#: Several independent UNet calls, run concurrently: ``[(sample, timestep, hidden, ...), ...] -> [noise_pred]``
-UNetManyFn = Callable[[list[UNetCall]], list[torch.Tensor]]
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Adapters, Controls, Added], Any]
+#: Several independent UNet calls, run concurrently: ``[(sample, timestep, hidden, ...), ...] -> [noise_pred]``.
+#: Both may be async (return awaitables): the loop awaits them (:func:`run_async`).
+UNetManyFn = Callable[[list[UNetCall]], Any]
 
 
 class LoraLoad(Protocol):
@@ -99,7 +105,7 @@ def latent_parallel(unet_many: UNetManyFn) -> UNetFn:
         added: Added,
     ):
         if sample.shape[0] == 1:
-            return unet_many([(sample, timestep, hidden, adapters, controls, added)])[0]
+            return _then(unet_many([(sample, timestep, hidden, adapters, controls, added)]), lambda out: out[0])
         rows = [
             (
                 sample[i : i + 1],
@@ -111,9 +117,20 @@ def latent_parallel(unet_many: UNetManyFn) -> UNetFn:
             )
             for i in range(sample.shape[0])
         ]
-        return torch.cat(unet_many(rows))
+        return _then(unet_many(rows), torch.cat)
 
     return unet
+
+
+def _then(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn(value)``, or, when ``value`` is awaitable (an async UNet call), a coroutine that awaits it first."""
+    if inspect.isawaitable(value):
+
+        async def later() -> Any:
+            return fn(await value)
+
+        return later()
+    return fn(value)
 
 
 @dataclass
@@ -229,10 +246,8 @@ def attach_loras(state: DenoiseState, load: LoraLoad, bound_k: int) -> None:
     state.bound_k = max(0, min(bound_k, len(state.timesteps) - 1))
 
 
-def attach_controlnets(
-    state: DenoiseState, prepare_hints: Callable[[list[tuple[str, np.ndarray]]], list[str]], info: ModelInfo
-) -> None:
-    """Check the hint images against the output size, then have every hint embedded once (``prepare_hints``)."""
+def controlnet_hints(state: DenoiseState, info: ModelInfo) -> list[tuple[str, np.ndarray]]:
+    """``(name, hint image)`` per ControlNet of the request, the images checked against the output size."""
     request = state.request
     height, width = resolve_size(request, info)
     images = request.controlnet_images
@@ -241,11 +256,23 @@ def attach_controlnets(
         raise InvalidRequestError(
             "CONTROLNET_IMAGES", f"hint images must be [{height}, {width}, 3] (the output size), got {got}"
         )
-    controls = request.controlnets
-    files = prepare_hints([(name, images[i]) for i, (name, *_) in enumerate(controls)])
-    state.controlnets = [
-        (name, f, scale, start, end) for (name, scale, start, end), f in zip(controls, files, strict=True)
-    ]
+    return [(name, images[i]) for i, (name, *_) in enumerate(request.controlnets)]
+
+
+def attach_controlnets(
+    state: DenoiseState, prepare_hints: Callable[[list[tuple[str, np.ndarray]]], Any], info: ModelInfo
+) -> Any:
+    """Check the hint images, then have every hint embedded once (``prepare_hints`` → one file per hint; when it is
+    async, this returns a coroutine to await).
+    """
+
+    def attach(files: list[str]) -> None:
+        state.controlnets = [
+            (name, f, scale, start, end)
+            for (name, scale, start, end), f in zip(state.request.controlnets, files, strict=True)
+        ]
+
+    return _then(prepare_hints(controlnet_hints(state, info)), attach)
 
 
 def release_hints(state: DenoiseState) -> None:
@@ -299,21 +326,47 @@ def apply_step(state: DenoiseState, noise_pred: torch.Tensor) -> None:
     state.step_index += 1
 
 
+async def run_async(
+    state: DenoiseState,
+    unet: UNetFn,
+    on_step: Callable[[DenoiseState], None] | None = None,
+    is_cancelled: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Run every remaining step; returns ``LATENTS [1, C, h, w]`` float32. ``unet`` may be sync or async."""
+    while not state.done:
+        if is_cancelled is not None and is_cancelled():
+            raise CancelledError(f"cancelled by the client at step {state.step_index}")
+        await wait_for_loras(state)
+        poll_loras(state)
+        noise_pred = unet(*model_input(state))
+        apply_step(state, await noise_pred if inspect.isawaitable(noise_pred) else noise_pred)
+        if on_step is not None:
+            on_step(state)
+    return state.latents.numpy()
+
+
 def run(
     state: DenoiseState,
     unet: UNetFn,
     on_step: Callable[[DenoiseState], None] | None = None,
     is_cancelled: Callable[[], bool] | None = None,
 ) -> np.ndarray:
-    """Run every remaining step; returns ``LATENTS [1, C, h, w]`` float32."""
-    while not state.done:
-        if is_cancelled is not None and is_cancelled():
-            raise CancelledError(f"cancelled by the client at step {state.step_index}")
-        poll_loras(state)
-        apply_step(state, unet(*model_input(state)))
-        if on_step is not None:
-            on_step(state)
-    return state.latents.numpy()
+    """:func:`run_async` from synchronous code (in-process pipelines, tests)."""
+    return asyncio.run(run_async(state, unet, on_step, is_cancelled))
+
+
+async def wait_for_loras(state: DenoiseState) -> None:
+    """At step ``bound_k`` an unfinished asynchronous load (an awaitable) is awaited without blocking the loop."""
+    load = state.lora_load
+    if load is not None and state.landed_step < 0 and state.step_index >= state.bound_k and inspect.isawaitable(load):
+        with contextlib.suppress(Exception):  # its error is raised by poll_loras' result()
+            await load
+
+
+def step_cost(state: DenoiseState) -> float:
+    """Relative cost of one step, for the step scheduler: UNet rows x latent pixels x (1 + ControlNets)."""
+    rows, _, h, w = model_input(state)[0].shape if state.step_index < len(state.timesteps) else (1, 0, 1, 1)
+    return float(rows * h * w * (1 + len(state.controlnets or state.request.controlnet_names)))
 
 
 class Denoiser:
@@ -323,38 +376,51 @@ class Denoiser:
         self.cfg = cfg
         self.info = ModelInfo.read(cfg.model_dir)
         self.limits = dataclasses.replace(cfg.limits, size_multiple=self.info.vae_scale_factor)
+        #: Admission and order of every generation of this instance (config max_active, max_pending, ...).
+        self.scheduler = StepScheduler.from_params(cfg.model_name, cfg.params)
 
     def start(self, tensors: dict[str, np.ndarray]) -> DenoiseState:
         """Validate the request fields and ``PROMPT_EMBEDS``; returns the request's fresh state."""
         return prepare_encoded(parse_request(tensors, self.limits, only=INPUTS), tensors, self.info)
 
-    def handle(
+    async def generate(
         self,
         tensors: dict[str, np.ndarray],
         unet: UNetFn,
+        arrival: float,
         load_loras: Callable[[list[tuple[str, float]]], LoraLoad] | None = None,
         is_cancelled: Callable[[], bool] | None = None,
-        prepare_hints: Callable[[list[tuple[str, np.ndarray]]], list[str]] | None = None,
+        prepare_hints: Callable[[list[tuple[str, np.ndarray]]], Any] | None = None,
     ) -> dict[str, np.ndarray]:
         """Triton entry: request fields + ``PROMPT_EMBEDS`` → ``LATENTS`` and ``LORA_LANDED_STEP`` (-1: no LoRA).
 
-        With LoRAs, ``load_loras`` starts their load (BLS to ``lora_manager``) and denoising starts at once.
+        The generation waits for the step scheduler before its first step and before every step after it
+        (:mod:`triton_backend.slo`); with LoRAs, ``load_loras`` starts their load at once, so it overlaps the wait.
         """
         state = self.start(tensors)
         request = state.request
-        if request.lora_names:
-            if load_loras is None:
-                raise InvalidRequestError("LORA_NAMES", "this deployment has no lora_manager")
+        if request.lora_names and load_loras is None:
+            raise InvalidRequestError("LORA_NAMES", "this deployment has no lora_manager")
+        if request.controlnet_names and prepare_hints is None:
+            raise InvalidRequestError("CONTROLNET_NAMES", "this deployment has no controlnet model")
+        deadline = deadline_from(arrival, request.deadline_ms, self.scheduler.default_deadline_ms)
+        job = Job(arrival, deadline, len(state.timesteps), step_cost(state))
+        if request.lora_names and load_loras is not None:
             k = request.lora_bound_k if request.lora_bound_k is not None else self.default_bound_k(request.steps)
             attach_loras(state, load_loras(request.loras), k)
         try:
-            if request.controlnet_names:
-                if prepare_hints is None:
-                    raise InvalidRequestError("CONTROLNET_NAMES", "this deployment has no controlnet model")
-                attach_controlnets(state, prepare_hints, self.info)
-            latents = run(state, unet, is_cancelled=is_cancelled)
+            async with self.scheduler.generation(job):
+                if request.controlnet_names and prepare_hints is not None:
+                    await attach_controlnets(state, prepare_hints, self.info)
+
+                def step(*call: Any) -> Any:
+                    return self.scheduler.step(job, lambda: unet(*call))
+
+                latents = await run_async(state, step, is_cancelled=is_cancelled)
         finally:
             release_hints(state)
+            if state.lora_load is not None and isinstance(state.lora_load, asyncio.Future):
+                state.lora_load.cancel()  # refused or failed before the LoRAs landed: stop waiting for them
         return {"LATENTS": latents, "LORA_LANDED_STEP": np.array([state.landed_step], dtype=np.int32)}
 
     def default_bound_k(self, steps: int) -> int:

@@ -1,0 +1,182 @@
+"""``slo.policy``: admission, order, preemption and the measured concurrency limit (pure logic, no server)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from triton_backend.slo.policy import AdaptiveConcurrency, Job, StepPolicy, deadline_from
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def policy(limit: int | None = 1, **kwargs) -> tuple[StepPolicy, Clock]:
+    clock = Clock()
+    return StepPolicy(AdaptiveConcurrency(fixed=limit, **kwargs), clock=clock), clock
+
+
+def job(arrival=0.0, deadline=math.inf, steps=10, cost=1.0) -> Job:
+    return Job(arrival=arrival, deadline=deadline, total_steps=steps, cost=cost)
+
+
+def test_admits_up_to_the_limit_and_the_rest_wait():
+    p, _ = policy(limit=2)
+    a, b, c = job(0), job(1), job(2)
+    assert p.submit(a) == [a] and p.submit(b) == [b] and p.submit(c) == []
+    assert p.active == [a, b] and p.waiting == [c]
+    assert p.finish(a) == [c] and c.active
+
+
+def test_earliest_deadline_first_among_waiting():
+    p, _ = policy(limit=1)
+    running = job(0, deadline=100)
+    p.submit(running)
+    late, soon = job(1, deadline=50), job(2, deadline=10)
+    p.submit(late)
+    p.submit(soon)
+    assert p.finish(running) == [soon]
+
+
+def test_same_slo_for_everyone_is_first_come_first_served():
+    p, _ = policy(limit=1)
+    jobs = [job(t, deadline=t + 3.0) for t in (0.0, 0.1, 0.2, 0.3)]
+    for j in jobs:
+        p.submit(j)
+    order = []
+    while p.jobs:
+        current = p.active[0]
+        order.append(current)
+        p.finish(current)
+    assert order == jobs
+
+
+def test_step_boundary_preemption_when_a_more_urgent_request_arrives():
+    p, _ = policy(limit=1)
+    relaxed = job(0, deadline=100)
+    p.submit(relaxed)
+    urgent = job(1, deadline=5)
+    assert p.submit(urgent) == []  # no preemption mid-step
+    assert p.step_done(relaxed, 0.1, level=1) == [urgent]
+    assert not relaxed.active and relaxed.preemptions == 1 and relaxed.done_steps == 1
+    assert p.finish(urgent) == [relaxed]
+
+
+def test_no_preemption_for_an_equal_or_less_urgent_request():
+    p, _ = policy(limit=1)
+    first = job(0, deadline=10)
+    p.submit(first)
+    p.submit(job(1, deadline=11))
+    assert p.step_done(first, 0.1, level=1) == [] and first.active
+
+
+def test_infeasible_requests_go_behind_feasible_ones():
+    p, clock = policy(limit=1)
+    running = job(0, steps=2)
+    p.submit(running)
+    p.step_done(running, 1.0, level=1)  # measured: 1 s per step at cost 1
+    doomed = job(0.5, deadline=3.0, steps=10)  # needs 10 s more
+    fine = job(0.6, deadline=20.0, steps=5)
+    p.submit(doomed)
+    p.submit(fine)
+    clock.now = 1.0
+    assert not p.feasible(doomed) and p.feasible(fine)
+    assert p.finish(running) == [fine]
+    assert p.finish(fine) == [doomed]  # still served when nothing feasible waits
+
+
+def test_least_remaining_work_breaks_deadline_ties():
+    p, _ = policy(limit=1)
+    blocker = job(0)
+    p.submit(blocker)
+    long, short = job(1, steps=50), job(2, steps=5)
+    p.submit(long)
+    p.submit(short)
+    assert p.finish(blocker) == [short]
+
+
+def test_finish_of_an_unknown_or_waiting_job_is_harmless():
+    p, _ = policy(limit=1)
+    a, b = job(0), job(1)
+    p.submit(a)
+    p.submit(b)
+    assert p.finish(b) == [] and p.active == [a]
+    assert p.finish(job(5)) == []
+
+
+def test_a_shrinking_limit_makes_the_worst_active_job_yield():
+    p, _ = policy(limit=2)
+    good, worse = job(0, deadline=10), job(1, deadline=20)
+    p.submit(good)
+    p.submit(worse)
+    p.concurrency.fixed = p.concurrency.limit = 1
+    assert p.step_done(good, 0.1, level=2) == [] and good.active
+    p.step_done(worse, 0.1, level=2)
+    assert not worse.active and p.active == [good]
+
+
+def feed(c: AdaptiveConcurrency, level: int, seconds: float, n: int | None = None) -> None:
+    for _ in range(n or c.window):
+        c.observe(level, seconds)
+
+
+def test_concurrency_grows_while_batching_adds_throughput():
+    c = AdaptiveConcurrency(window=4)
+    assert c.limit == 1
+    feed(c, 1, 1.0)
+    c.adjust(demand=8)
+    assert c.limit == 2  # level 2 unmeasured: probe it
+    feed(c, 2, 1.2)  # 2 / 1.2 = 1.67 units/s vs 1.0: worth it
+    c.adjust(demand=8)
+    assert c.limit == 3
+
+
+def test_concurrency_falls_back_when_batching_adds_nothing():
+    """A saturated CPU: two at once take twice as long per step, so one at a time is as fast and finishes earlier."""
+    c = AdaptiveConcurrency(window=4)
+    feed(c, 1, 1.0)
+    c.adjust(demand=8)
+    feed(c, 2, 1.95)
+    c.adjust(demand=8)
+    assert c.limit == 1
+    for _ in range(3):  # settles at 1; no probing while the estimate is fresh
+        feed(c, 1, 1.0)
+        c.adjust(demand=8)
+        assert c.limit == 1
+
+
+def test_concurrency_reprobes_a_stale_level_and_never_grows_without_demand():
+    c = AdaptiveConcurrency(window=2, reprobe=3)
+    feed(c, 1, 1.0)
+    c.unit_seconds[2] = 2.0
+    for _ in range(2):
+        feed(c, 1, 1.0)
+        c.adjust(demand=8)
+        assert c.limit == 1
+    feed(c, 1, 1.0)
+    c.adjust(demand=8)
+    assert c.limit == 2  # third window at 1: re-measure 2
+    c2 = AdaptiveConcurrency(window=2)
+    feed(c2, 1, 1.0)
+    c2.adjust(demand=1)
+    assert c2.limit == 1
+
+
+def test_fixed_limit_is_never_moved():
+    c = AdaptiveConcurrency(window=1, fixed=3)
+    feed(c, 3, 1.0, n=5)
+    c.adjust(demand=10)
+    assert c.limit == 3
+
+
+@pytest.mark.parametrize(
+    ("deadline_ms", "default_ms", "expected"), [(None, 0, math.inf), (None, 2000, 12.0), (500, 2000, 10.5)]
+)
+def test_deadline_from_request_or_default(deadline_ms, default_ms, expected):
+    assert deadline_from(10.0, deadline_ms, default_ms) == expected

@@ -1,0 +1,188 @@
+"""SLO-aware step scheduling: which generations advance, decided at every step boundary (pure logic, no I/O).
+
+A generation is a chain of dependent steps. When more generations step at once than batching turns into
+throughput, every one of them slows down and all finish late (processor sharing): under a latency SLO that is worse
+than first-come-first-served. So (DESIGN.md §5):
+
+* **Admission control.** At most ``limit`` generations are *active* (may have a step in flight); the rest wait with
+  their state intact. ``limit`` is measured, not configured (:class:`AdaptiveConcurrency`): it grows while one more
+  active generation still adds at least ``gain`` throughput (a GPU below its batch knee) and shrinks when it does
+  not (a saturated CPU), so the same policy is right on both.
+* **Order.** Waiting generations are ranked by :meth:`StepPolicy.key`: those that can still meet their deadline first,
+  earliest deadline first among them (EDF), then least remaining work, then arrival. A generation whose deadline can
+  no longer be met goes behind every feasible one (it is still served, or refused when the deployment says so).
+* **Preemption at step boundaries.** When a waiting generation ranks before an active one, the active one yields at
+  its next step boundary (GenServe-style); its state stays in memory, so nothing is recomputed.
+
+The engine (:mod:`triton_backend.slo.engine`) calls :meth:`StepPolicy.submit`, :meth:`StepPolicy.step_done` and
+:meth:`StepPolicy.finish`; each returns the jobs it admitted, which the engine then lets run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class Job:
+    """The policy's view of one generation request."""
+
+    arrival: float
+    #: Absolute time (the policy's clock) by which it should finish; ``math.inf`` = no deadline.
+    deadline: float
+    total_steps: int
+    #: Relative cost of one step: UNet rows x latent pixels x (1 + ControlNets). Step times are measured per unit.
+    cost: float = 1.0
+    done_steps: int = 0
+    #: Set by the policy: admitted (may step) or waiting.
+    active: bool = False
+    preemptions: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.total_steps - self.done_steps
+
+
+@dataclass
+class AdaptiveConcurrency:
+    """How many generations may step at once, found by measuring throughput at each level.
+
+    ``observe(level, seconds_per_unit)`` after every step (``level`` = active generations while it ran); after every
+    ``window`` observations at the current limit, :meth:`adjust` moves the limit: down by one when this level is not
+    ``1 + gain`` times as productive as the one below, else up by one while there is demand and the next level is
+    unmeasured or was at least ``1 + gain`` times as productive. Levels are re-probed every ``reprobe`` windows,
+    since a level's estimate is only refreshed while the system runs at it. ``fixed`` pins the limit (config
+    ``max_active``).
+    """
+
+    minimum: int = 1
+    maximum: int = 16
+    gain: float = 0.10
+    window: int = 8
+    reprobe: int = 8
+    fixed: int | None = None
+    #: EWMA weight of a new observation.
+    alpha: float = 0.25
+    limit: int = field(init=False)
+    #: level → EWMA seconds per cost unit of one step that ran at that level.
+    unit_seconds: dict[int, float] = field(default_factory=dict)
+    _seen: int = 0
+    _windows_at_limit: int = 0
+
+    def __post_init__(self) -> None:
+        self.limit = self.fixed if self.fixed is not None else self.minimum
+
+    def observe(self, level: int, seconds_per_unit: float) -> None:
+        old = self.unit_seconds.get(level)
+        self.unit_seconds[level] = (
+            seconds_per_unit if old is None else (1 - self.alpha) * old + self.alpha * seconds_per_unit
+        )
+        if level == self.limit:
+            self._seen += 1
+
+    def throughput(self, level: int) -> float | None:
+        """Cost units completed per second with ``level`` generations stepping at once (``None``: unmeasured)."""
+        t = self.unit_seconds.get(level)
+        return None if t is None or t <= 0 else level / t
+
+    def step_seconds(self, cost: float) -> float | None:
+        """Expected duration of one step of ``cost`` at the current limit (``None`` before any measurement)."""
+        t = self.unit_seconds.get(self.limit) or next(iter(self.unit_seconds.values()), None)
+        return None if t is None else t * cost
+
+    def adjust(self, demand: int) -> None:
+        """Move the limit after a full window at it; ``demand`` = generations that want to step now."""
+        if self.fixed is not None or self._seen < self.window:
+            return
+        self._seen = 0
+        self._windows_at_limit += 1
+        here, up, down = (self.throughput(k) for k in (self.limit, self.limit + 1, self.limit - 1))
+        stale = self._windows_at_limit >= self.reprobe
+        worse_than_below = down is not None and here is not None and here < (1 + self.gain) * down
+        better_above = up is None or here is None or stale or up >= (1 + self.gain) * here
+        if self.limit > self.minimum and worse_than_below:
+            self._move(-1)
+        elif demand > self.limit and self.limit < self.maximum and better_above:
+            self._move(+1)
+
+    def _move(self, delta: int) -> None:
+        self.limit += delta
+        self._windows_at_limit = 0
+
+
+@dataclass
+class StepPolicy:
+    """Admission, order and preemption for every generation of one ``denoise`` instance."""
+
+    concurrency: AdaptiveConcurrency = field(default_factory=AdaptiveConcurrency)
+    clock: Callable[[], float] = time.monotonic
+    jobs: list[Job] = field(default_factory=list)
+
+    @property
+    def active(self) -> list[Job]:
+        return [j for j in self.jobs if j.active]
+
+    @property
+    def waiting(self) -> list[Job]:
+        return [j for j in self.jobs if not j.active]
+
+    def estimated_finish(self, job: Job, now: float | None = None) -> float:
+        """When ``job`` would finish if it stepped from now on without waiting (``now`` if nothing is measured)."""
+        now = self.clock() if now is None else now
+        step = self.concurrency.step_seconds(job.cost)
+        return now + (job.remaining * step if step is not None else 0.0)
+
+    def feasible(self, job: Job, now: float | None = None) -> bool:
+        return self.estimated_finish(job, now) <= job.deadline
+
+    def key(self, job: Job, now: float) -> tuple[bool, float, float, float]:
+        """Rank (smaller first): feasible before infeasible, earliest deadline, least remaining work, arrival."""
+        return (not self.feasible(job, now), job.deadline, job.remaining * job.cost, job.arrival)
+
+    def submit(self, job: Job) -> list[Job]:
+        """A new generation; returns the jobs admitted now (possibly ``job``)."""
+        self.jobs.append(job)
+        return self._fill()
+
+    def step_done(self, job: Job, seconds: float, level: int) -> list[Job]:
+        """``job`` finished a step that took ``seconds`` with ``level`` generations active. Returns the jobs admitted
+        now; ``job`` itself may have been preempted (``job.active`` is then False: it waits to be admitted again).
+        """
+        job.done_steps += 1
+        self.concurrency.observe(level, seconds / max(job.cost, 1e-9))
+        self.concurrency.adjust(demand=len(self.jobs))
+        now = self.clock()
+        active = sorted(self.active, key=lambda j: self.key(j, now))
+        # Over the limit (it shrank): the worst-ranked active generation yields; else yield to a better waiting one.
+        over = len(active) > self.concurrency.limit and active[-1] is job
+        better = any(self.key(w, now) < self.key(job, now) for w in self.waiting)
+        if job.remaining > 0 and (over or better):
+            job.active = False
+            job.preemptions += 1
+        return self._fill()
+
+    def finish(self, job: Job) -> list[Job]:
+        """``job`` completed, failed or was cancelled; returns the jobs admitted in its place."""
+        if job in self.jobs:
+            self.jobs.remove(job)
+        job.active = False
+        return self._fill()
+
+    def _fill(self) -> list[Job]:
+        now = self.clock()
+        admitted = []
+        waiting = sorted(self.waiting, key=lambda j: self.key(j, now))
+        free = self.concurrency.limit - len(self.active)
+        for job in waiting[: max(0, free)]:
+            job.active = True
+            admitted.append(job)
+        return admitted
+
+
+def deadline_from(arrival: float, deadline_ms: int | None, default_ms: int) -> float:
+    """Absolute deadline: the request's ``DEADLINE_MS`` (or the deployment's default) after ``arrival``; none = inf."""
+    ms = deadline_ms if deadline_ms else default_ms
+    return arrival + ms / 1000.0 if ms > 0 else math.inf
