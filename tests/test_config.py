@@ -131,7 +131,7 @@ def test_instance_count_reads_the_unet_config(tmp_path):
     assert instance_count(REPO / "denoise" / "config.pbtxt") == 1
     (tmp_path / "config.pbtxt").write_text('name: "x"\nbackend: "python"\n')
     assert instance_count(tmp_path / "config.pbtxt") == 1
-    two = 'instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0 ] }, { count: 1 kind: KIND_GPU gpus: [ 1 ] } ]'
+    two = "instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0 ] }, { count: 1 kind: KIND_GPU gpus: [ 1 ] } ]"
     (tmp_path / "config.pbtxt").write_text(f'name: "x"\nbackend: "python"\n{two}\n')
     assert instance_count(tmp_path / "config.pbtxt") == 2
 
