@@ -4,8 +4,8 @@
                                      [--latency-only] [--out results/]
 
 1. one request, in-process diffusers (``StableDiffusionPipeline``, or ``StableDiffusionXLPipeline`` for an SDXL
-   model directory) vs. ``txt2img`` over gRPC (default repository: two unet instances, latent parallelism on);
-2. latent parallel vs. batch-2 CFG on one unet instance (a rendered copy of the repository);
+   model directory) vs. ``txt2img`` over gRPC (default repository: one unet instance with every core, batch-2 CFG);
+2. batch-2 CFG vs. latent parallelism on two unet instances (a rendered copy of the repository);
 3. throughput and p50/p99 at concurrency 1, 2, 4, 8 with step-level batching on vs. off (dynamic batching
    removed from unet in a rendered copy).
 Prints a Markdown table and writes JSON under --out.
@@ -147,29 +147,22 @@ def main() -> int:
     rows.append(("diffusers in-process (1 process, all threads)", statistics.median(ref), pct(ref, 95)))
 
     with TritonServer(model_dir=model_dir) as server:
-        lp = sequential(server.grpc_url, req, args.repeats)
-        results["triton_latent_parallel_s"] = statistics.median(lp)
-        rows.append(("txt2img, latent parallel (2 unet instances x 1 thread)", statistics.median(lp), pct(lp, 95)))
+        b2 = sequential(server.grpc_url, req, args.repeats)
+        results["triton_batch2_cfg_s"] = statistics.median(b2)
+        rows.append(("txt2img, batch-2 CFG (1 unet instance, all threads)", statistics.median(b2), pct(b2, 95)))
         if args.latency_only:
             print_one_request(model_dir, req, args.repeats, rows)
             print(f"\nwrote {write_results(args.out, 'bench_pipeline_latency', results)}")
             return 0
         results["load_batching_on"] = {c: load(server.grpc_url, req, c, args.load_requests) for c in (1, 2, 4, 8)}
 
-    one_instance = render_repository(
-        {
-            "unet": [("count: 2", "count: 1")],
-            "denoise": [
-                ('"latent_parallel" value { string_value: "auto" }', '"latent_parallel" value { string_value: "off" }')
-            ],
-        }
-    )
+    two_instances = render_repository({"unet": [("count: 1 kind: KIND_CPU", "count: 2 kind: KIND_CPU")]})
     no_batching = render_repository({"unet": [("dynamic_batching { max_queue_delay_microseconds: 0 }", "")]})
 
-    with TritonServer(model_dir=model_dir, model_repository=one_instance) as server:
-        b2 = sequential(server.grpc_url, req, args.repeats)
-        results["triton_batch2_cfg_s"] = statistics.median(b2)
-        rows.append(("txt2img, batch-2 CFG (1 unet instance x 2 threads)", statistics.median(b2), pct(b2, 95)))
+    with TritonServer(model_dir=model_dir, model_repository=two_instances) as server:
+        lp = sequential(server.grpc_url, req, args.repeats)
+        results["triton_latent_parallel_s"] = statistics.median(lp)
+        rows.append(("txt2img, latent parallel (2 unet instances, cores split)", statistics.median(lp), pct(lp, 95)))
 
     with TritonServer(model_dir=model_dir, model_repository=no_batching) as server:
         results["load_batching_off"] = {c: load(server.grpc_url, req, c, args.load_requests) for c in (1, 2, 4, 8)}

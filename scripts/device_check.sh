@@ -26,7 +26,7 @@ SWIFTDIFFUSION_TEST_DEVICE=cuda timeout 240 python -m pytest -q -x tests/test_tx
     tests/test_sdxl_integration.py \
     --junitxml="$OUT/tests.xml" || echo "TESTS FAILED (rc $?)"
 
-echo "== benchmark: SD1.5 architecture, fp16, GPU 0 =="
+echo "== benchmark: SD1.5 architecture, fp16, GPU 0: adapter matrix + rate sweep (0.5x..1.5x baseline capacity) =="
 timeout 240 python scripts/benchmark.py --preset sd15 --device cuda --dtype float16 --steps 20 --size 512 \
-    --repeats 5 --trace-rate 2 --trace-duration 15 --slo 3 --out "$OUT" || echo "BENCHMARK FAILED (rc $?)"
+    --repeats 5 --requests-per-rate 60 --out "$OUT" || echo "BENCHMARK FAILED (rc $?)"
 echo "elapsed $(( $(date +%s) - start )) s"

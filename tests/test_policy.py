@@ -121,57 +121,74 @@ def test_a_shrinking_limit_makes_the_worst_active_job_yield():
     assert not worse.active and p.active == [good]
 
 
-def feed(c: AdaptiveConcurrency, level: int, seconds: float, n: int | None = None) -> None:
-    for _ in range(n or c.window):
-        c.observe(level, seconds)
+class Feeder:
+    """Steps of cost 1 completing at ``rate`` units per second of wall time, at a given level."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self, c: AdaptiveConcurrency, level: int, rate: float, n: int | None = None) -> None:
+        for _ in range(n or c.window):
+            self.now += 1.0 / rate
+            c.observe(level, 1.0, level / rate, self.now)
 
 
 def test_concurrency_grows_while_batching_adds_throughput():
-    c = AdaptiveConcurrency(window=4)
+    c, feed = AdaptiveConcurrency(window=4), Feeder()
     assert c.limit == 1
     feed(c, 1, 1.0)
-    c.adjust(demand=8)
+    c.adjust(queued=8)
     assert c.limit == 2  # level 2 unmeasured: probe it
-    feed(c, 2, 1.2)  # 2 / 1.2 = 1.67 units/s vs 1.0: worth it
-    c.adjust(demand=8)
+    feed(c, 2, 1.7)  # a GPU below its batch knee: 1.7x the throughput
+    c.adjust(queued=8)
     assert c.limit == 3
 
 
 def test_concurrency_falls_back_when_batching_adds_nothing():
-    """A saturated CPU: two at once take twice as long per step, so one at a time is as fast and finishes earlier."""
-    c = AdaptiveConcurrency(window=4)
+    """A saturated CPU: two at once complete no more work per second, so one at a time finishes each one earlier."""
+    c, feed = AdaptiveConcurrency(window=4), Feeder()
     feed(c, 1, 1.0)
-    c.adjust(demand=8)
-    feed(c, 2, 1.95)
-    c.adjust(demand=8)
+    c.adjust(queued=8)
+    feed(c, 2, 1.1)  # +10 %: noise, not worth doubling everyone's latency
+    c.adjust(queued=8)
     assert c.limit == 1
     for _ in range(3):  # settles at 1; no probing while the estimate is fresh
         feed(c, 1, 1.0)
-        c.adjust(demand=8)
+        c.adjust(queued=8)
         assert c.limit == 1
 
 
-def test_concurrency_reprobes_a_stale_level_and_never_grows_without_demand():
-    c = AdaptiveConcurrency(window=2, reprobe=3)
+def test_a_window_counts_only_steps_at_the_limit():
+    c, feed = AdaptiveConcurrency(window=4), Feeder()
+    feed(c, 1, 1.0, n=3)
+    feed.now += 1
+    c.observe(2, 1.0, 1.0, feed.now)  # a step at another level (demand dropped or a probe): the window restarts
+    c.adjust(queued=8)
+    assert c.rate == {} and c.limit == 1
+    feed(c, 1, 2.0)
+    assert c.rate == {1: pytest.approx(2.0)}
+
+
+def test_concurrency_reprobes_a_stale_level_and_never_grows_without_a_queue():
+    c, feed = AdaptiveConcurrency(window=2, reprobe=3), Feeder()
     feed(c, 1, 1.0)
-    c.unit_seconds[2] = 2.0
+    c.rate[2] = 1.0
+    c.adjust(queued=8)
+    assert c.limit == 1
     for _ in range(2):
         feed(c, 1, 1.0)
-        c.adjust(demand=8)
-        assert c.limit == 1
-    feed(c, 1, 1.0)
-    c.adjust(demand=8)
+        c.adjust(queued=8)
     assert c.limit == 2  # third window at 1: re-measure 2
-    c2 = AdaptiveConcurrency(window=2)
-    feed(c2, 1, 1.0)
-    c2.adjust(demand=1)
+    c2, feed2 = AdaptiveConcurrency(window=2), Feeder()
+    feed2(c2, 1, 1.0)
+    c2.adjust(queued=0)
     assert c2.limit == 1
 
 
 def test_fixed_limit_is_never_moved():
-    c = AdaptiveConcurrency(window=1, fixed=3)
+    c, feed = AdaptiveConcurrency(window=1, fixed=3), Feeder()
     feed(c, 3, 1.0, n=5)
-    c.adjust(demand=10)
+    c.adjust(queued=10)
     assert c.limit == 3
 
 
@@ -180,3 +197,26 @@ def test_fixed_limit_is_never_moved():
 )
 def test_deadline_from_request_or_default(deadline_ms, default_ms, expected):
     assert deadline_from(10.0, deadline_ms, default_ms) == expected
+
+
+def test_a_blocked_job_gives_up_its_slot_and_queues_again_with_its_rank():
+    p, _ = policy(limit=1)
+    loading, other = job(0, deadline=10), job(1, deadline=20)
+    p.submit(loading)
+    p.submit(other)
+    assert p.block(loading) == [other]  # waiting for its LoRAs: the slot goes to the next one
+    assert not loading.active and loading not in p.waiting
+    assert p.unblock(loading) == [] and loading in p.waiting  # ready again: queued, no slot free
+    assert p.step_done(other, 0.1, level=1) == [loading]  # ranks first: other yields at its step boundary
+
+
+def test_without_a_queue_the_limit_steps_back_down_for_latency():
+    c, feed = AdaptiveConcurrency(window=2), Feeder()
+    feed(c, 1, 1.0)
+    c.adjust(queued=3)
+    feed(c, 2, 2.0)  # twice as productive while there was a queue
+    c.adjust(queued=3)
+    assert c.limit == 3
+    feed(c, 3, 2.2)
+    c.adjust(queued=0)  # the queue is gone: fewer at once, each finishes sooner
+    assert c.limit == 2

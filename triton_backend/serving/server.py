@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..paths import MODEL_DIR_ENV, cache_dir, model_repository_dir
+from .watchdog import StageWatchdog, stub_processes
 
 #: Stages put this tag in the names of the shared-memory directories they create, so ``stop`` can remove them.
 SHM_TAG_ENV = "SWIFTDIFFUSION_SHM_TAG"
@@ -108,6 +109,9 @@ class TritonServer:
     #: Extra environment for the server and its stubs (e.g. the LoRA manager's test-only delay).
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
+    #: Reload a model whose stub process died (:mod:`~triton_backend.serving.watchdog`); ``None``: not watched.
+    watch_interval: float | None = 1.0
+    watchdog: StageWatchdog | None = None
     shm_prefix: str = field(default_factory=lambda: f"swiftdiffusion_{uuid.uuid4().hex[:10]}_")
 
     @property
@@ -142,6 +146,9 @@ class TritonServer:
             "--exit-on-error=true",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--log-verbose=0",
+            # Explicit model control: every model loads at start, and the watchdog can reload one whose stub died.
+            "--model-control-mode=explicit",
+            "--load-model=*",
             *self.extra_args,
         ]
 
@@ -163,6 +170,8 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        if self.watch_interval:
+            self.watchdog = StageWatchdog(self.process.pid, self.grpc_url, self.watch_interval).start()
         return self
 
     def _wait_ready(self, timeout: float) -> None:
@@ -184,6 +193,9 @@ class TritonServer:
 
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM, wait for a clean shutdown (it stops the stubs), else kill the whole process group."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         proc = self.process
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -209,11 +221,34 @@ class TritonServer:
                 with contextlib.suppress(OSError):
                     leftover.unlink()
 
+    def memory(self, kind: str = "Rss") -> dict[str, int]:
+        """Memory in bytes of ``tritonserver`` itself and of each model's stub processes (summed per model).
+
+        ``kind``: ``"Rss"`` (resident; pages of shared libraries count in every process that maps them) or
+        ``"Pss"`` (proportional: a shared page is split between the processes that map it, so the sum is what the
+        server really holds), from ``/proc/<pid>/smaps_rollup``.
+        """
+        if self.process is None:
+            return {}
+        out = {"tritonserver": _memory_bytes(self.process.pid, kind)}
+        for model, pids in stub_processes(self.process.pid).items():
+            out[model] = sum(_memory_bytes(pid, kind) for pid in pids)
+        return out
+
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _memory_bytes(pid: int, kind: str) -> int:
+    """``Rss`` or ``Pss`` of ``pid`` in bytes (0 once it is gone)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(f"{kind}:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def render_repository(
@@ -246,11 +281,11 @@ def render_repository(
 GPU_STAGES = ("text_encoder", "unet", "vae", "controlnet", "txt2img")
 
 
-def gpu_repository(source: Path | None = None, dtype: str = "auto", unet_instances: int = 2) -> Path:
+def gpu_repository(source: Path | None = None, dtype: str = "auto", unet_instances: int = 1) -> Path:
     """A rendered copy of a repository with its model stages on GPU 0 (``dtype`` for every stage).
 
-    ``denoise`` and ``lora_manager`` stay on the CPU (scheduler math, conversion). With ``unet_instances`` 2 both
-    UNet instances share GPU 0 (latent parallelism on one device: concurrency, not a second device).
+    ``denoise`` and ``lora_manager`` stay on the CPU (scheduler math, conversion). One UNet instance, as the
+    README's 1-GPU layout: a second one on the same GPU is a second weight copy time-sliced with the first.
     """
     import re
 

@@ -39,6 +39,8 @@ class Job:
     done_steps: int = 0
     #: Set by the policy: admitted (may step) or waiting.
     active: bool = False
+    #: Waiting for something other than the UNet (its LoRAs, its hint embeddings): neither active nor queued.
+    blocked: bool = False
     preemptions: int = 0
 
     @property
@@ -50,62 +52,89 @@ class Job:
 class AdaptiveConcurrency:
     """How many generations may step at once, found by measuring throughput at each level.
 
-    ``observe(level, seconds_per_unit)`` after every step (``level`` = active generations while it ran); after every
-    ``window`` observations at the current limit, :meth:`adjust` moves the limit: down by one when this level is not
-    ``1 + gain`` times as productive as the one below, else up by one while there is demand and the next level is
-    unmeasured or was at least ``1 + gain`` times as productive. Levels are re-probed every ``reprobe`` windows,
-    since a level's estimate is only refreshed while the system runs at it. ``fixed`` pins the limit (config
-    ``max_active``).
+    Throughput at a level is measured over windows: ``window`` consecutive steps completed while exactly ``limit``
+    generations were active give ``cost units / busy seconds`` for that level (EWMA over windows), where busy time
+    is the union of the steps' intervals: overlapping steps count once (so two at a time that each take twice as
+    long add nothing), idle gaps between requests not at all. After each full window :meth:`adjust` moves the limit:
+    down by one when nothing is queued (latency first) or when this level is not ``1 + gain`` times as productive
+    as the one below, else up by one while generations queue and the next level is unmeasured, stale (every
+    ``reprobe`` windows) or was at least ``1 + gain`` times as productive. A window is abandoned when a step ran at
+    another level than the limit (the level was not really measured). ``fixed`` pins the limit (config ``max_active``).
     """
 
     minimum: int = 1
     maximum: int = 16
-    gain: float = 0.10
+    gain: float = 0.25
     window: int = 8
     reprobe: int = 8
     fixed: int | None = None
-    #: EWMA weight of a new observation.
-    alpha: float = 0.25
+    #: EWMA weight of a new window.
+    alpha: float = 0.5
     limit: int = field(init=False)
-    #: level → EWMA seconds per cost unit of one step that ran at that level.
+    #: level → EWMA cost units completed per second with that many generations active.
+    rate: dict[int, float] = field(default_factory=dict)
+    #: level → EWMA seconds per cost unit of one step at that level (for deadline estimates).
     unit_seconds: dict[int, float] = field(default_factory=dict)
-    _seen: int = 0
+    _window_cost: float = 0.0
+    _window_steps: int = 0
+    _window_busy: float = 0.0
+    _busy_until: float = 0.0
+    _full: bool = False
     _windows_at_limit: int = 0
 
     def __post_init__(self) -> None:
         self.limit = self.fixed if self.fixed is not None else self.minimum
 
-    def observe(self, level: int, seconds_per_unit: float) -> None:
+    def observe(self, level: int, cost: float, seconds: float, now: float) -> None:
+        """One step of ``cost`` took ``seconds`` and finished at ``now`` with ``level`` generations active."""
         old = self.unit_seconds.get(level)
-        self.unit_seconds[level] = (
-            seconds_per_unit if old is None else (1 - self.alpha) * old + self.alpha * seconds_per_unit
-        )
-        if level == self.limit:
-            self._seen += 1
+        unit = seconds / max(cost, 1e-9)
+        self.unit_seconds[level] = unit if old is None else 0.75 * old + 0.25 * unit
+        start = now - seconds
+        busy = max(0.0, now - max(start, self._busy_until))
+        self._busy_until = max(self._busy_until, now)
+        if level != self.limit:
+            self._restart(now)
+            return
+        self._window_cost += cost
+        self._window_steps += 1
+        self._window_busy += busy
+        if self._window_steps >= self.window:
+            rate = self._window_cost / max(self._window_busy, 1e-9)
+            old_rate = self.rate.get(level)
+            self.rate[level] = rate if old_rate is None else (1 - self.alpha) * old_rate + self.alpha * rate
+            self._full = True
+            self._restart(now)
+
+    def _restart(self, now: float) -> None:
+        self._window_cost, self._window_steps, self._window_busy = 0.0, 0, 0.0
 
     def throughput(self, level: int) -> float | None:
-        """Cost units completed per second with ``level`` generations stepping at once (``None``: unmeasured)."""
-        t = self.unit_seconds.get(level)
-        return None if t is None or t <= 0 else level / t
+        """Cost units completed per second with ``level`` generations active (``None``: unmeasured)."""
+        return self.rate.get(level)
 
     def step_seconds(self, cost: float) -> float | None:
         """Expected duration of one step of ``cost`` at the current limit (``None`` before any measurement)."""
         t = self.unit_seconds.get(self.limit) or next(iter(self.unit_seconds.values()), None)
         return None if t is None else t * cost
 
-    def adjust(self, demand: int) -> None:
-        """Move the limit after a full window at it; ``demand`` = generations that want to step now."""
-        if self.fixed is not None or self._seen < self.window:
+    def adjust(self, queued: int) -> None:
+        """Move the limit after a full window at it; ``queued`` = generations waiting for a slot now.
+
+        Without a queue, fewer generations at once means each finishes sooner: the limit steps down. With a queue,
+        it steps up while the level above is (or may be) more productive, and down when this one is not.
+        """
+        if self.fixed is not None or not self._full:
             return
-        self._seen = 0
+        self._full = False
         self._windows_at_limit += 1
         here, up, down = (self.throughput(k) for k in (self.limit, self.limit + 1, self.limit - 1))
         stale = self._windows_at_limit >= self.reprobe
         worse_than_below = down is not None and here is not None and here < (1 + self.gain) * down
         better_above = up is None or here is None or stale or up >= (1 + self.gain) * here
-        if self.limit > self.minimum and worse_than_below:
+        if self.limit > self.minimum and (queued == 0 or worse_than_below):
             self._move(-1)
-        elif demand > self.limit and self.limit < self.maximum and better_above:
+        elif queued > 0 and self.limit < self.maximum and better_above:
             self._move(+1)
 
     def _move(self, delta: int) -> None:
@@ -127,7 +156,7 @@ class StepPolicy:
 
     @property
     def waiting(self) -> list[Job]:
-        return [j for j in self.jobs if not j.active]
+        return [j for j in self.jobs if not j.active and not j.blocked]
 
     def estimated_finish(self, job: Job, now: float | None = None) -> float:
         """When ``job`` would finish if it stepped from now on without waiting (``now`` if nothing is measured)."""
@@ -152,9 +181,9 @@ class StepPolicy:
         now; ``job`` itself may have been preempted (``job.active`` is then False: it waits to be admitted again).
         """
         job.done_steps += 1
-        self.concurrency.observe(level, seconds / max(job.cost, 1e-9))
-        self.concurrency.adjust(demand=len(self.jobs))
         now = self.clock()
+        self.concurrency.observe(level, job.cost, seconds, now)
+        self.concurrency.adjust(queued=len(self.waiting))
         active = sorted(self.active, key=lambda j: self.key(j, now))
         # Over the limit (it shrank): the worst-ranked active generation yields; else yield to a better waiting one.
         over = len(active) > self.concurrency.limit and active[-1] is job
@@ -162,6 +191,16 @@ class StepPolicy:
         if job.remaining > 0 and (over or better):
             job.active = False
             job.preemptions += 1
+        return self._fill()
+
+    def block(self, job: Job) -> list[Job]:
+        """``job`` waits for something else (a LoRA load, hint embeddings): it gives up its slot meanwhile."""
+        job.active, job.blocked = False, True
+        return self._fill()
+
+    def unblock(self, job: Job) -> list[Job]:
+        """``job`` can step again: it queues with its rank (and is admitted at once if a slot is free)."""
+        job.blocked = False
         return self._fill()
 
     def finish(self, job: Job) -> list[Job]:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -331,12 +331,15 @@ async def run_async(
     unet: UNetFn,
     on_step: Callable[[DenoiseState], None] | None = None,
     is_cancelled: Callable[[], bool] | None = None,
+    wait: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None,
 ) -> np.ndarray:
-    """Run every remaining step; returns ``LATENTS [1, C, h, w]`` float32. ``unet`` may be sync or async."""
+    """Run every remaining step; returns ``LATENTS [1, C, h, w]`` float32. ``unet`` may be sync or async; ``wait``
+    wraps waiting for the LoRAs at step ``bound_k`` (the step scheduler frees the request's slot meanwhile).
+    """
     while not state.done:
         if is_cancelled is not None and is_cancelled():
             raise CancelledError(f"cancelled by the client at step {state.step_index}")
-        await wait_for_loras(state)
+        await wait_for_loras(state, wait)
         poll_loras(state)
         noise_pred = unet(*model_input(state))
         apply_step(state, await noise_pred if inspect.isawaitable(noise_pred) else noise_pred)
@@ -355,12 +358,13 @@ def run(
     return asyncio.run(run_async(state, unet, on_step, is_cancelled))
 
 
-async def wait_for_loras(state: DenoiseState) -> None:
+async def wait_for_loras(state: DenoiseState, wait: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None) -> None:
     """At step ``bound_k`` an unfinished asynchronous load (an awaitable) is awaited without blocking the loop."""
     load = state.lora_load
-    if load is not None and state.landed_step < 0 and state.step_index >= state.bound_k and inspect.isawaitable(load):
-        with contextlib.suppress(Exception):  # its error is raised by poll_loras' result()
-            await load
+    if not inspect.isawaitable(load) or state.landed_step >= 0 or state.step_index < state.bound_k or load.done():
+        return  # (a load that is not awaitable, e.g. in-process, is polled by poll_loras as it is)
+    with contextlib.suppress(Exception):  # its error is raised by poll_loras' result()
+        await (wait(load) if wait is not None else load)
 
 
 def step_cost(state: DenoiseState) -> float:
@@ -411,12 +415,15 @@ class Denoiser:
         try:
             async with self.scheduler.generation(job):
                 if request.controlnet_names and prepare_hints is not None:
-                    await attach_controlnets(state, prepare_hints, self.info)
+                    await self.scheduler.outside(job, attach_controlnets(state, prepare_hints, self.info))
 
                 def step(*call: Any) -> Any:
                     return self.scheduler.step(job, lambda: unet(*call))
 
-                latents = await run_async(state, step, is_cancelled=is_cancelled)
+                def wait(awaitable: Awaitable[Any]) -> Awaitable[Any]:
+                    return self.scheduler.outside(job, awaitable)
+
+                latents = await run_async(state, step, is_cancelled=is_cancelled, wait=wait)
         finally:
             release_hints(state)
             if state.lora_load is not None and isinstance(state.lora_load, asyncio.Future):
