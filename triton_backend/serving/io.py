@@ -44,6 +44,13 @@ def error_response(exc: BaseException, pb_utils: Any) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[], error=to_triton_error(exc, pb_utils))
 
 
+def failure_response(exc: BaseException, pb_utils: Any, logger: Any = None) -> Any:
+    """:func:`error_response` for a request that failed; an error that is not ours is logged first."""
+    if logger is not None and not isinstance(exc, SwiftDiffusionError):
+        logger.log_error(f"unexpected error: {type(exc).__name__}: {exc}")
+    return error_response(exc, pb_utils)
+
+
 def respond_each(requests: Sequence[Any], handle: Callable[[Any], Tensors], pb_utils: Any, logger: Any = None) -> list:
     """One response per request, in order; a failing request gets its own error, the others are still served."""
     responses = []
@@ -51,9 +58,7 @@ def respond_each(requests: Sequence[Any], handle: Callable[[Any], Tensors], pb_u
         try:
             responses.append(make_response(handle(request), pb_utils))
         except Exception as exc:  # noqa: BLE001 - every failure becomes that request's error response
-            if logger is not None and not isinstance(exc, SwiftDiffusionError):
-                logger.log_error(f"unexpected error: {type(exc).__name__}: {exc}")
-            responses.append(error_response(exc, pb_utils))
+            responses.append(failure_response(exc, pb_utils, logger))
     return responses
 
 

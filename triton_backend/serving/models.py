@@ -17,7 +17,7 @@ import torch
 
 from ..config import StageConfig, instance_count
 from ..controlnet import wire as controlnet_wire
-from ..errors import ConfigError, SwiftDiffusionError
+from ..errors import ConfigError
 from ..lora import wire as lora_wire
 from ..lora.patch import AdapterRef
 from ..stages import baseline, denoise, text_encoder, unet, vae
@@ -26,7 +26,7 @@ from .io import (
     BlsCall,
     BlsClient,
     Tensors,
-    error_response,
+    failure_response,
     is_cancelled,
     make_response,
     read_tensors,
@@ -206,9 +206,7 @@ class DenoiseModel(StageModel):
         try:
             response = make_response(await self.generate(request, arrival), self.pb)
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
-            if not isinstance(exc, SwiftDiffusionError):
-                self.logger.log_error(f"unexpected error: {type(exc).__name__}: {exc}")
-            response = error_response(exc, self.pb)
+            response = failure_response(exc, self.pb, self.logger)
         send_final(sender, response, self.pb)
 
     def execute(self, requests: list[Any]) -> None:

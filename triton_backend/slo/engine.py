@@ -71,11 +71,11 @@ class StepScheduler:
                 f"denoise: {len(self.policy.jobs)} generations in progress (max_pending); retry later"
             )
         self._admitted[job] = asyncio.Event()
-        trace("slo_submit", job=id(job), steps=job.total_steps, cost=job.cost, deadline=job.deadline - job.arrival)
+        trace("slo_submit", job=job.number, steps=job.total_steps, cost=job.cost, deadline=job.deadline - job.arrival)
         try:
             self._wake(self.policy.submit(job))
             await self._wait_admitted(job)
-            trace("slo_admitted", job=id(job), limit=self.policy.concurrency.limit)
+            trace("slo_admitted", job=job.number, limit=self.policy.concurrency.limit)
             if self.late_policy == "reject" and not self.policy.feasible(job):
                 late = self.policy.estimated_finish(job) - job.deadline
                 raise DeadlineExceededError(f"cannot finish within its deadline (about {late:.2f} s late); not started")
@@ -83,16 +83,16 @@ class StepScheduler:
         finally:
             self._wake(self.policy.finish(job))
             del self._admitted[job]
-            trace("slo_finish", job=id(job), done=job.done_steps, preemptions=job.preemptions)
+            trace("slo_finish", job=job.number, done=job.done_steps, preemptions=job.preemptions)
 
     async def outside(self, job: Job, awaitable: Awaitable[T]) -> T:
         """Await ``awaitable`` (a LoRA load, hint embeddings) without holding a slot; re-queue when it is done."""
         self._wake(self.policy.block(job))
-        trace("slo_block", job=id(job))
+        trace("slo_block", job=job.number)
         try:
             return await awaitable
         finally:
-            trace("slo_unblock", job=id(job))
+            trace("slo_unblock", job=job.number)
             self._wake(self.policy.unblock(job))
 
     async def step(self, job: Job, run: Callable[[], Awaitable[T]]) -> T:
@@ -102,6 +102,6 @@ class StepScheduler:
         start = time.perf_counter()
         result = await run()
         seconds = time.perf_counter() - start
-        trace("slo_step", job=id(job), level=level, seconds=seconds, limit=self.policy.concurrency.limit)
+        trace("slo_step", job=job.number, level=level, seconds=seconds, limit=self.policy.concurrency.limit)
         self._wake(self.policy.step_done(job, seconds, level))
         return result

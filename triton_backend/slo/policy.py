@@ -20,6 +20,7 @@ The engine (:mod:`triton_backend.slo.engine`) calls :meth:`StepPolicy.submit`, :
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ class Job:
     total_steps: int
     #: Relative cost of one step: UNet rows x latent pixels x (1 + ControlNets). Step times are measured per unit.
     cost: float = 1.0
+    #: Unique per process, for traces (``id()`` is reused once a job is freed).
+    number: int = field(default_factory=itertools.count().__next__)
     done_steps: int = 0
     #: Set by the policy: admitted (may step) or waiting.
     active: bool = False

@@ -369,8 +369,9 @@ async def wait_for_loras(state: DenoiseState, wait: Callable[[Awaitable[Any]], A
 
 def step_cost(state: DenoiseState) -> float:
     """Relative cost of one step, for the step scheduler: UNet rows x latent pixels x (1 + ControlNets)."""
-    rows, _, h, w = model_input(state)[0].shape if state.step_index < len(state.timesteps) else (1, 0, 1, 1)
-    return float(rows * h * w * (1 + len(state.controlnets or state.request.controlnet_names)))
+    rows = 2 if state.request.do_classifier_free_guidance else 1
+    _, _, h, w = state.latents.shape
+    return float(rows * h * w * (1 + len(state.request.controlnet_names)))
 
 
 class Denoiser:
