@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import tritonclient.grpc as grpcclient
 from swiftdiffusion_client import Client, ClientError, GenerationRequest
 
 from triton_backend.serving.watchdog import stub_processes
@@ -48,6 +49,16 @@ def kill_stub(srv, stage: str) -> int:
     return pid
 
 
+def unet_executions(url: str) -> int:
+    """Step requests the ``unet`` model has completed so far (Triton's statistics)."""
+    c = grpcclient.InferenceServerClient(url)
+    try:
+        stats = c.get_inference_statistics("unet", as_json=True)["model_stats"][0]["inference_stats"]
+    finally:
+        c.close()
+    return int(stats["success"].get("count", 0))
+
+
 def served_again_within(url: str, request: GenerationRequest, seconds: float):
     """The first successful image within ``seconds``, and the errors seen before it."""
     errors: list[ClientError] = []
@@ -82,16 +93,20 @@ def test_a_killed_stage_is_reloaded_and_serves_correct_images_within_30_s(watche
 def test_a_request_in_flight_on_a_killed_unet_fails_naming_the_stage(watched):
     outcome: list[object] = []
 
-    def long_request() -> None:
+    def long_request() -> None:  # 150 steps at 256x256: several seconds, even on the tiny model
         with Client(watched.grpc_url, timeout_s=120) as c:
             try:
-                outcome.append(c.generate(GenerationRequest(prompt="a slow one", steps=150)))
+                outcome.append(c.generate(GenerationRequest(prompt="a slow one", steps=150, height=256, width=256)))
             except ClientError as exc:
                 outcome.append(exc)
 
+    before = unet_executions(watched.grpc_url)
     thread = threading.Thread(target=long_request)
     thread.start()
-    time.sleep(1.0)  # well into its 150 steps
+    deadline = time.monotonic() + 60
+    while unet_executions(watched.grpc_url) < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)  # kill only once its steps are running: it is in flight, not finished
+    assert not outcome, "the request finished before the kill"
     kill_stub(watched, "unet")
     thread.join(120)
     assert outcome and isinstance(outcome[0], ClientError), outcome
