@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             flag, type=int, nargs=2, default=(), metavar=names, help="SDXL micro-conditioning (SDXL models only)"
         )
     parser.add_argument("--timeout", type=float, default=None, help="client timeout in seconds")
+    parser.add_argument("--tls-root-cert", default=None, help="PEM file to verify a server that uses TLS")
     parser.add_argument("-o", "--output", default="out.png", help="PNG file to write (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress line")
 
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         spinner.start()
     start = time.perf_counter()
     try:
-        with Client(args.url, timeout_s=args.timeout) as client:
+        with Client(args.url, timeout_s=args.timeout, tls_root_cert=args.tls_root_cert) as client:
             result = client.run(request)
             image = result.image
     except ClientError as exc:

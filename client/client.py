@@ -74,11 +74,21 @@ class GenerationResult:
 class Client:
     """Context-managed client for one server: ``generate`` returns the ``IMAGE [H, W, 3]`` uint8 array."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", model: str = "txt2img", timeout_s: float | None = None):
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        model: str = "txt2img",
+        timeout_s: float | None = None,
+        tls_root_cert: str | None = None,
+    ):
+        """``tls_root_cert``: a PEM file to verify a server that serves gRPC over TLS (``serve --tls-cert``)."""
         self.url = url
         self.model = model
         self.timeout_s = timeout_s
-        self._client = grpcclient.InferenceServerClient(url)
+        if tls_root_cert:
+            self._client = grpcclient.InferenceServerClient(url, ssl=True, root_certificates=tls_root_cert)
+        else:
+            self._client = grpcclient.InferenceServerClient(url)
 
     def __enter__(self) -> Client:
         return self

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import shutil
 import sys
 import tempfile
@@ -63,6 +65,13 @@ def matrix_request(c: int, lora: int, steps: int, size: int, seed: int = 0) -> G
     )
 
 
+def record(args: argparse.Namespace, system: str, cell: str, data: dict) -> None:
+    """Write one measured cell at once (``<out>/cells/<system>-<cell>.json``): a run cut short keeps what it got."""
+    cells = Path(args.out) / "cells"
+    cells.mkdir(parents=True, exist_ok=True)
+    (cells / f"{system}-{cell}.json").write_text(json.dumps(data, indent=1, default=str))
+
+
 def measure(
     repository: Path, model_dir: Path, args: argparse.Namespace, plan: Callable[[dict], dict[float, list[dict]]]
 ) -> dict:
@@ -75,6 +84,7 @@ def measure(
         for cn, lora in MATRIX:
             req = matrix_request(cn, lora, args.steps, args.size)
             out["matrix"][f"{cn}C/{lora}L"] = summary(timed(lambda req=req: c.generate(req), args.repeats))
+            record(args, repository.name, f"matrix-{cn}C{lora}L", out["matrix"][f"{cn}C/{lora}L"])
             print(f"  {repository.name} {cn}C/{lora}L: {out['matrix'][f'{cn}C/{lora}L']['median_s']:.3f} s", flush=True)
         # Steady state of a long-running server: every adapter the traces use has been used once (our caches are
         # warm; the baseline has none). Cold-start costs are in the matrix above.
@@ -88,6 +98,7 @@ def measure(
         for rate, trace in plan(out).items():
             result = asyncio.run(replay(server.grpc_url, trace, args.steps, args.size, args.slo))
             out["sweep"][f"{rate:g}"] = result
+            record(args, repository.name, f"rate-{rate:g}", result)
             print(
                 f"  {repository.name} rate {rate:g}/s: attainment {100 * result['slo_attainment']:.0f}%, "
                 f"p50 {result['p50_s']:.2f} s, p99 {result['p99_s']:.2f} s",
@@ -147,20 +158,22 @@ def main() -> int:
     ap.add_argument("--slo", type=float, default=0.0, help="latency SLO in seconds; 0 = 2.5x the baseline's mean")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: model stages on GPU 0")
     ap.add_argument("--dtype", default="auto", help="stage dtype on GPU (auto = float16)")
+    ap.add_argument("--model-dtype", default="float32", help="weights of a generated default model on disk")
     ap.add_argument("--out", default="results")
     args = ap.parse_args()
 
     source = (
         Path(args.model_dir)
         if args.model_dir
-        else write_default_model(default_model_dir(args.arch, args.preset), preset=args.preset, arch=args.arch)
+        else write_default_model(
+            default_model_dir(args.arch, args.preset), preset=args.preset, arch=args.arch, dtype=args.model_dtype
+        )
     )
     work = Path(tempfile.mkdtemp(prefix="swiftdiffusion-bench-"))
     model_dir = work / "model"
-    shutil.copytree(source, model_dir)  # the trace adds adapters; never touch the source store
+    # The trace adds adapters; never touch the source store. Links, not copies: a full-size model is gigabytes.
+    shutil.copytree(source, model_dir, copy_function=os.symlink)
     if not args.size:
-        import json
-
         unet = json.loads((model_dir / "unet" / "config.json").read_text())
         vae = json.loads((model_dir / "vae" / "config.json").read_text())
         args.size = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)

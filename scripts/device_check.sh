@@ -1,32 +1,52 @@
 #!/usr/bin/env bash
-# One prepared check for a CUDA machine without a package registry (its own torch is preinstalled):
-#   1. install swiftdiffusion and the missing wheels from $WHEELS (default: shared/wheels, copied alongside);
-#   2. run the test suite with the model stages on GPU 0 (fp32, compared with diffusers on the CPU);
-#   3. run the benchmark on the full-size SD1.5 architecture (random weights) in fp16 on GPU 0;
-#   4. write everything to $OUT (default: ./device_results).
-# Budget: ~8 minutes. Prepare the wheels on a machine with a registry (keep the folder under 64 MiB):
-#   pip download --only-binary=:all: --no-deps -d shared/wheels "numpy<2" "diffusers<0.43" \
-#       "transformers>=5.12,<5.24" peft safetensors "tritonclient[grpc]==2.51.0" nvidia-pytriton==0.7.0 \
-#       grpcio protobuf huggingface-hub tokenizers regex pillow tqdm pytest matplotlib
-#   (nvidia-pytriton is the largest: if the folder must stay under 64 MiB, copy it separately)
+# The device check (README "GPU"): three independent steps, each with its own time limit, each writing its
+# results to $OUT as it goes, each followed by a cleanup of every process it started (servers and stubs included),
+# even when it hit its limit.
+#   install  120 s  unpack the bundle, install its wheels and the project (no index, no build isolation)
+#   tests    240 s  integration tests with the stages on GPU 0 (fp32, TF32 off) + fp16 vs diffusers' fp16
+#   bench    240 s  the benchmark on the full-size SD1.5 architecture generated here in fp16; a JSON per cell
+#
+#   bash scripts/device_check.sh [--cpu] [STEP ...]        (default: all three steps, in order)
+#
+# BUNDLE: the bundle archive (default shared/device_bundle/bundle.tar.xz; scripts/prepare_device_bundle.py).
+# OUT: results (default ./device_results): steps.jsonl (one line per step: rc, seconds, timed_out), <step>.log,
+#   install.json, tests.xml, server logs, bench/cells/*.json, bench/benchmark.{json,md}.
+# --cpu: the CPU rehearsal on a machine without CUDA: a fresh venv whose torch comes from this machine's wheel
+#   (standing in for the device's own torch), the bundle built for this Python, the stages on the CPU, the tiny
+#   model, shorter runs. Same scripts, limits, result files and cleanup.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/device_results}"
-WHEELS="${WHEELS:-shared/wheels}"
-mkdir -p "$OUT"
-exec > >(tee "$OUT/device_check.log") 2>&1
-start=$(date +%s)
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0))"
-pip install -q --no-index --find-links "$WHEELS" -e ".[test]" || pip install -q --no-index --find-links "$WHEELS" --no-deps -e .
-nvidia-smi --query-gpu=name,memory.total --format=csv || true
+MODE=cuda
+if [[ "${1:-}" == "--cpu" ]]; then MODE=cpu; shift; fi
+STEPS=("$@")
+[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(install tests bench)
+export MODE
+export OUT="${OUT:-$PWD/device_results}"
+export WORK="${WORK:-/tmp/swiftdiffusion-device}"
+export BUNDLE="${BUNDLE:-shared/device_bundle/bundle.tar.xz}"
+mkdir -p "$OUT" "$WORK"
+declare -A LIMIT=([install]=120 [tests]=240 [bench]=240)
 
-echo "== tests on CUDA =="
-SWIFTDIFFUSION_TEST_DEVICE=cuda timeout 240 python -m pytest -q -x tests/test_txt2img_integration.py \
-    tests/test_controlnet_integration.py tests/test_lora_integration.py tests/test_latent_parallel.py \
-    tests/test_sdxl_integration.py \
-    --junitxml="$OUT/tests.xml" || echo "TESTS FAILED (rc $?)"
+cleanup() {  # every server and stub a step left: ours run from $WORK (bundle) or carry our shared-memory tag
+    pkill -TERM -f "triton_python_backend_stub" 2>/dev/null
+    pkill -TERM -f "tritonserver/bin/tritonserver" 2>/dev/null
+    sleep 2
+    pkill -KILL -f "triton_python_backend_stub" 2>/dev/null
+    pkill -KILL -f "tritonserver/bin/tritonserver" 2>/dev/null
+    [[ -x "$WORK/python" ]] && "$WORK/python" -c "from triton_backend import shm; shm.sweep()" 2>/dev/null
+    return 0
+}
 
-echo "== benchmark: SD1.5 architecture, fp16, GPU 0: adapter matrix + rate sweep (0.5x..1.5x baseline capacity) =="
-timeout 240 python scripts/benchmark.py --preset sd15 --device cuda --dtype float16 --steps 20 --size 512 \
-    --repeats 5 --requests-per-rate 60 --out "$OUT" || echo "BENCHMARK FAILED (rc $?)"
-echo "elapsed $(( $(date +%s) - start )) s"
+for step in "${STEPS[@]}"; do
+    limit=${LIMIT[$step]:-240}
+    echo "== $step (limit ${limit}s, mode $MODE) =="
+    start=$(date +%s.%N)
+    # setsid: the step and everything it starts form one process group that timeout can signal as a whole.
+    timeout --kill-after=10 "$limit" setsid bash "scripts/device/$step.sh" > >(tee "$OUT/$step.log") 2>&1
+    rc=$?
+    cleanup
+    seconds=$(python3 -c "print(round($(date +%s.%N) - $start, 1))")
+    timed_out=false; [[ $rc -eq 124 || $rc -eq 137 ]] && timed_out=true
+    echo "{\"step\": \"$step\", \"mode\": \"$MODE\", \"rc\": $rc, \"seconds\": $seconds, \"timed_out\": $timed_out}" \
+        | tee -a "$OUT/steps.jsonl"
+done

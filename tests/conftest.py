@@ -12,7 +12,11 @@ import torch
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from triton_backend.config import disable_tf32
+
 from .helpers import LORA_DELAY_S, start_server
+
+disable_tf32()  # references in fp32 mean fp32 on CUDA too (no-op on the CPU)
 
 
 @pytest.fixture(scope="session")

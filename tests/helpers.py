@@ -7,6 +7,9 @@ Fixtures (the default models, the local pipeline, the servers, the diffusers ref
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,8 @@ def start_server(model_dir: Path, workdir: Path, env: dict[str, str] | None = No
 
         kwargs["model_repository"] = gpu_repository(dtype="float32")
     log = workdir / "server.log"
+    if os.environ.get("SWIFTDIFFUSION_SERVER_LOG_DIR"):  # the device check keeps every server log in its results
+        log = Path(os.environ["SWIFTDIFFUSION_SERVER_LOG_DIR"]) / f"{workdir.name}-{time.time_ns()}.log"
     srv = TritonServer(model_dir=model_dir, log_file=log, env=env or {}, **kwargs)
     try:
         srv.start(timeout=600)
@@ -39,6 +44,59 @@ def start_server(model_dir: Path, workdir: Path, env: dict[str, str] | None = No
         print(log.read_text()[-5000:] if log.exists() else "(no log)")
         raise
     return srv
+
+
+#: The installed ``swiftdiffusion`` command of this environment.
+BIN = Path(sys.executable).parent / "swiftdiffusion"
+
+
+def start_serve(model_dir: Path, workdir: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """``swiftdiffusion serve`` as a user runs it (its own process); returns it once ready, and what it printed."""
+    proc = subprocess.Popen(
+        [str(BIN), "serve", "--model-dir", str(model_dir), "--log-file", str(workdir / "server.log"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("Ctrl-C"):
+            break
+    return proc, "".join(lines)
+
+
+def children(pid: int) -> list[int]:
+    """Child processes of ``pid``."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def alive(pid: int) -> bool:
+    """``pid`` exists (zombies count: reap before asking)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def full_request(seed: int = 1, steps: int = 3) -> GenerationRequest:
+    """A request through every stage: text_encoder (with a text-encoder LoRA), lora_manager, denoise, unet,
+    controlnet, vae."""
+    return GenerationRequest(
+        prompt="a red barn",
+        seed=seed,
+        steps=steps,
+        lora_names=("pastel_peft",),
+        lora_bound_k=0,
+        controlnet_names=("edges",),
+        controlnet_images=hint_images(1),
+    )
 
 
 def pixel_diff(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:

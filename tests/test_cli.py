@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,22 +12,9 @@ import pytest
 from triton_backend.serving.cli import build_parser
 from triton_backend.serving.server import free_port
 
+from .helpers import BIN, alive, children, start_serve
+
 pytestmark = pytest.mark.integration
-
-BIN = Path(sys.executable).parent / "swiftdiffusion"
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_parser_has_the_documented_commands():
@@ -85,39 +69,13 @@ def test_serve_generate_and_clean_stop(model_dir, reference, tmp_path):
 
     grpc, http, metrics = free_port(), free_port(), free_port()
     before = set(Path("/dev/shm").iterdir())  # other servers (the session fixture) may hold regions too
-    proc = subprocess.Popen(
-        [
-            str(BIN),
-            "serve",
-            "--model-dir",
-            str(model_dir),
-            "--grpc-port",
-            str(grpc),
-            "--http-port",
-            str(http),
-            "--metrics-port",
-            str(metrics),
-            "--log-file",
-            str(tmp_path / "server.log"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc, text = start_serve(
+        model_dir, tmp_path, "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics)
     )
     try:
-        lines = []
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("Ctrl-C"):
-                break
-        text = "".join(lines)
         assert f"127.0.0.1:{grpc}" in text and f"127.0.0.1:{http}" in text and f":{metrics}/metrics" in text, text
-        (server_pid,) = _children(proc.pid)
-        stubs = _children(server_pid)
+        (server_pid,) = children(proc.pid)
+        stubs = children(server_pid)
         assert len(stubs) >= 5  # one Python stub per model instance
         shm = [p for p in set(Path("/dev/shm").iterdir()) - before if p.name.startswith("swiftdiffusion_")]
         assert shm, "the server uses its own shared-memory prefix"
@@ -203,6 +161,6 @@ def test_serve_generate_and_clean_stop(model_dir, reference, tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
     assert proc.returncode == 0
-    assert not _alive(server_pid)
-    assert not [p for p in stubs if _alive(p)], "orphaned stub processes"
+    assert not alive(server_pid)
+    assert not [p for p in stubs if alive(p)], "orphaned stub processes"
     assert not [p for p in shm if p.exists()], "leaked /dev/shm regions"

@@ -161,3 +161,15 @@ def test_unknown_mismatched_and_corrupt_controlnets(local, model_dir, tmp_path):
         assert service.stats.hits == 1
     finally:
         service.close()
+
+
+def test_fp16_residuals_cross_and_the_unet_casts_them_back(local):
+    """The GPU fp16 layout sends residuals in fp16 (half the bytes); the UNet side casts to its own dtype."""
+    req = GenerationRequest(prompt="x", seed=2, steps=3, controlnet_names=("edges",), controlnet_images=hint_images(1))
+    full, _ = generate(local, req)
+    local.controlnets.residual_dtype = torch.float16
+    try:
+        half, _ = generate(local, req)
+    finally:
+        local.controlnets.residual_dtype = torch.float32
+    assert pixel_diff(full, half)[1] < 1.0  # fp16 rounding of the residuals only

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 def _hint_files() -> list[Path]:
-    return [p for d in Path("/dev/shm").glob("swiftdiffusion-cn-*") for p in d.iterdir()]
+    return [p for d in Path("/dev/shm").glob("swiftdiffusion-cn-*") for p in d.glob("*.safetensors")]
 
 
 def test_one_controlnet_equals_diffusers(client, reference, model_dir):
@@ -149,3 +149,29 @@ def test_controlnet_metrics_are_exported(server, client):
         "swiftdiffusion_controlnet_resident",
     ):
         assert name in text, name
+
+
+def test_a_controlnet_directory_deleted_while_resident_is_refused_and_the_server_keeps_serving(
+    client, reference, model_dir
+):
+    import shutil
+
+    copy = model_dir / "controlnets" / "edges_copy"
+    shutil.copytree(model_dir / "controlnets" / "edges", copy)
+    req = GenerationRequest(
+        prompt="a photo of a cat",
+        seed=5,
+        steps=3,
+        controlnet_names=("edges_copy",),
+        controlnet_images=hint_images(1),
+        controlnet_scales=(0.8,),
+    )
+    try:
+        client.generate(req)  # resident now
+        shutil.rmtree(copy)
+        with pytest.raises(NotFoundError, match=r"CONTROLNET_NAMES.*edges_copy"):
+            client.generate(req)
+        same = GenerationRequest(**{**req.__dict__, "controlnet_names": ("edges",)})
+        assert_same_image(client.generate(same), diffusers_controlnet_image(reference, model_dir, same))
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)

@@ -91,6 +91,17 @@ def test_embeds_shape_must_match_guidance(stages):
         denoise.prepare(req, torch.zeros(1, 77, info.cross_attention_dim), info)
 
 
+def test_too_few_steps_for_the_scheduler_name_steps(stages):
+    """PNDM's Runge-Kutta warm-up needs 4 steps; diffusers raises a bare ValueError (found by the soak)."""
+    _, _, _, info = stages
+    req = GenerationRequest(prompt="x", steps=3, scheduler="pndm")
+    with pytest.raises(InvalidRequestError, match=r"STEPS.*too few for the PNDMScheduler"):
+        denoise.prepare(req, torch.zeros(2, 77, info.cross_attention_dim), info)
+    assert denoise.prepare(
+        GenerationRequest(prompt="x", steps=4, scheduler="pndm"), torch.zeros(2, 77, info.cross_attention_dim), info
+    )
+
+
 def test_size_must_be_a_multiple_of_the_vae_factor(stages):
     _, _, _, info = stages
     with pytest.raises(InvalidRequestError, match="WIDTH"):

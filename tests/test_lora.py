@@ -210,3 +210,50 @@ def test_emulated_slow_storage_delays_misses_only(model_dir, tmp_path):
     hit = time.perf_counter() - start
     assert miss >= 0.2 > hit
     store.close()
+
+
+def test_a_file_changed_while_it_is_converted_is_refused_and_not_cached(model_dir, tmp_path):
+    root = tmp_path / "loras"
+    root.mkdir()
+    shutil.copy(model_dir / "loras" / "ink_kohya.safetensors", root / "mine.safetensors")
+    calls = []
+
+    def convert(path):  # the operator replaces the file while it is being read
+        calls.append(path)
+        if len(calls) == 1:
+            time.sleep(0.01)
+            shutil.copy(model_dir / "loras" / "glow_kohya.safetensors", path)
+        return {"unet:x.lora_A": torch.zeros(4)}
+
+    store = LoraStore(root=root, convert=convert, cache_root=tmp_path / "swiftdiffusion-lora-z")
+    with pytest.raises(InvalidRequestError, match=r"LORA_NAMES.*changed or was removed"):
+        store.get("mine")
+    assert store.stats.bytes_resident == 0 and list(store.cache_dir.iterdir()) == []
+    assert store.get("mine").file.is_file() and len(calls) == 2  # the next request converts the new file
+    store.close()
+
+
+def test_a_full_shared_memory_fails_the_request_with_a_clear_error_and_leaves_nothing(model_dir, tmp_path):
+    """``/dev/shm`` nearly full, emulated with a file-size limit (writes past it fail as a full disk does)."""
+    import resource
+    import signal
+
+    from triton_backend.errors import StageUnavailableError
+
+    store = LoraStore(
+        root=model_dir / "loras",
+        convert=lambda p: {"unet:x.lora_A": torch.zeros(1 << 16)},
+        cache_root=tmp_path / "swiftdiffusion-lora-full",
+    )
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))
+    try:
+        with pytest.raises(StageUnavailableError, match=r"lora_manager: cannot write .*cache_budget_mb"):
+            store.get("ink_kohya")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert list(store.cache_dir.iterdir()) == [] and store.stats.bytes_resident == 0
+    assert store.get("ink_kohya").file.is_file()  # space again: served
+    store.close()

@@ -130,3 +130,24 @@ def test_lora_cache_metrics_are_exported(server, client):
         assert name in text, name
     misses = [line for line in text.splitlines() if line.startswith("swiftdiffusion_lora_cache_misses_total")]
     assert float(misses[0].split()[-1]) >= 1
+
+
+def test_a_lora_file_truncated_between_requests_is_refused_and_the_server_keeps_serving(client, reference, model_dir):
+    target = model_dir / "loras" / "swapped.safetensors"
+    source = model_dir / "loras" / "ink_kohya.safetensors"
+    shutil.copy(source, target)
+    req = GenerationRequest(prompt="a cat", seed=3, steps=3, lora_names=("swapped",), lora_bound_k=0)
+    expected = diffusers_image(
+        reference, GenerationRequest(**{**req.__dict__, "lora_names": ("ink_kohya",)}), [("ink_kohya", 1.0)]
+    )
+    try:
+        assert_same_image(client.generate(req), expected)
+        target.write_bytes(source.read_bytes()[: source.stat().st_size // 2])  # an interrupted copy
+        with pytest.raises(InvalidArgumentError, match=r"LORA_NAMES.*swapped"):
+            client.generate(req)
+        plain = GenerationRequest(prompt="a cat", seed=3, steps=3)
+        assert_same_image(client.generate(plain), reference(plain))  # no half-patched UNet behind
+        shutil.copy(source, target)
+        assert_same_image(client.generate(req), expected)
+    finally:
+        target.unlink(missing_ok=True)

@@ -38,3 +38,19 @@ def test_model_py_files_are_thin_shells():
     for repo, name in PYTHON_MODELS:
         code = (repo / name / "1" / "model.py").read_text()
         assert code.count("\n") < 12 and "class TritonPythonModel(" in code, f"{repo.name}/{name}"
+
+
+def test_gpu_repository_layout():
+    """One UNet instance on GPU 0; in fp16 the ControlNet residuals cross processes in fp16, in fp32 in fp32."""
+    from triton_backend.serving.server import gpu_repository
+
+    for dtype, residuals in (("float16", "TYPE_FP16"), ("auto", "TYPE_FP16"), ("float32", "TYPE_FP32")):
+        repo = gpu_repository(dtype=dtype)
+        unet = text_format.Parse((repo / "unet" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        gpu = model_config_pb2.ModelInstanceGroup.KIND_GPU
+        assert [(g.count, g.kind, list(g.gpus)) for g in unet.instance_group] == [(1, gpu, [0])]
+        controlnet = text_format.Parse(
+            (repo / "controlnet" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+        )
+        (out,) = [o for o in controlnet.output if o.name == "RESIDUALS"]
+        assert model_config_pb2.DataType.Name(out.data_type) == residuals

@@ -15,25 +15,13 @@ from swiftdiffusion_client import Client, ClientError, GenerationRequest
 
 from triton_backend.serving.watchdog import stub_processes
 
-from .helpers import assert_same_image, hint_images, start_server
+from .helpers import assert_same_image, full_request, start_server
 
 pytestmark = pytest.mark.integration
 
 #: Every stage this request passes through: text_encoder (with a text-encoder LoRA), lora_manager, denoise, unet,
 #: controlnet, vae.
 STAGES = ("unet", "controlnet", "text_encoder", "vae", "denoise", "lora_manager")
-
-
-def full_request(seed: int = 1, steps: int = 3) -> GenerationRequest:
-    return GenerationRequest(
-        prompt="a red barn",
-        seed=seed,
-        steps=steps,
-        lora_names=("pastel_peft",),
-        lora_bound_k=0,
-        controlnet_names=("edges",),
-        controlnet_images=hint_images(1),
-    )
 
 
 @pytest.fixture(scope="module")

@@ -112,6 +112,26 @@ def test_limits_are_configurable():
         parse_request(tensors(WIDTH=np.array([136], dtype=np.int32)), limits)
 
 
+def test_size_limits_refuse_before_decoding():
+    limits = RequestLimits(max_prompt_bytes=8, max_hint_bytes=64 * 64 * 3)
+    invalid_utf8_but_too_big = np.array([b"\xff" * 9], dtype=object)  # refused for its size, not its encoding
+    with pytest.raises(InvalidRequestError, match=r"NEGATIVE_PROMPT.*9 bytes; at most 8"):
+        parse_request(tensors(NEGATIVE_PROMPT=invalid_utf8_but_too_big), limits)
+    two_hints = np.zeros((2, 64, 64, 3), np.uint8)
+    names = np.array([b"edges", b"depth"], dtype=object)
+    with pytest.raises(InvalidRequestError, match=r"CONTROLNET_IMAGES.*24576 bytes; at most 12288"):
+        parse_request(
+            tensors(
+                CONTROLNET_NAMES=names,
+                CONTROLNET_IMAGES=two_hints,
+                HEIGHT=np.array([64], dtype=np.int32),
+                WIDTH=np.array([64], dtype=np.int32),
+            ),
+            limits,
+        )
+    assert parse_request(tensors(PROMPT=np.array([b"12345678"], dtype=object)), limits).prompt == "12345678"
+
+
 def test_only_restricts_to_a_stage_fields():
     req = parse_request({"STEPS": np.array([3], dtype=np.int32)}, only=("STEPS", "SEED"))
     assert req.steps == 3

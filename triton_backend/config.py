@@ -23,6 +23,13 @@ from .schema import RequestLimits
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def disable_tf32() -> None:
+    """fp32 matmuls and convolutions in full fp32 on CUDA (also for references: ``tests/conftest.py``)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
 @dataclass(frozen=True)
 class StageConfig:
     """What one Triton model instance needs to know, resolved from ``config.pbtxt`` and the instance."""
@@ -84,14 +91,24 @@ class StageConfig:
             max_prompt_chars=int_param(
                 model_name, params, "max_prompt_chars", RequestLimits.max_prompt_chars, minimum=1
             ),
+            max_prompt_bytes=int_param(
+                model_name, params, "max_prompt_bytes", RequestLimits.max_prompt_bytes, minimum=1
+            ),
+            max_hint_bytes=int_param(model_name, params, "max_hint_bytes", RequestLimits.max_hint_bytes, minimum=1),
         )
         stages = {k[: -len("_model")]: v for k, v in params.items() if k.endswith("_model") and v}
         return cls(model_name, model_dir, device, dtype, threads, limits, stages, dict(params))
 
-    def apply_threads(self) -> None:
-        """Set torch's intra-op threads for this instance (CPU instances share the machine's cores)."""
+    def apply_torch_settings(self) -> None:
+        """Process-wide torch settings of this instance's stub.
+
+        CPU: intra-op threads (CPU instances share the machine's cores). CUDA in float32: TF32 off, so fp32 means
+        fp32 (Ampere and later run fp32 convolutions in TF32 by default; results would drift from diffusers' fp32).
+        """
         if self.device.type == "cpu":
             torch.set_num_threads(self.num_threads)
+        elif self.device.type == "cuda" and self.dtype == torch.float32:
+            disable_tf32()
 
     def stage(self, role: str) -> str:
         """Triton model name of the stage with ``role`` (config parameter ``{role}_model``), default ``role``."""

@@ -200,8 +200,16 @@ class RequestLimits:
     max_height: int = 2048
     max_width: int = 2048
     max_prompt_chars: int = 8192
+    #: Raw UTF-8 bytes of one prompt field, checked before it is decoded (4 bytes per character at most).
+    max_prompt_bytes: int = 4 * 8192
+    #: Bytes of ``CONTROLNET_IMAGES`` in one request (default: four hints at 2048 x 2048).
+    max_hint_bytes: int = 4 * 2048 * 2048 * 3
     max_loras: int = 8
     size_multiple: int = 8
+
+
+#: The free-text fields (``max_prompt_chars``, ``max_prompt_bytes``).
+PROMPT_FIELDS = ("PROMPT", "NEGATIVE_PROMPT", "PROMPT_2", "NEGATIVE_PROMPT_2")
 
 
 def parse_request(
@@ -214,6 +222,7 @@ def parse_request(
     """
     limits = limits or RequestLimits()
     names = only if only is not None else tuple(f.name for f in FIELDS)
+    _check_sizes(tensors, limits, names)
     values: dict[str, Any] = {}
     for name in names:
         spec = FIELDS_BY_NAME[name]
@@ -230,6 +239,21 @@ def parse_request(
     request = GenerationRequest(**values)
     _check(request, limits, set(names))
     return request
+
+
+def _check_sizes(tensors: Mapping[str, Any], limits: RequestLimits, names: tuple[str, ...]) -> None:
+    """Refuse oversized inputs before anything is decoded or computed."""
+    for name in PROMPT_FIELDS:
+        if name in names and tensors.get(name) is not None:
+            for item in np.asarray(tensors[name]).reshape(-1)[:1]:
+                size = len(item) if isinstance(item, (bytes, np.bytes_)) else len(str(item).encode())
+                if size > limits.max_prompt_bytes:
+                    raise InvalidRequestError(name, f"{size} bytes; at most {limits.max_prompt_bytes}")
+    images = tensors.get("CONTROLNET_IMAGES") if "CONTROLNET_IMAGES" in names else None
+    if images is not None and np.asarray(images).nbytes > limits.max_hint_bytes:
+        raise InvalidRequestError(
+            "CONTROLNET_IMAGES", f"{np.asarray(images).nbytes} bytes; at most {limits.max_hint_bytes}"
+        )
 
 
 def _scalar(name: str, value: Any, triton_dtype: str) -> Any:
@@ -354,7 +378,7 @@ def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> No
             raise InvalidRequestError("PROMPT", "must not be empty")
         if len(req.prompt) > limits.max_prompt_chars:
             raise InvalidRequestError("PROMPT", f"{len(req.prompt)} characters; at most {limits.max_prompt_chars}")
-    for name in ("NEGATIVE_PROMPT", "PROMPT_2", "NEGATIVE_PROMPT_2"):
+    for name in PROMPT_FIELDS[1:]:
         value = getattr(req, name.lower())
         if value is not None and len(value) > limits.max_prompt_chars:
             raise InvalidRequestError(name, f"{len(value)} characters; at most {limits.max_prompt_chars}")

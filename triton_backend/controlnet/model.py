@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..config import StageConfig
 from ..serving.events import trace
 from ..serving.io import Tensors, read_tensors, respond_batched
 from ..serving.models import MetricsModel
 from . import wire
 from .service import ControlNetService, ControlRow
+
+#: Config data types of ``RESIDUALS`` and the torch dtype they are sent in.
+RESIDUAL_DTYPES = {"TYPE_FP32": torch.float32, "TYPE_FP16": torch.float16}
 
 
 class ControlNetModel(MetricsModel):
@@ -22,6 +27,10 @@ class ControlNetModel(MetricsModel):
 
     def build(self, cfg: StageConfig) -> ControlNetService:
         service = ControlNetService.from_config(cfg)
+        # Residuals cross to the UNet in the dtype the config declares (TYPE_FP16 in the GPU fp16 layout: half the
+        # bytes of the largest per-step tensor).
+        declared = self.pb.get_output_config_by_name(self.model_config, "RESIDUALS")["data_type"]
+        service.residual_dtype = RESIDUAL_DTYPES[declared]
         self.init_metrics(
             {
                 "hits": ("swiftdiffusion_controlnet_hits_total", "Requests served by a resident ControlNet", "counter"),

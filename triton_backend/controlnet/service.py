@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -27,16 +26,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config import StageConfig
 from ..errors import ConfigError, InvalidRequestError, NotFoundError
 from ..model_info import ModelInfo
 from ..paths import controlnet_dir, is_store_name
+from ..shm import STAGE_DIR_PREFIXES, save_tensors, stage_dir
 from .unet_split import pack_residuals
 
 #: Directory-name prefix of hint-embedding files (the service maps only files under such a directory).
-HINT_DIR_PREFIX = "swiftdiffusion-cn-"
+HINT_DIR_PREFIX = STAGE_DIR_PREFIXES[1]
 
 
 def controlnet_names(root: Path) -> list[str]:
@@ -44,16 +44,6 @@ def controlnet_names(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
-
-
-def hint_dir() -> Path:
-    """A fresh shared-memory (or temp) directory for hint embeddings."""
-    shm = Path("/dev/shm")
-    return Path(
-        tempfile.mkdtemp(
-            prefix=HINT_DIR_PREFIX + os.environ.get("SWIFTDIFFUSION_SHM_TAG", ""), dir=shm if shm.is_dir() else None
-        )
-    )
 
 
 @dataclass
@@ -101,6 +91,8 @@ class ControlNetService:
     cfg: StageConfig
     capacity: int = 4
     stats: ControlNetStats = field(default_factory=ControlNetStats)
+    #: The dtype residuals leave in (the config's ``RESIDUALS`` data type; the UNet casts to its own).
+    residual_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         self.root = controlnet_dir(self.cfg.params, self.cfg.model_dir)
@@ -109,7 +101,8 @@ class ControlNetService:
         self._models: OrderedDict[str, tuple[str, torch.nn.Module, torch.nn.Module]] = OrderedDict()
         self._hints: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
-        self.hint_root = hint_dir()
+        #: Hint embeddings of requests in flight; this process holds the directory's lock (:mod:`~triton_backend.shm`).
+        self.hint_root, self._owner_fd = stage_dir(HINT_DIR_PREFIX)
 
     @classmethod
     def from_config(cls, cfg: StageConfig) -> ControlNetService:
@@ -202,7 +195,7 @@ class ControlNetService:
         cond = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
         emb = embedding(cond.to(self.cfg.device, self.cfg.dtype)).float().cpu().contiguous()
         file = self.hint_root / f"{name}-{uuid.uuid4().hex}.safetensors"
-        save_file({"embedding": emb}, str(file))
+        save_tensors({"embedding": emb}, file, "controlnet", "free shared memory (hint embeddings live there)")
         return str(file)
 
     def validate(self, row: ControlRow) -> None:
@@ -251,10 +244,11 @@ class ControlNetService:
                 return_dict=False,
             )
             scale = torch.cat([rows[i].scale.reshape(-1) for i in idx]).to(dev, dt).reshape(-1, 1, 1, 1)
-            packed = pack_residuals([d * scale for d in down], mid * scale).cpu()
+            packed = pack_residuals([d * scale for d in down], mid * scale).to(self.residual_dtype).cpu()
             for i, chunk in zip(idx, packed.split([rows[i].sample.shape[0] for i in idx]), strict=True):
                 out[i] = chunk
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
         shutil.rmtree(self.hint_root, ignore_errors=True)
+        os.close(self._owner_fd)

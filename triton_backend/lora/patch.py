@@ -94,14 +94,16 @@ class WeightPatcher:
                 if module is None or not hasattr(module, "weight"):
                     raise KeyError(f"{ref.name}: layer {layer} not in {self.component}")
                 stem = key[: -len(".lora_A")]
-                delta = lora_delta(lora_a, tensors[stem + ".lora_B"], module.weight.shape)
+                device = module.weight.device  # B @ A where the weight lives (the GPU), not on the host
+                lora_b = tensors[stem + ".lora_B"]
+                delta = lora_delta(lora_a.to(device), lora_b.to(device), module.weight.shape)
                 delta = delta * (float(tensors[stem + ".scaling"]) * ref.scale)
                 deltas[layer] = deltas[layer] + delta if layer in deltas else delta
         for layer, delta in deltas.items():
             weight = self.modules[layer].weight
             if layer not in self.pristine:
                 self.pristine[layer] = weight.detach().to("cpu", copy=True)
-            patched = self.pristine[layer].to(weight.device, torch.float32) + delta.to(weight.device)
+            patched = self.pristine[layer].to(weight.device, torch.float32) + delta
             weight.copy_(patched.to(weight.dtype))
             self.patched.append(layer)
 

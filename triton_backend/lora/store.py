@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -21,14 +20,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import InvalidRequestError, NotFoundError
 from ..paths import is_store_name
+from ..shm import STAGE_DIR_PREFIXES, save_tensors, stage_dir
 from .convert import file_signature
 
 #: Directory-name prefix of converted-adapter caches (the UNet maps only files under such a directory).
-CACHE_DIR_PREFIX = "swiftdiffusion-lora-"
+CACHE_DIR_PREFIX = STAGE_DIR_PREFIXES[0]
 #: Key prefixes of text-encoder layers in the formats diffusers reads (PEFT/diffusers, kohya/A1111).
 _TE_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_", "te.", "te1.", "te2.")
 
@@ -93,14 +92,14 @@ class LoraStore:
     emulate_bandwidth_bps: float = 0.0
 
     def __post_init__(self) -> None:
-        shm = Path("/dev/shm")
-        base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-        #: Where converted factor files are written (``cache_root``, else a fresh shared-memory directory).
-        self.cache_dir = Path(
-            self.cache_root
-            or tempfile.mkdtemp(prefix=CACHE_DIR_PREFIX + os.environ.get("SWIFTDIFFUSION_SHM_TAG", ""), dir=base)
-        )
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        #: Where converted factor files are written (``cache_root``, else a fresh shared-memory directory whose
+        #: lock this process holds until :meth:`close`, so a crash leaves it to :func:`~triton_backend.shm.sweep`).
+        self._owner_fd: int | None = None
+        if self.cache_root is not None:
+            self.cache_dir = Path(self.cache_root)
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.cache_dir, self._owner_fd = stage_dir(CACHE_DIR_PREFIX)
         self._entries: OrderedDict[tuple[str, str], CacheEntry] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -125,10 +124,16 @@ class LoraStore:
             start = time.perf_counter()
             self._emulate_slow_storage(path)
             factors = self.convert(path)
+            try:
+                changed = file_signature(path) != signature
+            except FileNotFoundError:
+                changed = True
+            if changed:  # what was read may be half old, half new: never cache or serve it
+                raise InvalidRequestError(
+                    "LORA_NAMES", f"{name}: the file changed or was removed while it was loaded; send the request again"
+                )
             file = self.cache_dir / f"{name}-{signature}.safetensors"
-            tmp = file.with_suffix(".tmp")
-            save_file(factors, str(tmp))
-            os.replace(tmp, file)
+            save_tensors(factors, file, "lora_manager", "free shared memory or lower its parameter cache_budget_mb")
             entry = CacheEntry(name, signature, file, file.stat().st_size, has_text_encoder_layers(path))
             self._drop_stale(name, signature)
             self._entries[key] = entry
@@ -166,3 +171,6 @@ class LoraStore:
             self._entries.clear()
             self.stats.bytes_resident = 0
             shutil.rmtree(self.cache_dir, ignore_errors=True)
+            if self._owner_fd is not None:
+                os.close(self._owner_fd)
+                self._owner_fd = None

@@ -1,8 +1,13 @@
-"""The ``swiftdiffusion`` command: ``default-model``, ``serve``, ``generate``, ``demo`` and ``perf-analyzer``."""
+"""The ``swiftdiffusion`` command: ``default-model``, ``serve``, ``generate``, ``demo`` and ``perf-analyzer``.
+
+``serve [OPTIONS] -- ARGS``: everything after ``--`` is passed to ``tritonserver`` unchanged (e.g. mutual TLS,
+``--grpc-use-ssl-mutual=true --grpc-root-cert=ca.pem``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -10,6 +15,9 @@ import time
 from pathlib import Path
 
 from ..paths import default_model_dir
+
+#: Environment variable read for ``serve --admin-key`` (keeps the key off the command line of ``serve``).
+ADMIN_KEY_ENV = "SWIFTDIFFUSION_ADMIN_KEY"
 
 
 def _default_model(args: argparse.Namespace) -> int:
@@ -48,6 +56,12 @@ def _server_from_args(args: argparse.Namespace):
     )
     if args.model_repository:
         kwargs["model_repository"] = Path(args.model_repository)
+    if getattr(args, "tls_cert", None) or getattr(args, "tls_key", None):
+        kwargs["tls_cert"] = Path(args.tls_cert) if args.tls_cert else None
+        kwargs["tls_key"] = Path(args.tls_key) if args.tls_key else None
+    if getattr(args, "admin_key", None):
+        kwargs["admin_key"] = args.admin_key
+    kwargs["extra_args"] = list(getattr(args, "tritonserver_args", []))
     return TritonServer(**kwargs)
 
 
@@ -69,8 +83,8 @@ def _serve(args: argparse.Namespace) -> int:
                 print("tritonserver exited unexpectedly", file=sys.stderr)
                 return 1
     finally:
-        print("stopping ...", flush=True)
-        server.stop()
+        print(f"stopping: finishing requests in flight (up to {args.grace:g}s) ...", flush=True)
+        server.stop(grace_s=args.grace)
     return 0
 
 
@@ -114,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     from swiftdiffusion_client import cli as client_cli
 
     from ..tools.default_model import ARCHS, PRESETS, SDXL_PRESETS
+    from .server import ADMIN_HEADER, DEFAULT_GRACE_S
 
     parser = argparse.ArgumentParser(prog="swiftdiffusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the bundled tritonserver on the model repository")
     _add_server_args(p)
+    p.add_argument("--tls-cert", default=None, help="PEM certificate: serve gRPC over TLS (with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--admin-key",
+        default=os.environ.get(ADMIN_KEY_ENV),
+        help=f"key of the restricted APIs (model load/unload, shared-memory registration, trace, logging), sent by "
+        f"clients as header '{ADMIN_HEADER}' (default: ${ADMIN_KEY_ENV}, else random: nobody but this launcher)",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE_S,
+        help="on SIGTERM/Ctrl-C, seconds to let requests in flight finish while new ones are refused "
+        "(default %(default)s)",
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("generate", help="send one txt2img request over gRPC and write a PNG")
@@ -164,7 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         from .perf import run_perf_analyzer
 
         return run_perf_analyzer(argv[1:]).returncode
+    passthrough: list[str] = []
+    if argv[:1] == ["serve"] and "--" in argv:  # serve ... -- ARGS: ARGS go to tritonserver as they are
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
+    args.tritonserver_args = passthrough
     return int(args.func(args) or 0)
 
 

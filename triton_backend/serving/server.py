@@ -3,14 +3,23 @@
 DESIGN.md §3: the Python backend stub for this interpreter is copied next to ``libtriton_python.so`` in a backend
 directory we own (under the cache dir; the installed package is never modified); ``nvidia_pytriton.libs`` and
 ``libpython``'s directory go on ``LD_LIBRARY_PATH``; this interpreter's ``bin`` goes first on ``PATH`` so the stubs
-import the same environment. Each server gets its own shared-memory prefix, and anything left under ``/dev/shm``
-with that prefix is removed when the server stops.
+import the same environment.
+
+Lifecycle (README "Operations"):
+
+- each server gets its own shared-memory prefix and holds its lock (:mod:`~triton_backend.shm`); what it leaves
+  under ``/dev/shm`` is removed when it stops, and by the next start if it was killed;
+- ``tritonserver`` gets SIGTERM when the process that started it dies (``PR_SET_PDEATHSIG``), so a killed launcher
+  (a ``timeout``, an OOM kill) never leaves a server and its stubs behind;
+- :meth:`TritonServer.stop` drains first: the public models (those no other model calls) are unloaded, which
+  refuses new requests and waits for those in flight, for up to ``grace_s``; then the server gets SIGTERM.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -21,22 +30,37 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from .. import shm
 from ..paths import MODEL_DIR_ENV, cache_dir, model_repository_dir
-from .watchdog import StageWatchdog, stub_processes
+from .watchdog import StageWatchdog, public_models, stub_processes
 
-#: Stages put this tag in the names of the shared-memory directories they create, so ``stop`` can remove them.
-SHM_TAG_ENV = "SWIFTDIFFUSION_SHM_TAG"
+#: Seconds ``stop`` lets requests in flight finish before it stops the server (``serve --grace``).
+DEFAULT_GRACE_S = 30.0
+#: Triton APIs that only a client with the admin key may call (gRPC protocols and HTTP APIs alike): loading and
+#: unloading models, registering shared memory the server would read, tracing and logging settings.
+RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
+#: The HTTP header that carries the admin key; over gRPC Triton expects it as :data:`GRPC_ADMIN_HEADER`.
+ADMIN_HEADER = "swiftdiffusion-admin-key"
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 
 
 class ServerError(RuntimeError):
     """The server failed to start, exited early or did not become ready in time."""
 
 
+#: A ``tritonserver`` tree laid out like the wheel's (``.../pytriton/tritonserver`` next to ``nvidia_pytriton.libs``)
+#: to use instead of the installed ``nvidia-pytriton``: the trimmed copy of the device bundle.
+TRITON_ROOT_ENV = "SWIFTDIFFUSION_TRITON_ROOT"
+
+
 def pytriton_root() -> Path:
-    """``site-packages/pytriton/tritonserver`` of the installed ``nvidia-pytriton``."""
+    """``$SWIFTDIFFUSION_TRITON_ROOT``, else ``site-packages/pytriton/tritonserver`` of ``nvidia-pytriton``."""
     import importlib.util
 
+    if os.environ.get(TRITON_ROOT_ENV):
+        return Path(os.environ[TRITON_ROOT_ENV])
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
         raise ServerError("nvidia-pytriton is not installed (pip install nvidia-pytriton==0.7.0)")
@@ -113,6 +137,14 @@ class TritonServer:
     watch_interval: float | None = 1.0
     watchdog: StageWatchdog | None = None
     shm_prefix: str = field(default_factory=lambda: f"swiftdiffusion_{uuid.uuid4().hex[:10]}_")
+    #: TLS for gRPC: PEM server certificate and key; this launcher's own clients verify the server with the cert.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: Key of the restricted APIs (:data:`RESTRICTED_APIS`), sent as header :data:`ADMIN_HEADER`. Random unless
+    #: given: then only this launcher (watchdog, drain) can load or unload models.
+    admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+    #: The descriptor of this server's shared-memory lock (:mod:`~triton_backend.shm`), open while it runs.
+    _owner_fd: int | None = None
 
     @property
     def grpc_url(self) -> str:
@@ -125,6 +157,19 @@ class TritonServer:
     @property
     def metrics_url(self) -> str:
         return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """The gRPC headers that unlock the restricted APIs (``client.unload_model(name, headers=...)``)."""
+        return {GRPC_ADMIN_HEADER: self.admin_key}
+
+    def client(self) -> Any:
+        """A ``tritonclient.grpc`` client of this server (over TLS when the server has it)."""
+        import tritonclient.grpc as grpcclient
+
+        if self.tls_cert is None:
+            return grpcclient.InferenceServerClient(self.grpc_url)
+        return grpcclient.InferenceServerClient(self.grpc_url, ssl=True, root_certificates=str(self.tls_cert))
 
     @property
     def _client_host(self) -> str:
@@ -149,21 +194,41 @@ class TritonServer:
             # Explicit model control: every model loads at start, and the watchdog can reload one whose stub died.
             "--model-control-mode=explicit",
             "--load-model=*",
+            f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_HEADER}={self.admin_key}",
+            f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_HEADER}={self.admin_key}",
+            *self._tls_args(),
             *self.extra_args,
         ]
+
+    def _tls_args(self) -> list[str]:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ServerError("TLS needs both a certificate and its key (tls_cert, tls_key)")
+        if self.tls_cert is None or self.tls_key is None:
+            return []
+        for path in (self.tls_cert, self.tls_key):
+            if not Path(path).is_file():
+                raise ServerError(f"TLS file {path} does not exist")
+        return ["--grpc-use-ssl=true", f"--grpc-server-cert={self.tls_cert}", f"--grpc-server-key={self.tls_key}"]
 
     def start(self, timeout: float = 300.0) -> TritonServer:
         """Start the server and block until it is ready (all models loaded) or raise ``ServerError``."""
         for name in ("grpc_port", "http_port", "metrics_port"):
             if not getattr(self, name):
                 setattr(self, name, free_port(self._client_host))
+        if self.log_file:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
         out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115 - closed with the process
+        shm.sweep()  # what servers killed earlier left behind (never a live server's files)
+        if shm.SHM_DIR.is_dir():
+            self._owner_fd = shm.hold(shm.SHM_DIR / f"{self.shm_prefix}owner")
         self.process = subprocess.Popen(
             self.command(),
-            env={**server_env(self.model_dir), SHM_TAG_ENV: self.shm_prefix, **self.env},
+            env={**server_env(self.model_dir), shm.SHM_TAG_ENV: self.shm_prefix, **self.env},
             stdout=out or None,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,
+            pass_fds=() if self._owner_fd is None else (self._owner_fd,),
+            preexec_fn=_terminate_with_parent(),
         )
         try:
             self._wait_ready(timeout)
@@ -171,14 +236,14 @@ class TritonServer:
             self.stop()
             raise
         if self.watch_interval:
-            self.watchdog = StageWatchdog(self.process.pid, self.grpc_url, self.watch_interval).start()
+            self.watchdog = StageWatchdog(
+                self.process.pid, self.client, self.admin_headers, self.watch_interval
+            ).start()
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        import tritonclient.grpc as grpcclient
-
         deadline = time.monotonic() + timeout
-        client = grpcclient.InferenceServerClient(self.grpc_url)
+        client = self.client()
         try:
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
@@ -191,12 +256,14 @@ class TritonServer:
             client.close()
         raise ServerError(f"tritonserver not ready after {timeout:.0f}s")
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """SIGTERM, wait for a clean shutdown (it stops the stubs), else kill the whole process group."""
+    def stop(self, grace_s: float = 0.0, timeout: float = 60.0) -> None:
+        """Drain for up to ``grace_s`` (see the module docstring), SIGTERM, wait, else kill the process group."""
         if self.watchdog is not None:
             self.watchdog.stop()
             self.watchdog = None
         proc = self.process
+        if proc is not None and proc.poll() is None and grace_s > 0:
+            self.drain(grace_s)
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -214,12 +281,38 @@ class TritonServer:
                 os.killpg(proc.pid, signal.SIGKILL)  # any stub that outlived the server
         self.process = None
         # Python-backend regions, and the LoRA/hint caches our stages created under this server's tag.
-        for leftover in Path("/dev/shm").glob(f"*{self.shm_prefix}*"):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
+        shm.remove_prefix(self.shm_prefix)
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
+
+    def drain(self, grace_s: float) -> list[str]:
+        """Unload the public models and wait up to ``grace_s`` for their requests in flight; returns their names.
+
+        Unloading refuses new requests at once (``UNAVAILABLE``); Triton finishes the unload when the last request
+        in flight on the model has its response. The stages they call stay loaded meanwhile, so generations in
+        flight run to the end. Triton's own SIGTERM handling cannot do this: it stops every model at once, and a
+        generation's next step (a new request to ``unet``) is refused.
+        """
+        deadline = time.monotonic() + grace_s
+        client = self.client()
+        try:
+            names = public_models(client, self.admin_headers)
+            for name in names:
+                with contextlib.suppress(Exception):
+                    client.unload_model(name, headers=self.admin_headers)
+            while time.monotonic() < deadline:
+                with contextlib.suppress(Exception):
+                    index = client.get_model_repository_index(headers=self.admin_headers).models
+                    states = {m.name: m.state for m in index}
+                    if not any(states.get(n) in ("READY", "UNLOADING") for n in names):
+                        break
+                time.sleep(0.2)
+            return names
+        except Exception:  # noqa: BLE001 - a server that does not answer is stopped anyway
+            return []
+        finally:
+            client.close()
 
     def memory(self, kind: str = "Rss") -> dict[str, int]:
         """Memory in bytes of ``tritonserver`` itself and of each model's stub processes (summed per model).
@@ -240,6 +333,25 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _terminate_with_parent():
+    """A ``preexec_fn``: the child gets SIGTERM when the thread that started it exits (Linux ``prctl``).
+
+    ``prctl`` is looked up before the fork, so the child runs no Python that could take a lock. Elsewhere: ``None``.
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def child() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return child
 
 
 def _memory_bytes(pid: int, kind: str) -> int:
@@ -285,7 +397,8 @@ def gpu_repository(source: Path | None = None, dtype: str = "auto", unet_instanc
     """A rendered copy of a repository with its model stages on GPU 0 (``dtype`` for every stage).
 
     ``denoise`` and ``lora_manager`` stay on the CPU (scheduler math, conversion). One UNet instance, as the
-    README's 1-GPU layout: a second one on the same GPU is a second weight copy time-sliced with the first.
+    README's 1-GPU layout: a second one on the same GPU is a second weight copy time-sliced with the first. In fp16
+    (``auto`` on a GPU) ControlNet residuals cross processes in fp16. Untested here (no CUDA): the device check.
     """
     import re
 
@@ -299,5 +412,7 @@ def gpu_repository(source: Path | None = None, dtype: str = "auto", unet_instanc
         text = re.sub(r'(key: "dtype" value \{ string_value: ")[^"]*(")', rf"\g<1>{dtype}\g<2>", text)
         if model == "unet":
             text = re.sub(r"count: \d+ kind: KIND_GPU", f"count: {unet_instances} kind: KIND_GPU", text)
+        if model == "controlnet" and dtype in ("auto", "float16"):  # residuals cross in the stages' fp16
+            text = text.replace('{ name: "RESIDUALS" data_type: TYPE_FP32', '{ name: "RESIDUALS" data_type: TYPE_FP16')
         config.write_text(text)
     return dest

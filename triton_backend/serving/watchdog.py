@@ -4,9 +4,11 @@ The bundled 2.51 Python backend never restarts a dead stub (an OOM kill, a segfa
 every later request of that instance with "Stub process '<instance>' is not healthy" while the model still reports
 ready (DESIGN.md §5). The watchdog runs beside ``tritonserver`` (in ``TritonServer``, so in ``swiftdiffusion serve``
 and the tests): every ``interval`` it counts each model's live stub processes (children of the server, by the
-``model.py`` they run; zombies count as dead) and, when one has fewer than after start, reloads that model through
-the model-control API (the server runs with ``--model-control-mode=explicit``). Requests that were in flight on the
-dead stub fail with ``UNAVAILABLE`` naming the stage; the next ones are served by the new instances.
+``model.py`` they run; zombies count as dead) and, when a model Triton reports ``READY`` has fewer than its
+``instance_group`` asks for, reloads that model through the model-control API (the server runs with
+``--model-control-mode=explicit``). Requests that were in flight on the dead stub fail with ``UNAVAILABLE`` naming
+the stage; the next ones are served by the new instances. A model an operator unloaded is not ``READY``, so it is
+left alone; one loaded later is watched from then on.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def stub_processes(server_pid: int) -> dict[str, list[int]]:
@@ -38,6 +41,39 @@ def stub_processes(server_pid: int) -> dict[str, list[int]]:
     return out
 
 
+def instance_count(config: dict[str, Any]) -> int:
+    """Stub processes a Python model's config asks for: ``count`` per GPU listed (or once), summed over groups."""
+    groups = config.get("instance_group") or [{}]
+    return sum(int(g.get("count", 1)) * max(1, len(g.get("gpus", []))) for g in groups)
+
+
+def model_calls(config: dict[str, Any]) -> set[str]:
+    """The models a config says it calls: ensemble steps, and BLS targets (``*_model`` parameters)."""
+    calls = {step["model_name"] for step in config.get("ensemble_scheduling", {}).get("step", [])}
+    for key, value in config.get("parameters", {}).items():
+        if key.endswith("_model") and value.get("string_value"):
+            calls.add(value["string_value"])
+    return calls
+
+
+def ready_models(client: Any, headers: dict[str, str] | None = None) -> list[str]:
+    """The models the server reports ``READY`` (one entry per model, whatever its versions).
+
+    ``headers``: the admin key of a server whose repository API is restricted (``TritonServer.admin_headers``).
+    """
+    index = client.get_model_repository_index(headers=headers).models
+    return sorted({m.name for m in index if m.state == "READY"})
+
+
+def public_models(client: Any, headers: dict[str, str] | None = None) -> list[str]:
+    """The ready models that no other ready model calls (what clients call: ``txt2img``, ``baseline``...)."""
+    ready = ready_models(client, headers)
+    called: set[str] = set()
+    for name in ready:
+        called |= model_calls(client.get_model_config(name, as_json=True)["config"])
+    return [m for m in ready if m not in called]
+
+
 @dataclass
 class Reload:
     """One recovery: which model, when its stub was found dead, how long the reload took, and how it ended."""
@@ -53,17 +89,20 @@ class StageWatchdog:
     """Watches the stubs of one server and reloads a model whose stub died (see the module docstring)."""
 
     server_pid: int
-    grpc_url: str
+    #: A new gRPC client of the server (``TritonServer.client``: TLS as the server has it).
+    connect: Callable[[], Any]
+    #: Headers for the restricted repository API (``TritonServer.admin_headers``).
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
     interval: float = 1.0
     log: Callable[[str], None] = logging.getLogger("swiftdiffusion.watchdog").warning
     reloads: list[Reload] = field(default_factory=list)
+    #: Stub processes each model's config asks for, read once per model (a reload keeps its instance groups).
     _expected: dict[str, int] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def start(self) -> StageWatchdog:
-        """Record each model's stub count now (the server is ready) and start watching."""
-        self._expected = {model: len(pids) for model, pids in stub_processes(self.server_pid).items()}
+        """Start watching (the server is ready)."""
         self._thread = threading.Thread(target=self._run, name="stage-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -73,32 +112,45 @@ class StageWatchdog:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def dead(self) -> list[str]:
-        """Models with fewer live stubs than at start."""
+    def dead(self, client: Any) -> list[str]:
+        """Python models Triton reports ``READY`` with fewer live stubs than their config asks for."""
         live = stub_processes(self.server_pid)
-        return [m for m, n in self._expected.items() if len(live.get(m, ())) < n]
+        out = []
+        for model in ready_models(client, self.headers):
+            if model not in self._expected:
+                config = client.get_model_config(model, as_json=True)["config"]
+                self._expected[model] = instance_count(config) if config.get("backend") == "python" else 0
+            if len(live.get(model, ())) < self._expected[model]:
+                out.append(model)
+        return out
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            for model in self.dead():
-                if self._stop.is_set():
-                    return
-                self.reload(model)
+        client = self.connect()
+        try:
+            while not self._stop.wait(self.interval):
+                try:
+                    dead = self.dead(client)
+                except Exception:  # noqa: BLE001 - the server is starting, stopping or busy: look again next time
+                    continue
+                for model in dead:
+                    if self._stop.is_set():
+                        return
+                    self.reload(model)
+        finally:
+            client.close()
 
     def reload(self, model: str) -> Reload:
         """Reload ``model`` (new stub processes); wait until it is ready again."""
-        import tritonclient.grpc as grpcclient
-
         start = time.monotonic()
         self.log(f"watchdog: a stub process of '{model}' died; reloading it")
         error = ""
-        client = grpcclient.InferenceServerClient(self.grpc_url)
+        client = self.connect()
         try:
             # A load of an unchanged, loaded model is a no-op: its own config with one parameter changed (this
             # reload's number) makes Triton create new instances, then retire the old ones.
             config = client.get_model_config(model, as_json=True)["config"]
             config.setdefault("parameters", {})["swiftdiffusion_reload"] = {"string_value": str(len(self.reloads) + 1)}
-            client.load_model(model, config=json.dumps(config))
+            client.load_model(model, config=json.dumps(config), headers=self.headers)
         except Exception as exc:  # noqa: BLE001 - reported, retried at the next interval
             error = f"{type(exc).__name__}: {exc}"
         finally:

@@ -208,7 +208,12 @@ def prepare(
     height, width = resolve_size(request, info)
     added = added_conditioning(request, pooled_embeds, info, expected, (height, width))
     scheduler = make_scheduler(request.scheduler, info.scheduler_config)
-    scheduler.set_timesteps(request.steps, device="cpu")
+    try:
+        scheduler.set_timesteps(request.steps, device="cpu")
+    except ValueError as exc:  # e.g. PNDM's Runge-Kutta warm-up needs >= 4 steps (diffusers fails the same way)
+        raise InvalidRequestError(
+            "STEPS", f"{request.steps} steps are too few for the {type(scheduler).__name__} scheduler ({exc})"
+        ) from None
     generator = torch.Generator("cpu").manual_seed(request.seed)
     shape = (1, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
     latents = torch.randn(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma

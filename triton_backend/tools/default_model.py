@@ -343,10 +343,14 @@ def build_components(vocab_size: int, preset: str = "tiny") -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": _scheduler()}
 
 
-def write_default_model(out: str | os.PathLike, force: bool = False, preset: str = "tiny", arch: str = "sd1") -> Path:
+def write_default_model(
+    out: str | os.PathLike, force: bool = False, preset: str = "tiny", arch: str = "sd1", dtype: str = "float32"
+) -> Path:
     """Write the default model of ``arch`` to ``out`` (atomically: a temp dir renamed into place); return its path.
 
-    Skips the work when ``out`` already holds this version, architecture and preset, unless ``force``.
+    Skips the work when ``out`` already holds this version, architecture, preset and dtype, unless ``force``.
+    ``dtype="float16"`` halves the pipeline's weights on disk (the device check writes the full-size ``sd15`` preset
+    on the device itself); its LoRAs and ControlNets stay float32.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
@@ -355,7 +359,7 @@ def write_default_model(out: str | os.PathLike, force: bool = False, preset: str
     if preset not in table:
         raise ValueError(f"unknown {arch} preset {preset!r}; choose from {', '.join(table)}")
     out = Path(out)
-    if not force and is_current_default_model(out, preset, arch):
+    if not force and is_current_default_model(out, preset, arch, dtype):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".default-model-", dir=out.parent))
@@ -382,6 +386,7 @@ def write_default_model(out: str | os.PathLike, force: bool = False, preset: str
                 feature_extractor=None,
                 requires_safety_checker=False,
             )
+        pipe.to(dtype=getattr(torch, dtype))
         pipe.save_pretrained(tmp / "model", safe_serialization=True)
         shutil.rmtree(tok_dir)
         from .default_loras import write_default_loras
@@ -391,7 +396,7 @@ def write_default_model(out: str | os.PathLike, force: bool = False, preset: str
 
         write_default_controlnets(tmp / "model", table[preset]["controlnet_embedding"])
         (tmp / "model" / _MARKER).write_text(
-            json.dumps({"version": DEFAULT_MODEL_VERSION, "arch": arch, "preset": preset})
+            json.dumps({"version": DEFAULT_MODEL_VERSION, "arch": arch, "preset": preset, "dtype": dtype})
         )
         if out.exists():
             shutil.rmtree(out)
@@ -401,8 +406,8 @@ def write_default_model(out: str | os.PathLike, force: bool = False, preset: str
     return out
 
 
-def is_current_default_model(path: Path, preset: str = "tiny", arch: str = "sd1") -> bool:
-    """True when ``path`` holds a complete default model of the current version, ``arch`` and ``preset``."""
+def is_current_default_model(path: Path, preset: str = "tiny", arch: str = "sd1", dtype: str = "float32") -> bool:
+    """True when ``path`` holds a complete default model of the current version, ``arch``, ``preset`` and dtype."""
     try:
         marker = json.loads((Path(path) / _MARKER).read_text())
     except (OSError, ValueError):
@@ -411,4 +416,5 @@ def is_current_default_model(path: Path, preset: str = "tiny", arch: str = "sd1"
         marker.get("version") == DEFAULT_MODEL_VERSION
         and marker.get("preset", "tiny") == preset
         and marker.get("arch", "sd1") == arch
+        and marker.get("dtype", "float32") == dtype
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,17 +71,17 @@ def load_trace(path: Path) -> list[dict]:
 
 
 def materialize_adapters(model_dir: Path, trace: list[dict]) -> None:
-    """Make every adapter the trace names exist: copies of the default ControlNets/LoRAs under those names."""
+    """Make every adapter the trace names exist: links to the default ControlNets/LoRAs under those names."""
     cn_src = sorted((model_dir / "controlnets").iterdir())
     lora_src = sorted((model_dir / "loras").glob("*.safetensors"))
     for name in sorted({n for r in trace for n in r["controlnets"]}):
         dest = model_dir / "controlnets" / name
         if not dest.exists():
-            shutil.copytree(cn_src[int(name[2:]) % len(cn_src)], dest)
+            dest.symlink_to(cn_src[int(name[2:]) % len(cn_src)].resolve(), target_is_directory=True)
     for name in sorted({n for r in trace for n in r["loras"]}):
         dest = model_dir / "loras" / f"{name}.safetensors"
         if not dest.exists():
-            shutil.copy(lora_src[int(name[4:]) % len(lora_src)], dest)
+            dest.symlink_to(lora_src[int(name[4:]) % len(lora_src)].resolve())
 
 
 def synthetic_hints(n: int, size: int) -> np.ndarray | None:
