@@ -171,8 +171,10 @@ def main() -> int:
     )
     work = Path(tempfile.mkdtemp(prefix="swiftdiffusion-bench-"))
     model_dir = work / "model"
-    # The trace adds adapters; never touch the source store. Links, not copies: a full-size model is gigabytes.
-    shutil.copytree(source, model_dir, copy_function=os.symlink)
+    # The trace adds adapters; never touch the source store. Links, not copies: a full-size model is gigabytes. The
+    # LoRAs (megabytes) are copied: the LoRA store refuses a file that links outside it.
+    shutil.copytree(source, model_dir, copy_function=os.symlink, ignore=shutil.ignore_patterns("loras"))
+    shutil.copytree(source / "loras", model_dir / "loras")
     if not args.size:
         unet = json.loads((model_dir / "unet" / "config.json").read_text())
         vae = json.loads((model_dir / "vae" / "config.json").read_text())

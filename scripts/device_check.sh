@@ -27,18 +27,25 @@ export BUNDLE="${BUNDLE:-shared/device_bundle/bundle.tar.xz}"
 mkdir -p "$OUT" "$WORK"
 declare -A LIMIT=([install]=120 [tests]=240 [bench]=240)
 
+if [[ "$MODE" == cpu && ! -x "$WORK/device-venv/bin/python" ]]; then
+    # The stand-in for the device's own Python with torch preinstalled (not part of any step's time).
+    echo "== cpu rehearsal: a fresh venv with torch stands in for the device =="
+    python3 -m venv "$WORK/device-venv" && "$WORK/device-venv/bin/python" -m pip install -q "torch==2.13.0" || exit 1
+fi
+
 cleanup() {  # every server and stub a step left: ours run from $WORK (bundle) or carry our shared-memory tag
     pkill -TERM -f "triton_python_backend_stub" 2>/dev/null
     pkill -TERM -f "tritonserver/bin/tritonserver" 2>/dev/null
     sleep 2
     pkill -KILL -f "triton_python_backend_stub" 2>/dev/null
     pkill -KILL -f "tritonserver/bin/tritonserver" 2>/dev/null
-    [[ -x "$WORK/python" ]] && "$WORK/python" -c "from triton_backend import shm; shm.sweep()" 2>/dev/null
+    [[ -f "$WORK/env.sh" ]] && (source "$WORK/env.sh" && "$PY" -c "from triton_backend import shm; shm.sweep()") 2>/dev/null
     return 0
 }
 
 for step in "${STEPS[@]}"; do
-    limit=${LIMIT[$step]:-240}
+    override="LIMIT_${step^^}"                     # e.g. LIMIT_TESTS=60 to shorten a step
+    limit=${!override:-${LIMIT[$step]:-240}}
     echo "== $step (limit ${limit}s, mode $MODE) =="
     start=$(date +%s.%N)
     # setsid: the step and everything it starts form one process group that timeout can signal as a whole.

@@ -4,7 +4,6 @@
 # $OUT/bench/cells/ at once, so a run cut short by the limit keeps what it measured.
 set -uo pipefail
 source "$WORK/env.sh"
-PY="$WORK/python"
 if [[ "$MODE" == cuda ]]; then
     "$PY" scripts/benchmark.py --preset sd15 --model-dtype float16 --device cuda --dtype float16 --steps 20 \
         --size 512 --repeats 3 --requests-per-rate 30 --capacity-requests 6 --out "$OUT/bench"

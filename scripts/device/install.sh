@@ -1,18 +1,14 @@
 #!/usr/bin/env bash
-# Step 1: install from the bundle alone. Writes $WORK/python (the interpreter to use), $WORK/env.sh and
-# $OUT/install.json. On the device the interpreter is the machine's own (torch preinstalled); with MODE=cpu it is
+# Step 1: install from the bundle alone. Writes $WORK/env.sh (PY: the interpreter the next steps use; the trimmed
+# tritonserver) and $OUT/install.json. On the device the interpreter is the machine's own (torch preinstalled); with MODE=cpu it is
 # a fresh venv whose torch comes from this machine's local wheel.
 set -euo pipefail
 start=$(date +%s)
 if [[ "$MODE" == cpu ]]; then
-    rm -rf "$WORK/venv"
-    python3.11 -m venv "$WORK/venv" 2>/dev/null || python -m venv "$WORK/venv"
-    PY="$WORK/venv/bin/python"
-    "$PY" -m pip install -q "torch==2.13.0"   # stands for the device's preinstalled torch (local wheel + registry)
+    PY="$WORK/device-venv/bin/python"   # made by device_check.sh --cpu before the step: the stand-in device
 else
     PY="$(command -v python3 || command -v python)"
 fi
-ln -sf "$PY" "$WORK/python"
 rm -rf "$WORK/bundle"
 tar -xJf "$BUNDLE" -C "$WORK"
 W="$WORK/bundle/wheels"
@@ -21,6 +17,7 @@ W="$WORK/bundle/wheels"
 "$PY" -m pip install -q --no-index --find-links "$W" --no-deps -r "$WORK/bundle/install-nodeps.txt"
 "$PY" -m pip install -q --no-index --no-build-isolation --no-deps -e .
 cat > "$WORK/env.sh" <<ENV
+export PY="$PY"
 export SWIFTDIFFUSION_TRITON_ROOT="$WORK/bundle/tritonserver/pytriton/tritonserver"
 export PATH="$(dirname "$PY"):\$PATH"
 ENV

@@ -3,7 +3,6 @@
 # then fp16 against diffusers' own fp16 pipeline. --maxfail, not -x: one failure must not hide the others.
 set -uo pipefail
 source "$WORK/env.sh"
-PY="$WORK/python"
 export SWIFTDIFFUSION_SERVER_LOG_DIR="$OUT/server-logs"
 TESTS=(tests/test_txt2img_integration.py tests/test_cuda_fp16.py)
 if [[ "$MODE" == cuda ]]; then
