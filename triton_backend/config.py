@@ -141,7 +141,9 @@ def int_param(model: str, params: dict[str, str], name: str, default: int, minim
 
 
 def instance_count(config_pbtxt: Path) -> int:
-    """Total ``count`` over the ``instance_group`` entries of a ``config.pbtxt`` (1 when none is given)."""
+    """Instances a ``config.pbtxt`` asks for: ``count`` per GPU listed (or once), summed over its
+    ``instance_group`` entries (1 when none is given).
+    """
     try:
         text = config_pbtxt.read_text()
     except OSError:
@@ -151,7 +153,7 @@ def instance_count(config_pbtxt: Path) -> int:
         from tritonclient.grpc import model_config_pb2
 
         config = text_format.Parse(text, model_config_pb2.ModelConfig())
-        return sum(g.count or 1 for g in config.instance_group) or 1
+        return sum((g.count or 1) * max(1, len(g.gpus)) for g in config.instance_group) or 1
     except ImportError:
         pass
     text = re.sub(r"#[^\n]*", "", text)

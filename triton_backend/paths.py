@@ -46,14 +46,23 @@ def default_model_dir(arch: str = "sd1", preset: str = "tiny") -> Path:
     return cache_dir() / "models" / (f"sdxl-{preset}" if arch == "sdxl" else preset)
 
 
+def _shipped(name: str) -> Path:
+    """A repository of templates: next to the package in a source checkout (editable install), else the copy
+    installed inside it as package data (a wheel).
+    """
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / name
+    return checkout if (checkout / "txt2img" / "config.pbtxt").is_file() else here / name
+
+
 def model_repository_dir() -> Path:
-    """The ``model_repository/`` shipped next to this package (source checkout or editable install)."""
+    """The model repository templates: ``$SWIFTDIFFUSION_MODEL_REPOSITORY``, else ``model_repository/``."""
     env = os.environ.get("SWIFTDIFFUSION_MODEL_REPOSITORY")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "model_repository"
+    return _shipped("model_repository")
 
 
 def baseline_repository_dir() -> Path:
     """``baseline_repository/``: the stock-diffusers ``txt2img`` used as the benchmark baseline."""
-    return Path(__file__).resolve().parent.parent / "baseline_repository"
+    return _shipped("baseline_repository")

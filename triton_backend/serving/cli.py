@@ -1,4 +1,5 @@
-"""The ``swiftdiffusion`` command: ``default-model``, ``serve``, ``generate``, ``demo`` and ``perf-analyzer``.
+"""The ``swiftdiffusion`` command: ``default-model``, ``serve``, ``repository``, ``tritonserver``, ``generate``,
+``demo`` and ``perf-analyzer``.
 
 ``serve [OPTIONS] -- ARGS``: everything after ``--`` is passed to ``tritonserver`` unchanged (e.g. mutual TLS,
 ``--grpc-use-ssl-mutual=true --grpc-root-cert=ca.pem``).
@@ -44,10 +45,17 @@ def _ensure_model_dir(model_dir: str | None, arch: str = "sd1") -> Path:
 
 
 def _server_from_args(args: argparse.Namespace):
+    """The server of ``serve`` and ``demo``: the repository rendered for one pipeline ``txt2img`` (the templates'
+    names, no prefix) on the model, unless ``--model-repository`` names one.
+    """
+    import tempfile
+
+    from .repository import Pipeline, render
     from .server import TritonServer
 
+    model_dir = _ensure_model_dir(args.model_dir, args.arch).resolve()
     kwargs = dict(
-        model_dir=_ensure_model_dir(args.model_dir, args.arch),
+        model_dir=model_dir,
         host=args.host,
         grpc_port=args.grpc_port,
         http_port=args.http_port,
@@ -56,6 +64,9 @@ def _server_from_args(args: argparse.Namespace):
     )
     if args.model_repository:
         kwargs["model_repository"] = Path(args.model_repository)
+    else:
+        out = Path(tempfile.mkdtemp(prefix="swiftdiffusion-repo-"))
+        kwargs["model_repository"] = render(out, [Pipeline("txt2img", model_dir)], stage_prefix="", load_stages=False)
     if getattr(args, "tls_cert", None) or getattr(args, "tls_key", None):
         kwargs["tls_cert"] = Path(args.tls_cert) if args.tls_cert else None
         kwargs["tls_key"] = Path(args.tls_key) if args.tls_key else None
@@ -85,6 +96,26 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         print(f"stopping: finishing requests in flight (up to {args.grace:g}s) ...", flush=True)
         server.stop(grace_s=args.grace)
+    return 0
+
+
+def _repository(args: argparse.Namespace) -> int:
+    from .repository import Layout, Pipeline, render, stage_names
+
+    try:
+        pipelines = [Pipeline.parse(spec) for spec in args.pipeline]
+        layout = Layout.named(args.layout, args.dtype)
+        out = render(Path(args.out), pipelines, layout, stage_prefix=args.stage_prefix)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for p in pipelines:
+        stages = [n for t, n in stage_names(p.name, args.stage_prefix).items() if n != p.name]
+        print(f"{p.name}: {p.model_dir}\n  stages: {' '.join(stages)}")
+    print(
+        f"wrote {out}\nrun it: swiftdiffusion tritonserver --model-repository={out} (any tritonserver flags), or "
+        "tritonserver in the NGC container with this package installed"
+    )
     return 0
 
 
@@ -128,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     from swiftdiffusion_client import cli as client_cli
 
     from ..tools.default_model import ARCHS, PRESETS, SDXL_PRESETS
+    from .repository import LAYOUTS
     from .server import ADMIN_HEADER, DEFAULT_GRACE_S
 
     parser = argparse.ArgumentParser(prog="swiftdiffusion", description=__doc__)
@@ -169,6 +201,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_serve)
 
+    p = sub.add_parser(
+        "repository", help="render a self-contained model repository: pipelines NAME=MODEL_DIR, device layout"
+    )
+    p.add_argument("--out", required=True, help="the repository to write (models already there are kept)")
+    p.add_argument(
+        "--pipeline",
+        action="append",
+        required=True,
+        metavar="NAME=MODEL_DIR",
+        help="a pipeline: public model NAME, stages NAME_text_encoder, NAME_unet, ... (repeat for more)",
+    )
+    p.add_argument("--layout", default="cpu", choices=["cpu", *LAYOUTS], help="device layout (default %(default)s)")
+    p.add_argument("--dtype", default="auto", help="dtype of the model stages on GPU (auto = float16)")
+    p.add_argument("--stage-prefix", default=None, help="stage name prefix (default NAME_; '' = no prefix)")
+    p.set_defaults(func=_repository)
+
+    sub.add_parser(
+        "tritonserver",
+        help="run the bundled tritonserver with every argument passed through (a stock Triton with our backend)",
+    )
+
     p = sub.add_parser("generate", help="send one txt2img request over gRPC and write a PNG")
     client_cli.add_arguments(p)
     p.set_defaults(func=client_cli.run)
@@ -194,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         from .perf import run_perf_analyzer
 
         return run_perf_analyzer(argv[1:]).returncode
+    if argv[:1] == ["tritonserver"]:  # every argument goes to tritonserver unchanged
+        from .server import exec_tritonserver
+
+        exec_tritonserver(argv[1:])
     passthrough: list[str] = []
     if argv[:1] == ["serve"] and "--" in argv:  # serve ... -- ARGS: ARGS go to tritonserver as they are
         cut = argv.index("--")

@@ -73,9 +73,22 @@ class StageModel:
         #: Triton's model config (JSON), e.g. for the data types of the outputs.
         self.model_config = json.loads(args["model_config"])
         self.cfg.apply_torch_settings()
+        self.load_called_stages()
         #: This instance's BLS client: its own event loop and executor (created before build, which may use it).
         self.bls = BlsClient(pb_utils, name=self.cfg.model_name)
         self.stage = self.build(self.cfg)
+
+    def load_called_stages(self) -> None:
+        """With parameter ``load_stages: "on"`` (repositories rendered for a fleet): load the stages this one calls
+        over BLS (its ``*_model`` parameters) unless they are ready, through the Python backend's model-loading
+        API. Triton loads an ensemble's steps with it but knows nothing of BLS targets, so this is what makes
+        loading a pipeline's public model bring up the whole pipeline in ``--model-control-mode=explicit``.
+        """
+        if self.cfg.params.get("load_stages", "off") != "on":
+            return
+        for name in self.cfg.stages.values():
+            if not self.pb.is_model_ready(model_name=name):
+                self.pb.load_model(model_name=name)
 
     def build(self, cfg: StageConfig) -> Any:
         raise NotImplementedError

@@ -111,6 +111,18 @@ def server_env(model_dir: Path | None) -> dict[str, str]:
     return env
 
 
+def exec_tritonserver(args: list[str]) -> None:
+    """Replace this process with the bundled ``tritonserver`` and ``args`` as they are (``swiftdiffusion
+    tritonserver``): a stock Triton whose environment holds what any Triton install with our package has — the
+    backend directory with the Python backend (added unless ``--backend-directory`` is given), its libraries on
+    ``LD_LIBRARY_PATH``, this interpreter and our package importable — and no variable of ours.
+    """
+    command = [str(pytriton_root() / "bin" / "tritonserver"), *args]
+    if not any(a.startswith("--backend-directory") for a in args):
+        command.append(f"--backend-directory={backend_dir()}")
+    os.execve(command[0], command, server_env(None))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -1,0 +1,96 @@
+"""Rendering a fleet repository (``swiftdiffusion repository``): names, parameters, layouts, package data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from triton_backend.serving.repository import Layout, Pipeline, pipeline_models, render, rendered_names
+
+GPU = model_config_pb2.ModelInstanceGroup.KIND_GPU
+
+
+def config(repo: Path, name: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def test_two_pipelines_are_namespaced_and_self_contained(model_dir, sdxl_model_dir, tmp_path):
+    (tmp_path / "theirs" / "1").mkdir(parents=True)  # a fleet model already in the repository stays
+    (tmp_path / "theirs" / "config.pbtxt").write_text('name: "theirs"\n')
+    render(tmp_path, [Pipeline("sd", model_dir), Pipeline("xl", sdxl_model_dir)])
+    assert (tmp_path / "theirs" / "config.pbtxt").read_text() == 'name: "theirs"\n'
+    assert set(rendered_names(tmp_path)) == {*pipeline_models("sd"), *pipeline_models("xl")}
+    for name, model in (("sd", model_dir), ("xl", sdxl_model_dir)):
+        public = config(tmp_path, name)
+        assert public.name == name and [s.model_name for s in public.ensemble_scheduling.step] == [
+            f"{name}_text_encoder",
+            f"{name}_denoise",
+            f"{name}_vae",
+        ]
+        for stage in pipeline_models(name)[1:]:
+            c = config(tmp_path, stage)
+            assert c.name == stage and (tmp_path / stage / "1" / "model.py").is_file()
+            assert c.parameters["model_dir"].string_value == str(model.resolve())  # no environment variable needed
+            calls = {k: v.string_value for k, v in c.parameters.items() if k.endswith("_model")}
+            assert all(v.startswith(f"{name}_") for v in calls.values())
+            if calls:
+                assert c.parameters["load_stages"].string_value == "on"
+    assert config(tmp_path, "sd_denoise").parameters["unet_model"].string_value == "sd_unet"
+
+
+def test_gpu_layouts(model_dir, tmp_path):
+    render(tmp_path, [Pipeline("p", model_dir)], Layout.named("2gpu", "float16"))
+    unet = config(tmp_path, "p_unet")
+    assert [(g.kind, list(g.gpus), g.count) for g in unet.instance_group] == [(GPU, [0, 1], 1)]  # latent parallel
+    assert unet.parameters["dtype"].string_value == "float16"
+    assert [list(g.gpus) for g in config(tmp_path, "p_vae").instance_group] == [[1]]
+    (residuals,) = [o for o in config(tmp_path, "p_controlnet").output if o.name == "RESIDUALS"]
+    assert residuals.data_type == model_config_pb2.TYPE_FP16
+    denoise = config(tmp_path, "p_denoise")
+    assert denoise.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+
+
+def test_serve_renders_the_documented_names(model_dir, tmp_path):
+    render(tmp_path, [Pipeline("txt2img", model_dir)], stage_prefix="", load_stages=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(pipeline_models("txt2img", ""))
+    assert config(tmp_path, "denoise").parameters["load_stages"].string_value == "off"
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"), [("nodir", "NAME=MODEL_DIR"), ("a/b=/x", "letters"), ("p=/nonexistent", "model_index")]
+)
+def test_bad_pipeline_specs(spec, needle):
+    with pytest.raises(ValueError, match=needle):
+        Pipeline.parse(spec)
+
+
+def test_the_wheel_ships_the_templates(tmp_path):
+    root = str(Path(__file__).resolve().parents[1])
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("swiftdiffusion-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for stage in ("txt2img", "text_encoder", "denoise", "unet", "vae", "controlnet", "lora_manager"):
+        assert f"triton_backend/model_repository/{stage}/config.pbtxt" in names
+    assert "triton_backend/model_repository/unet/1/model.py" in names
+    assert "triton_backend/baseline_repository/txt2img/1/model.py" in names

@@ -1,0 +1,176 @@
+"""Render a self-contained Triton model repository for a deployment (``swiftdiffusion repository``).
+
+A deployment is one or more pipelines, each ``NAME=MODEL_DIR``. A pipeline's public model is named exactly
+``NAME`` (the ensemble ``txt2img`` of the templates, renamed) and its stages carry the name as prefix
+(``NAME_text_encoder``, ``NAME_denoise``, ``NAME_unet``, ``NAME_vae``, ``NAME_controlnet``, ``NAME_lora_manager``),
+so pipelines sit side by side with each other and with the fleet's own models. Every parameter a stage needs is
+written into its ``config.pbtxt``: the model directory, and the names of the stages it calls (ensemble steps and
+``*_model`` parameters); the rendered repository depends on no environment variable of ours. The device layout
+(``KIND_CPU``/``KIND_GPU``, GPU ids, UNet instances, dtype) is applied per stage.
+
+The templates are ``model_repository/`` (shipped inside the package as ``triton_backend/model_repository`` when
+installed from a wheel). ``swiftdiffusion serve`` renders its repository here too, with one pipeline named
+``txt2img`` and no prefix (the names the README documents).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from ..paths import is_store_name, model_repository_dir
+
+#: The templates' public model, and the stages it is built from (all of them get the pipeline's prefix).
+PUBLIC = "txt2img"
+STAGES = ("text_encoder", "denoise", "unet", "vae", "controlnet", "lora_manager")
+#: Stages that run a model (they move to the GPU in a GPU layout); denoise and lora_manager stay on the CPU.
+MODEL_STAGES = ("text_encoder", "unet", "vae", "controlnet")
+#: Named GPU layouts (README "Latent parallelism"): GPUs of text_encoder, unet instances, vae, controlnet.
+LAYOUTS: dict[str, dict[str, list[int]]] = {
+    "1gpu": {"text_encoder": [0], "unet": [0], "vae": [0], "controlnet": [0]},
+    "2gpu": {"text_encoder": [0], "unet": [0, 1], "vae": [1], "controlnet": [0]},
+    "2gpu+2c": {"text_encoder": [0], "unet": [0, 1], "vae": [1], "controlnet": [2, 3]},
+}
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One served pipeline: its public model name and its diffusers model directory."""
+
+    name: str
+    model_dir: Path
+
+    @classmethod
+    def parse(cls, spec: str) -> Pipeline:
+        """``NAME=MODEL_DIR`` (the ``--pipeline`` flag)."""
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--pipeline {spec!r}: expected NAME=MODEL_DIR")
+        if not is_store_name(name) or "." in name:
+            raise ValueError(f"--pipeline {spec!r}: NAME may hold letters, digits, '_' and '-' only")
+        model_dir = Path(path).expanduser().resolve()
+        if not (model_dir / "model_index.json").is_file():
+            raise ValueError(
+                f"--pipeline {spec!r}: {model_dir} is not a diffusers model directory (no model_index.json)"
+            )
+        return cls(name, model_dir)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the stages run: ``gpus`` per model stage (empty: the CPU), and the stages' dtype."""
+
+    gpus: dict[str, list[int]]
+    dtype: str = "auto"
+
+    @classmethod
+    def cpu(cls) -> Layout:
+        return cls({})
+
+    @classmethod
+    def named(cls, name: str, dtype: str = "auto") -> Layout:
+        if name == "cpu":
+            return cls({}, dtype)
+        if name not in LAYOUTS:
+            raise ValueError(f"unknown layout {name!r}; choose from cpu, {', '.join(LAYOUTS)}")
+        return cls(LAYOUTS[name], dtype)
+
+
+def stage_names(pipeline: str, prefix: str | None = None) -> dict[str, str]:
+    """Template model name → rendered name (``prefix`` defaults to ``<pipeline>_``)."""
+    prefix = f"{pipeline}_" if prefix is None else prefix
+    return {PUBLIC: pipeline, **{stage: f"{prefix}{stage}" for stage in STAGES}}
+
+
+def render(
+    out: Path,
+    pipelines: list[Pipeline],
+    layout: Layout | None = None,
+    templates: Path | None = None,
+    stage_prefix: str | None = None,
+    load_stages: bool = True,
+) -> Path:
+    """Write the repository for ``pipelines`` under ``out`` (replacing it); returns ``out``.
+
+    ``stage_prefix``: ``None`` = each pipeline's name + ``_``; ``""`` keeps the templates' names (one pipeline).
+    ``load_stages``: stages load the stages they call over BLS when they load (parameter ``load_stages``), so that
+    loading ``NAME`` in explicit model control brings up the whole pipeline; ``serve`` loads everything at start
+    instead. Models already in ``out`` that are not ours are kept, so a fleet's repository can be rendered into.
+    """
+    layout = layout or Layout.cpu()
+    templates = templates or model_repository_dir()
+    names_seen: set[str] = set()
+    if stage_prefix == "" and len(pipelines) > 1:
+        raise ValueError("several pipelines need a stage prefix each")
+    out.mkdir(parents=True, exist_ok=True)
+    for pipeline in pipelines:
+        names = stage_names(pipeline.name, stage_prefix)
+        clash = names_seen & set(names.values())
+        if clash:
+            raise ValueError(f"pipeline {pipeline.name!r}: model names used twice: {sorted(clash)}")
+        names_seen |= set(names.values())
+        for template, name in names.items():
+            _render_model(templates / template, out / name, name, names, pipeline.model_dir, layout, load_stages)
+    return out
+
+
+def _render_model(
+    src: Path, dest: Path, name: str, names: dict[str, str], model_dir: Path, layout: Layout, load_stages: bool
+) -> None:
+    config = text_format.Parse((src / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    config.name = name
+    for step in config.ensemble_scheduling.step:
+        step.model_name = names[step.model_name]
+    if any(key.endswith("_model") for key in config.parameters):
+        config.parameters["load_stages"].string_value = "on" if load_stages else "off"
+    for key, value in config.parameters.items():
+        if key == "model_dir":
+            value.string_value = str(model_dir)
+        elif key.endswith("_model") and value.string_value:
+            value.string_value = names[value.string_value]
+        elif key == "dtype" and layout.gpus:
+            value.string_value = layout.dtype
+    template = src.name
+    gpus = layout.gpus.get(template)
+    if gpus:
+        del config.instance_group[:]
+        if template == "unet":  # one instance per GPU listed (latent parallelism where there are two)
+            group = config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_GPU, count=1)
+            group.gpus.extend(gpus)
+        else:  # the stage on the first GPU listed for it (ControlNet: one instance per GPU listed)
+            count = len(gpus) if template == "controlnet" else 1
+            group = config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_GPU, count=1)
+            group.gpus.extend(gpus if count > 1 else gpus[:1])
+        if template == "controlnet" and layout.dtype in ("auto", "float16"):
+            for output in config.output:
+                if output.name == "RESIDUALS":
+                    output.data_type = model_config_pb2.TYPE_FP16
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "config.pbtxt"))
+    (dest / "1").mkdir(exist_ok=True)  # an ensemble's empty version directory (a wheel ships no empty directory)
+    header = f"# Rendered by `swiftdiffusion repository` from {template}; edit the deployment, not this file.\n"
+    (dest / "config.pbtxt").write_text(header + text_format.MessageToString(config))
+
+
+def pipeline_models(pipeline: str, prefix: str | None = None) -> list[str]:
+    """Every model of a pipeline, public model first: the order to unload it in (new requests are refused at once,
+    then the stages go). Unloading the public model alone leaves the stages its stages loaded over BLS.
+    """
+    names = stage_names(pipeline, prefix)
+    return [names[PUBLIC], *(names[s] for s in STAGES)]
+
+
+def rendered_names(repository: Path) -> dict[str, str]:
+    """``{model name: template}`` of a rendered repository (from each config's header line)."""
+    out = {}
+    for config in sorted(repository.glob("*/config.pbtxt")):
+        match = re.match(r"# Rendered by `swiftdiffusion repository` from (\w+);", config.read_text())
+        if match:
+            out[config.parent.name] = match.group(1)
+    return out
