@@ -48,6 +48,8 @@ def _server_from_args(args: argparse.Namespace):
     """The server of ``serve`` and ``demo``: the repository rendered for one pipeline ``txt2img`` (the templates'
     names, no prefix) on the model, unless ``--model-repository`` names one.
     """
+    import atexit
+    import shutil
     import tempfile
 
     from .repository import Pipeline, render
@@ -66,6 +68,7 @@ def _server_from_args(args: argparse.Namespace):
         kwargs["model_repository"] = Path(args.model_repository)
     else:
         out = Path(tempfile.mkdtemp(prefix="swiftdiffusion-repo-"))
+        atexit.register(shutil.rmtree, out, True)  # a few config files; gone when this command exits
         kwargs["model_repository"] = render(out, [Pipeline("txt2img", model_dir)], stage_prefix="", load_stages=False)
     if getattr(args, "tls_cert", None) or getattr(args, "tls_key", None):
         kwargs["tls_cert"] = Path(args.tls_cert) if args.tls_cert else None

@@ -16,7 +16,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..errors import RemoteStageError, StageUnavailableError, SwiftDiffusionError, parse_error_tag, to_triton_error
+from ..errors import (
+    ConfigError,
+    RemoteStageError,
+    StageUnavailableError,
+    SwiftDiffusionError,
+    parse_error_tag,
+    to_triton_error,
+)
 
 Tensors = dict[str, np.ndarray]
 T = TypeVar("T")
@@ -107,8 +114,12 @@ class BlsClient:
     naming the stage).
     """
 
-    def __init__(self, pb_utils: Any, workers: int = 64, name: str = "bls"):
+    def __init__(
+        self, pb_utils: Any, workers: int = 64, name: str = "bls", remotes: dict[str, RemoteStage] | None = None
+    ):
         self.pb = pb_utils
+        #: Stages served by another Triton server (by model name): their calls go over gRPC, not BLS.
+        self.remotes = remotes or {}
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-exec")
         self.loop = asyncio.new_event_loop()
         self.loop.set_default_executor(self.executor)
@@ -120,14 +131,22 @@ class BlsClient:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
 
     async def infer(self, calls: Sequence[BlsCall]) -> list[Tensors]:
-        """Issue every call at once (``async_exec``) and wait for all; on this client's loop."""
+        """Issue every call at once (``async_exec``, or gRPC for a remote stage) and wait for all; on this loop."""
+        if any(model in self.remotes for model, _, _ in calls):
+            return list(await asyncio.gather(*(self._one(call) for call in calls)))
         requests = self._requests(calls)
         responses = await asyncio.gather(*(r.async_exec() for r in requests))
         return self._outputs(calls, responses)
 
+    async def _one(self, call: BlsCall) -> Tensors:
+        remote = self.remotes.get(call[0])
+        if remote is not None:
+            return await remote.infer(*call)
+        return self._outputs([call], [await self._requests([call])[0].async_exec()])[0]
+
     def infer_many(self, calls: Sequence[BlsCall]) -> list[Tensors]:
-        """:meth:`infer` from synchronous code; one call runs directly on the caller's thread."""
-        if len(calls) == 1:
+        """:meth:`infer` from synchronous code; one local call runs directly on the caller's thread."""
+        if len(calls) == 1 and calls[0][0] not in self.remotes:
             return self._outputs(calls, [self._requests(calls)[0].exec()])
         return self.submit(self.infer(calls)).result()
 
@@ -168,6 +187,58 @@ class BlsClient:
                 raise StageUnavailableError(f"{model}: {message}")
             results.append({name: self.pb.get_output_tensor_by_name(response, name).as_numpy() for name in outputs})
         return results
+
+
+class RemoteStage:
+    """A stage served by another Triton server (config parameter ``<role>_url``): async gRPC on the BLS loop, one
+    channel per URL reused by every call (created on first use, on the loop that awaits it), ``timeout_s`` per call.
+
+    Errors keep BLS's mapping: the remote's ``INVALID_ARG``/``NOT_FOUND`` pass through; anything else (the remote
+    is down, slow or failing) is ``UNAVAILABLE`` naming the stage and the URL.
+    """
+
+    def __init__(self, url: str, timeout_s: float = 60.0):
+        self.url = url
+        self.timeout_s = timeout_s
+        self._client: Any = None
+
+    def check(self, model: str) -> None:
+        """At load: the remote answers and serves ``model`` (else a ``ConfigError`` naming both)."""
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(self.url)
+        try:
+            ready = client.is_model_ready(model, client_timeout=10)
+        except Exception as exc:  # noqa: BLE001 - any failure to reach it is reported as such
+            raise ConfigError(f"remote stage {model} at {self.url} is not reachable ({exc})") from None
+        finally:
+            client.close()
+        if not ready:
+            raise ConfigError(f"remote stage {model} at {self.url}: the server does not serve it (not ready)")
+
+    async def infer(self, model: str, inputs: Tensors, outputs: Sequence[str]) -> Tensors:
+        import tritonclient.grpc as grpcclient
+        import tritonclient.grpc.aio as aio
+        from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+        if self._client is None:
+            self._client = aio.InferenceServerClient(self.url)
+        tensors = []
+        for name, value in inputs.items():
+            array = np.ascontiguousarray(value)
+            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        wanted = [grpcclient.InferRequestedOutput(name) for name in outputs]
+        try:
+            result = await self._client.infer(model, tensors, outputs=wanted, client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            code_name, message = parse_error_tag(exc.message() or str(exc))
+            status = str(exc.status() or "")
+            if code_name in ("INVALID_ARG", "NOT_FOUND") or status.endswith(("INVALID_ARGUMENT", "NOT_FOUND")):
+                raise RemoteStageError(code_name or status.rsplit(".", 1)[-1], message) from None
+            raise StageUnavailableError(f"{model} at {self.url}: {message}") from None
+        return {name: result.as_numpy(name) for name in outputs}
 
 
 def send_final(sender: Any, response: Any, pb_utils: Any) -> None:

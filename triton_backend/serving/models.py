@@ -30,6 +30,7 @@ from .events import trace
 from .io import (
     BlsCall,
     BlsClient,
+    RemoteStage,
     Tensors,
     failure_response,
     is_cancelled,
@@ -73,12 +74,26 @@ class StageModel:
         #: Triton's model config (JSON), e.g. for the data types of the outputs.
         self.model_config = json.loads(args["model_config"])
         self.cfg.apply_torch_settings()
-        self.load_called_stages()
+        remotes = self.remote_stages()
+        self.load_called_stages(skip=set(remotes))
         #: This instance's BLS client: its own event loop and executor (created before build, which may use it).
-        self.bls = BlsClient(pb_utils, name=self.cfg.model_name)
+        self.bls = BlsClient(pb_utils, name=self.cfg.model_name, remotes=remotes)
         self.stage = self.build(self.cfg)
 
-    def load_called_stages(self) -> None:
+    def remote_stages(self) -> dict[str, RemoteStage]:
+        """Stages this one calls on another Triton server: parameter ``<role>_url`` (``HOST:PORT``) next to
+        ``<role>_model``; each is checked at load (a clear error if it cannot be reached).
+        """
+        timeout = float(self.cfg.params.get("remote_timeout_s", "") or 60)
+        out = {}
+        for role, name in self.cfg.stages.items():
+            url = self.cfg.params.get(f"{role}_url", "")
+            if url:
+                out[name] = RemoteStage(url, timeout)
+                out[name].check(name)
+        return out
+
+    def load_called_stages(self, skip: set[str]) -> None:
         """With parameter ``load_stages: "on"`` (repositories rendered for a fleet): load the stages this one calls
         over BLS (its ``*_model`` parameters) unless they are ready, through the Python backend's model-loading
         API. Triton loads an ensemble's steps with it but knows nothing of BLS targets, so this is what makes
@@ -87,7 +102,7 @@ class StageModel:
         if self.cfg.params.get("load_stages", "off") != "on":
             return
         for name in self.cfg.stages.values():
-            if not self.pb.is_model_ready(model_name=name):
+            if name not in skip and not self.pb.is_model_ready(model_name=name):
                 self.pb.load_model(model_name=name)
 
     def build(self, cfg: StageConfig) -> Any:
