@@ -94,3 +94,37 @@ def test_the_wheel_ships_the_templates(tmp_path):
         assert f"triton_backend/model_repository/{stage}/config.pbtxt" in names
     assert "triton_backend/model_repository/unet/1/model.py" in names
     assert "triton_backend/baseline_repository/txt2img/1/model.py" in names
+
+
+def test_k8s_split_deployment_is_consistent(model_dir, sdxl_model_dir, tmp_path):
+    """No cluster here: the manifests must reference the rendered repositories, ports and health endpoints."""
+    import yaml
+
+    from triton_backend.serving.k8s import GRPC, HTTP, METRICS, render_split
+
+    pipelines = [Pipeline("sd", model_dir), Pipeline("xl", sdxl_model_dir)]
+    render_split(tmp_path, pipelines, Layout.named("1gpu"), "img:1", "weights")
+    docs = list(yaml.safe_load_all((tmp_path / "k8s" / "swiftdiffusion.yaml").read_text()))
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    assert set(deployments) == set(services) == {"swiftdiffusion-pipeline", "swiftdiffusion-controlnet"}
+    for name, dep in deployments.items():
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        repo = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--model-repository="))
+        assert (tmp_path / repo.lstrip("/")).is_dir()  # /repositories/<role> = the claim's rendered sub-directory
+        assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": HTTP}
+        assert {p["containerPort"] for p in container["ports"]} == {HTTP, GRPC, METRICS}
+        assert {p["port"] for p in services[name]["spec"]["ports"]} == {HTTP, GRPC, METRICS}
+        assert services[name]["spec"]["selector"] == dep["spec"]["template"]["metadata"]["labels"]
+        assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(METRICS)
+        mounted = {m["mountPath"] for m in container["volumeMounts"]}
+        for model in rendered_names(tmp_path / repo.lstrip("/")):
+            params = config(tmp_path / repo.lstrip("/"), model).parameters
+            if "model_dir" in params:  # every stage's weights are mounted where its config says
+                assert params["model_dir"].string_value in mounted, model
+    pipeline_repo, controlnet_repo = tmp_path / "repositories" / "pipeline", tmp_path / "repositories" / "controlnet"
+    assert sorted(rendered_names(controlnet_repo)) == ["sd_controlnet", "xl_controlnet"]
+    assert not (pipeline_repo / "sd_controlnet").exists()
+    url = f"swiftdiffusion-controlnet:{GRPC}"  # the Service's name and gRPC port
+    for stage in ("sd_denoise", "sd_unet", "xl_denoise", "xl_unet"):
+        assert config(pipeline_repo, stage).parameters["controlnet_url"].string_value == url

@@ -108,6 +108,12 @@ def _repository(args: argparse.Namespace) -> int:
     try:
         pipelines = [Pipeline.parse(spec) for spec in args.pipeline]
         layout = Layout.named(args.layout, args.dtype)
+        if args.k8s:
+            from .k8s import render_split
+
+            for path in render_split(Path(args.out), pipelines, layout, args.image, args.weights_claim):
+                print(f"wrote {path}")
+            return 0
         out = render(Path(args.out), pipelines, layout, stage_prefix=args.stage_prefix)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -218,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="cpu", choices=["cpu", *LAYOUTS], help="device layout (default %(default)s)")
     p.add_argument("--dtype", default="auto", help="dtype of the model stages on GPU (auto = float16)")
     p.add_argument("--stage-prefix", default=None, help="stage name prefix (default NAME_; '' = no prefix)")
+    p.add_argument(
+        "--k8s",
+        action="store_true",
+        help="split deployment: OUT/repositories/{pipeline,controlnet} + OUT/k8s/swiftdiffusion.yaml",
+    )
+    p.add_argument("--image", default="my-registry/tritonserver-swiftdiffusion:24.10", help="--k8s: server image")
+    p.add_argument("--weights-claim", default="model-weights", help="--k8s: PersistentVolumeClaim of the weights")
     p.set_defaults(func=_repository)
 
     sub.add_parser(

@@ -94,9 +94,12 @@ def render(
     templates: Path | None = None,
     stage_prefix: str | None = None,
     load_stages: bool = True,
+    remote: dict[str, str] | None = None,
 ) -> Path:
     """Write the repository for ``pipelines`` under ``out`` (replacing it); returns ``out``.
 
+    ``remote``: stages served by another server, role → ``HOST:PORT`` (e.g. ``{"controlnet": "cn:8001"}``): they
+    are left out here and their callers get ``<role>_url`` (README "Stages on another server").
     ``stage_prefix``: ``None`` = each pipeline's name + ``_``; ``""`` keeps the templates' names (one pipeline).
     ``load_stages``: stages load the stages they call over BLS when they load (parameter ``load_stages``), so that
     loading ``NAME`` in explicit model control brings up the whole pipeline; ``serve`` loads everything at start
@@ -115,8 +118,24 @@ def render(
             raise ValueError(f"pipeline {pipeline.name!r}: model names used twice: {sorted(clash)}")
         names_seen |= set(names.values())
         for template, name in names.items():
+            if template in (remote or {}):
+                continue
             _render_model(templates / template, out / name, name, names, pipeline.model_dir, layout, load_stages)
+            _point_to_remotes(out / name, remote or {})
     return out
+
+
+def _point_to_remotes(model: Path, remote: dict[str, str]) -> None:
+    config_path = model / "config.pbtxt"
+    header, _, body = config_path.read_text().partition("\n")
+    config = text_format.Parse(body, model_config_pb2.ModelConfig())
+    changed = False
+    for role, url in remote.items():
+        if f"{role}_model" in config.parameters:
+            config.parameters[f"{role}_url"].string_value = url
+            changed = True
+    if changed:
+        config_path.write_text(header + "\n" + text_format.MessageToString(config))
 
 
 def _render_model(
