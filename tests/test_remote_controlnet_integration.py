@@ -6,24 +6,18 @@ instead of BLS. Images equal the single-server ones; a dead ControlNet server tu
 from __future__ import annotations
 
 import shutil
-import statistics
 import time
 
 import pytest
 from swiftdiffusion_client import Client, GenerationRequest, ServerUnavailableError
 
 from triton_backend.paths import model_repository_dir
-from triton_backend.serving.server import render_repository
+from triton_backend.serving.server import remote_stage_edit, render_repository
+from triton_backend.tools.bench import summary, timed
 
 from .helpers import assert_same_image, diffusers_controlnet_image, hint_images, start_server
 
 pytestmark = pytest.mark.integration
-
-
-def remote_param(role: str, url: str) -> tuple[str, str]:
-    """An edit that adds ``<role>_url`` next to the ``<role>_model`` parameter of a config."""
-    anchor = f'parameters {{ key: "{role}_model"'
-    return anchor, f'parameters {{ key: "{role}_url" value {{ string_value: "{url}" }} }}\n{anchor}'
 
 
 def controlnet_only(tmp) -> object:
@@ -34,20 +28,16 @@ def controlnet_only(tmp) -> object:
 
 def median_latency(url: str, req: GenerationRequest, n: int = 5) -> float:
     with Client(url, timeout_s=120) as c:
-        c.generate(req)
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            c.generate(req)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return summary(timed(lambda: c.generate(req), n))["median_s"]
 
 
 def test_controlnet_on_another_server(model_dir, reference, server, tmp_path):
     remote = start_server(model_dir, tmp_path / "cn", model_repository=controlnet_only(tmp_path))
     ports = {"grpc_port": remote.grpc_port, "http_port": remote.http_port, "metrics_port": remote.metrics_port}
     url = remote.grpc_url
-    repo = render_repository({"denoise": [remote_param("controlnet", url)], "unet": [remote_param("controlnet", url)]})
+    repo = render_repository(
+        {"denoise": [remote_stage_edit("controlnet", url)], "unet": [remote_stage_edit("controlnet", url)]}
+    )
     shutil.rmtree(repo / "controlnet")  # no local ControlNet service at all
     pipeline = start_server(model_dir, tmp_path / "pipeline", model_repository=repo)
     req = GenerationRequest(
@@ -87,7 +77,7 @@ def test_an_unreachable_remote_fails_the_load_naming_it(model_dir, tmp_path):
     from triton_backend.serving.server import ServerError, free_port
 
     url = f"127.0.0.1:{free_port()}"  # nobody listens
-    repo = render_repository({"unet": [remote_param("controlnet", url)]})
+    repo = render_repository({"unet": [remote_stage_edit("controlnet", url)]})
     with pytest.raises(ServerError):
         start_server(model_dir, tmp_path, model_repository=repo, watch_interval=None)
     log = (tmp_path / "server.log").read_text()
