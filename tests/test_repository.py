@@ -128,3 +128,14 @@ def test_k8s_split_deployment_is_consistent(model_dir, sdxl_model_dir, tmp_path)
     url = f"swiftdiffusion-controlnet:{GRPC}"  # the Service's name and gRPC port
     for stage in ("sd_denoise", "sd_unet", "xl_denoise", "xl_unet"):
         assert config(pipeline_repo, stage).parameters["controlnet_url"].string_value == url
+
+
+def test_pipelines_of_one_architecture_share_adapters_never_across(model_dir, sdxl_model_dir, tmp_path):
+    pipelines = [Pipeline("a", model_dir), Pipeline("b", model_dir), Pipeline("xl", sdxl_model_dir)]
+    render(tmp_path, pipelines, share_adapters=True)
+    names = set(rendered_names(tmp_path))
+    assert {"a_controlnet", "a_lora_manager", "xl_controlnet", "xl_lora_manager"} <= names
+    assert not {"b_controlnet", "b_lora_manager"} & names
+    for stage, role in (("b_denoise", "controlnet"), ("b_unet", "controlnet"), ("b_text_encoder", "lora_manager")):
+        assert config(tmp_path, stage).parameters[f"{role}_model"].string_value == f"a_{role}"
+    assert config(tmp_path, "xl_denoise").parameters["controlnet_model"].string_value == "xl_controlnet"

@@ -103,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _repository(args: argparse.Namespace) -> int:
-    from .repository import Layout, Pipeline, render, stage_names
+    from .repository import Layout, Pipeline, render, rendered_names, stage_names
 
     try:
         pipelines = [Pipeline.parse(spec) for spec in args.pipeline]
@@ -114,12 +114,15 @@ def _repository(args: argparse.Namespace) -> int:
             for path in render_split(Path(args.out), pipelines, layout, args.image, args.weights_claim):
                 print(f"wrote {path}")
             return 0
-        out = render(Path(args.out), pipelines, layout, stage_prefix=args.stage_prefix)
+        out = render(
+            Path(args.out), pipelines, layout, stage_prefix=args.stage_prefix, share_adapters=args.share_adapters
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    rendered = rendered_names(out)
     for p in pipelines:
-        stages = [n for t, n in stage_names(p.name, args.stage_prefix).items() if n != p.name]
+        stages = [n for n in stage_names(p.name, args.stage_prefix).values() if n != p.name and n in rendered]
         print(f"{p.name}: {p.model_dir}\n  stages: {' '.join(stages)}")
     print(
         f"wrote {out}\nrun it: swiftdiffusion tritonserver --model-repository={out} (any tritonserver flags), or "
@@ -224,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="cpu", choices=["cpu", *LAYOUTS], help="device layout (default %(default)s)")
     p.add_argument("--dtype", default="auto", help="dtype of the model stages on GPU (auto = float16)")
     p.add_argument("--stage-prefix", default=None, help="stage name prefix (default NAME_; '' = no prefix)")
+    p.add_argument(
+        "--share-adapters",
+        action="store_true",
+        help="pipelines of one architecture share one ControlNet service and one LoRA manager",
+    )
     p.add_argument(
         "--k8s",
         action="store_true",

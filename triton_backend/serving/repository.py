@@ -23,11 +23,14 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from ..model_info import ModelInfo
 from ..paths import is_store_name, model_repository_dir
 
 #: The templates' public model, and the stages it is built from (all of them get the pipeline's prefix).
 PUBLIC = "txt2img"
 STAGES = ("text_encoder", "denoise", "unet", "vae", "controlnet", "lora_manager")
+#: Stages pipelines of one architecture may share (``share_adapters``).
+SHAREABLE = ("controlnet", "lora_manager")
 #: Stages that run a model (they move to the GPU in a GPU layout); denoise and lora_manager stay on the CPU.
 MODEL_STAGES = ("text_encoder", "unet", "vae", "controlnet")
 #: Named GPU layouts (README "Latent parallelism"): GPUs of text_encoder, unet instances, vae, controlnet.
@@ -95,11 +98,15 @@ def render(
     stage_prefix: str | None = None,
     load_stages: bool = True,
     remote: dict[str, str] | None = None,
+    share_adapters: bool = False,
 ) -> Path:
     """Write the repository for ``pipelines`` under ``out`` (replacing it); returns ``out``.
 
     ``remote``: stages served by another server, role → ``HOST:PORT`` (e.g. ``{"controlnet": "cn:8001"}``): they
     are left out here and their callers get ``<role>_url`` (README "Stages on another server").
+    ``share_adapters``: pipelines of one architecture share the first one's ControlNet service and LoRA manager
+    (``NAME_controlnet``, ``NAME_lora_manager`` of the first pipeline of that architecture; never across
+    architectures: a ControlNet or LoRA is made for one).
     ``stage_prefix``: ``None`` = each pipeline's name + ``_``; ``""`` keeps the templates' names (one pipeline).
     ``load_stages``: stages load the stages they call over BLS when they load (parameter ``load_stages``), so that
     loading ``NAME`` in explicit model control brings up the whole pipeline; ``serve`` loads everything at start
@@ -111,14 +118,24 @@ def render(
     if stage_prefix == "" and len(pipelines) > 1:
         raise ValueError("several pipelines need a stage prefix each")
     out.mkdir(parents=True, exist_ok=True)
+    owners: dict[str, dict[str, str]] = {}  # architecture → shared role → the model serving it
     for pipeline in pipelines:
         names = stage_names(pipeline.name, stage_prefix)
         clash = names_seen & set(names.values())
         if clash:
             raise ValueError(f"pipeline {pipeline.name!r}: model names used twice: {sorted(clash)}")
         names_seen |= set(names.values())
+        borrowed: set[str] = set()
+        if share_adapters:
+            shared = owners.setdefault(ModelInfo.read(pipeline.model_dir).arch, {})
+            for role in SHAREABLE:
+                if role in shared:
+                    names[role] = shared[role]
+                    borrowed.add(role)
+                else:
+                    shared[role] = names[role]
         for template, name in names.items():
-            if template in (remote or {}):
+            if template in (remote or {}) or template in borrowed:
                 continue
             _render_model(templates / template, out / name, name, names, pipeline.model_dir, layout, load_stages)
             _point_to_remotes(out / name, remote or {})
