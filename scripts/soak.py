@@ -43,7 +43,8 @@ def main() -> int:
     print("\n".join(report.lines()))
     print(f"stage reloads by the watchdog: {reloads}")
     if args.json:
-        Path(args.json).write_text(json.dumps(dataclasses.asdict(report), indent=1, default=str))
+        summary = {**dataclasses.asdict(report), "outcomes": dict(report.outcomes), "rss_growth": report.rss_growth}
+        Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
     ok = (
         not report.unexpected
         and not report.mismatched
