@@ -85,7 +85,13 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     print(f"starting tritonserver on {server.model_repository} (model: {server.model_dir}) ...", flush=True)
-    server.start(timeout=args.ready_timeout)
+    from .server import ServerError
+
+    try:
+        server.start(timeout=args.ready_timeout)
+    except ServerError as exc:
+        print(f"error: {exc} (server log: {args.log_file or 'above'})", file=sys.stderr)
+        return 1
     print(
         f"ready\n  gRPC:    {server.grpc_url}\n  HTTP:    {server.http_url}\n  metrics: {server.metrics_url}\n"
         "Ctrl-C to stop.",
