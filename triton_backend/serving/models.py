@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,13 @@ from .io import (
 def lora_call(manager: str, loras: list[tuple[str, float]]) -> BlsCall:
     """The BLS call to the LoRA manager for ``[(name, scale)]``; :func:`lora_wire.adapter_refs` reads its answer."""
     return (manager, {"LORA_NAMES": lora_wire.names_tensor(loras)}, ["LORA_FILES"])
+
+
+def in_triton_stub() -> bool:
+    """Whether this process is a Triton Python-backend stub (never a test or a tool that drives a model class)."""
+    with contextlib.suppress(OSError):
+        return Path(os.readlink("/proc/self/exe")).name == "triton_python_backend_stub"
+    return False
 
 
 def exit_now() -> None:
@@ -119,7 +127,8 @@ class StageModel:
     def finalize(self) -> None:
         self.bls.close()
         self.stage = None
-        atexit.register(exit_now)
+        if in_triton_stub():
+            atexit.register(exit_now)
 
 
 class MetricsModel(StageModel):
