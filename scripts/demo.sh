@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, from a fresh clone: install, generate the default model if missing, start the bundled
-# tritonserver on model_repository/, send one gRPC txt2img request, write swiftdiffusion.png, stop.
+# tritonserver on a repository rendered from model_repository/ for it, send one gRPC txt2img request, write
+# swiftdiffusion.png, stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
