@@ -164,3 +164,18 @@ def test_serve_generate_and_clean_stop(model_dir, reference, tmp_path):
     assert not alive(server_pid)
     assert not [p for p in stubs if alive(p)], "orphaned stub processes"
     assert not [p for p in shm if p.exists()], "leaked /dev/shm regions"
+
+
+def test_demo_prints_only_what_the_user_asked_for(model_dir, tmp_path):
+    """The README's main job: a few lines (the server log goes to a file), the PNG written."""
+    out = tmp_path / "demo.png"
+    run = subprocess.run(
+        [str(BIN), "demo", "--model-dir", str(model_dir), "--steps", "2", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert out.is_file() and f"wrote {out}" in run.stdout
+    assert len(run.stdout.splitlines()) <= 5, run.stdout
+    assert "CudaDriverHelper" not in run.stdout + run.stderr and "[transformers]" not in run.stdout + run.stderr

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..paths import default_model_dir
+from ..paths import cache_dir, default_model_dir
 
 #: Environment variable read for ``serve --admin-key`` (keeps the key off the command line of ``serve``).
 ADMIN_KEY_ENV = "SWIFTDIFFUSION_ADMIN_KEY"
@@ -142,8 +142,22 @@ def _demo(args: argparse.Namespace) -> int:
     from PIL import Image
     from swiftdiffusion_client import Client, GenerationRequest
 
+    from .server import ServerError
+
     args.grpc_port = args.http_port = args.metrics_port = 0
-    with _server_from_args(args) as server:
+    if not args.log_file:  # the server's ~120 log lines go to a file: the terminal shows what was asked for
+        log = cache_dir() / "logs" / "demo-server.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_bytes(b"")
+        args.log_file = str(log)
+    print(f"starting tritonserver (log: {args.log_file}) ...", flush=True)
+    server = _server_from_args(args)
+    try:
+        server.start()
+    except ServerError as exc:
+        print(f"error: {exc} (see {args.log_file})", file=sys.stderr)
+        return 1
+    with server:
         print(f"server ready on {server.grpc_url}", flush=True)
         request = GenerationRequest(prompt=args.prompt, seed=args.seed, steps=args.steps)
         with Client(server.grpc_url) as client:
@@ -272,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no library chatter before the lines that matter
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["perf-analyzer"]:  # every argument goes to perf_analyzer unchanged
         from .perf import run_perf_analyzer
