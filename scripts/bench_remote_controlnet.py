@@ -18,7 +18,8 @@ from pathlib import Path
 from swiftdiffusion_client import Client, GenerationRequest
 
 from triton_backend.paths import default_model_dir, model_repository_dir
-from triton_backend.serving.server import TritonServer, remote_stage_edit, render_repository
+from triton_backend.serving.repository import Pipeline, render
+from triton_backend.serving.server import TritonServer
 from triton_backend.tools.bench import summary
 from triton_backend.tools.default_model import write_default_model
 from triton_backend.tools.workload import synthetic_hints
@@ -44,9 +45,13 @@ def main() -> int:
     )
     times: dict[str, list[float]] = {"two servers": [], "one server": []}
     with TritonServer(model_dir=model_dir, model_repository=work / "cn") as remote:
-        edit = remote_stage_edit("controlnet", remote.grpc_url)
-        repo = render_repository({"denoise": [edit], "unet": [edit]})
-        shutil.rmtree(repo / "controlnet")
+        repo = render(
+            work / "pipeline",
+            [Pipeline("txt2img", model_dir)],
+            stage_prefix="",
+            load_stages=False,
+            remote={"controlnet": remote.grpc_url},
+        )
         with (
             TritonServer(model_dir=model_dir, model_repository=repo) as two,
             TritonServer(model_dir=model_dir) as one,

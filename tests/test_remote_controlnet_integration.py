@@ -12,7 +12,7 @@ import pytest
 from swiftdiffusion_client import Client, GenerationRequest, ServerUnavailableError
 
 from triton_backend.paths import model_repository_dir
-from triton_backend.serving.server import remote_stage_edit, render_repository
+from triton_backend.serving.repository import Pipeline, render
 from triton_backend.tools.bench import summary, timed
 
 from .helpers import assert_same_image, diffusers_controlnet_image, hint_images, start_server
@@ -35,10 +35,13 @@ def test_controlnet_on_another_server(model_dir, reference, server, tmp_path):
     remote = start_server(model_dir, tmp_path / "cn", model_repository=controlnet_only(tmp_path))
     ports = {"grpc_port": remote.grpc_port, "http_port": remote.http_port, "metrics_port": remote.metrics_port}
     url = remote.grpc_url
-    repo = render_repository(
-        {"denoise": [remote_stage_edit("controlnet", url)], "unet": [remote_stage_edit("controlnet", url)]}
+    repo = render(  # no local ControlNet service at all: denoise and unet call it by URL
+        tmp_path / "pipeline-repo",
+        [Pipeline("txt2img", model_dir)],
+        stage_prefix="",
+        load_stages=False,
+        remote={"controlnet": url},
     )
-    shutil.rmtree(repo / "controlnet")  # no local ControlNet service at all
     pipeline = start_server(model_dir, tmp_path / "pipeline", model_repository=repo)
     req = GenerationRequest(
         prompt="a photo of a cat", seed=5, steps=3, controlnet_names=("edges",), controlnet_images=hint_images(1)
@@ -77,7 +80,13 @@ def test_an_unreachable_remote_fails_the_load_naming_it(model_dir, tmp_path):
     from triton_backend.serving.server import ServerError, free_port
 
     url = f"127.0.0.1:{free_port()}"  # nobody listens
-    repo = render_repository({"unet": [remote_stage_edit("controlnet", url)]})
+    repo = render(
+        tmp_path / "repo",
+        [Pipeline("txt2img", model_dir)],
+        stage_prefix="",
+        load_stages=False,
+        remote={"controlnet": url},
+    )
     with pytest.raises(ServerError):
         start_server(model_dir, tmp_path, model_repository=repo, watch_interval=None)
     log = (tmp_path / "server.log").read_text()

@@ -137,26 +137,21 @@ def render(
         for template, name in names.items():
             if template in (remote or {}) or template in borrowed:
                 continue
-            _render_model(templates / template, out / name, name, names, pipeline.model_dir, layout, load_stages)
-            _point_to_remotes(out / name, remote or {})
+            _render_model(
+                templates / template, out / name, name, names, pipeline.model_dir, layout, load_stages, remote or {}
+            )
     return out
 
 
-def _point_to_remotes(model: Path, remote: dict[str, str]) -> None:
-    config_path = model / "config.pbtxt"
-    header, _, body = config_path.read_text().partition("\n")
-    config = text_format.Parse(body, model_config_pb2.ModelConfig())
-    changed = False
-    for role, url in remote.items():
-        if f"{role}_model" in config.parameters:
-            config.parameters[f"{role}_url"].string_value = url
-            changed = True
-    if changed:
-        config_path.write_text(header + "\n" + text_format.MessageToString(config))
-
-
 def _render_model(
-    src: Path, dest: Path, name: str, names: dict[str, str], model_dir: Path, layout: Layout, load_stages: bool
+    src: Path,
+    dest: Path,
+    name: str,
+    names: dict[str, str],
+    model_dir: Path,
+    layout: Layout,
+    load_stages: bool,
+    remote: dict[str, str],
 ) -> None:
     config = text_format.Parse((src / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     config.name = name
@@ -164,6 +159,9 @@ def _render_model(
         step.model_name = names[step.model_name]
     if any(key.endswith("_model") for key in config.parameters):
         config.parameters["load_stages"].string_value = "on" if load_stages else "off"
+    for role, url in remote.items():  # this stage calls that role on another server
+        if f"{role}_model" in config.parameters:
+            config.parameters[f"{role}_url"].string_value = url
     for key, value in config.parameters.items():
         if key == "model_dir":
             value.string_value = str(model_dir)

@@ -401,14 +401,6 @@ def render_repository(
     return dest
 
 
-def remote_stage_edit(role: str, url: str) -> tuple[str, str]:
-    """A :func:`render_repository` edit that makes a config call stage ``role`` at ``url`` (adds ``<role>_url``
-    next to its ``<role>_model`` parameter; README "Stages on another server").
-    """
-    anchor = f'parameters {{ key: "{role}_model"'
-    return anchor, f'parameters {{ key: "{role}_url" value {{ string_value: "{url}" }} }}\n{anchor}'
-
-
 #: Stages that run models; on a GPU machine their instance groups become KIND_GPU.
 GPU_STAGES = ("text_encoder", "unet", "vae", "controlnet", "txt2img")
 
