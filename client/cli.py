@@ -9,9 +9,19 @@ import time
 
 import numpy as np
 
-from triton_backend.schema import SCHEDULER_NAMES, GenerationRequest
+from triton_backend.errors import InvalidRequestError
+from triton_backend.schedulers import canonical_scheduler
+from triton_backend.schema import GenerationRequest
 
 from .client import Client, ClientError
+
+
+def scheduler_name(text: str) -> str:
+    """``--scheduler``: the table name of ``text`` (argparse prints the accepted names when it is unknown)."""
+    try:
+        return canonical_scheduler(text)
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(exc.reason) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
     parser.add_argument("--height", type=int, default=d.height, help="pixels; 0 = the model's native size")
     parser.add_argument("--width", type=int, default=d.width, help="pixels; 0 = the model's native size")
-    parser.add_argument("--scheduler", default=d.scheduler, choices=SCHEDULER_NAMES)
+    parser.add_argument(
+        "--scheduler",
+        default=d.scheduler,
+        type=scheduler_name,
+        help="sampler: a name of the README's table or an A1111/ComfyUI spelling ('DPM++ 2M Karras', 'Euler a')",
+    )
     parser.add_argument(
         "--lora", action="append", default=[], metavar="NAME[:SCALE]", help="apply a LoRA from the store (repeatable)"
     )

@@ -54,8 +54,9 @@ def reference(model_dir: Path):
     pipe.set_progress_bar_config(disable=True)
     base = pipe.scheduler
 
-    def run(request) -> np.ndarray:
-        pipe.scheduler = make_scheduler(request.scheduler, base)
+    def run(request, scheduler=None) -> np.ndarray:
+        """``scheduler``: a diffusers scheduler to use instead of the one the table builds for the request."""
+        pipe.scheduler = scheduler or make_scheduler(request.scheduler, base, seed=request.seed)
         out = pipe(
             request.prompt,
             negative_prompt=request.negative_prompt,
@@ -118,7 +119,7 @@ def sdxl_reference(sdxl_model_dir: Path):
                 "control_guidance_start": cn[0][2] if one else [c[2] for c in cn],
                 "control_guidance_end": cn[0][3] if one else [c[3] for c in cn],
             }
-        call.scheduler = make_scheduler(request.scheduler, base)
+        call.scheduler = make_scheduler(request.scheduler, base, seed=request.seed)
         names = [n for n, _ in request.loras]
         try:
             for name in names:

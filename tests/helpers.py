@@ -162,7 +162,9 @@ def diffusers_controlnet_image(reference, model_dir, req):
     controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
     components = {k: v for k, v in base.components.items() if k != "scheduler"}
     pipe = StableDiffusionControlNetPipeline(
-        **components, scheduler=make_scheduler(req.scheduler, reference.base_scheduler), controlnet=controlnet
+        **components,
+        scheduler=make_scheduler(req.scheduler, reference.base_scheduler, seed=req.seed),
+        controlnet=controlnet,
     )
     pipe.set_progress_bar_config(disable=True)
     images = [Image.fromarray(img) for img in req.controlnet_images]
@@ -221,7 +223,7 @@ def reference_with_callback(reference, req, callback):
     from triton_backend.schedulers import make_scheduler
 
     pipe = reference.pipe
-    pipe.scheduler = make_scheduler(req.scheduler, reference.base_scheduler)
+    pipe.scheduler = make_scheduler(req.scheduler, reference.base_scheduler, seed=req.seed)
     out = pipe(
         req.prompt,
         negative_prompt=req.negative_prompt,

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from triton_backend.errors import InvalidRequestError
-from triton_backend.schema import FIELDS, SCHEDULER_NAMES, GenerationRequest, RequestLimits, parse_request
+from triton_backend.schedulers import SCHEDULER_NAMES
+from triton_backend.schema import FIELDS, GenerationRequest, RequestLimits, parse_request
 
 
 def tensors(**overrides):

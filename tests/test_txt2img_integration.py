@@ -6,14 +6,18 @@ import numpy as np
 import pytest
 from swiftdiffusion_client import Client, ClientError, GenerationRequest, InvalidArgumentError
 
-from triton_backend.schema import SCHEDULER_NAMES
-
 from .helpers import assert_rejected_then_served, assert_same_image, generate_concurrently, pixel_diff
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+#: Over gRPC, one sampler of each kind (tests/test_schedulers.py checks every table entry in-process): the model's
+#: own, the originals, ancestral, two-evaluation (Heun), Karras, SDE, scipy's LMS, and an A1111 spelling.
+SCHEDULERS = ["default", "euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "unipc", "heun", "dpmpp_2m_karras"]
+SCHEDULERS += ["dpmpp_sde_karras", "dpmpp_2m_sde", "lms", "DPM++ 2M Karras"]
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
 def test_txt2img_equals_diffusers(client, reference, scheduler, guidance):
     req = GenerationRequest(

@@ -1,48 +1,138 @@
-"""Scheduler name → diffusers scheduler class: the one table, used by the server, client and tests."""
+"""Sampler names → diffusers schedulers: the one table, used by the server, the client and the tests.
+
+Torch-free at import (the client validates names with it); diffusers is imported when a scheduler is built.
+
+Each name is a diffusers scheduler class plus the config it overrides, built ``from_config`` of the model's own
+scheduler (so ``beta_schedule``, ``prediction_type``, ``timestep_spacing``... stay the model's). ``default`` is the
+model directory's scheduler, as ``StableDiffusionPipeline`` uses it. A ``_karras`` name sets
+``use_karras_sigmas=True`` (Karras et al. noise levels). The A1111 and ComfyUI spellings are accepted:
+:func:`canonical_scheduler` lowercases, turns ``++`` into ``pp`` and any run of spaces, ``-``, ``:``, ``,`` or
+``+`` into ``_``, then looks the result up in :data:`ALIASES` (so ``"DPM++ 2M Karras"``, ``"Euler a"`` and ComfyUI's
+sampler + scheduler pair ``"dpmpp_2m karras"`` all name ``dpmpp_2m_karras``).
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
-
 from .errors import InvalidRequestError
-from .schema import SCHEDULER_NAMES
 
-#: ``"default"`` means the scheduler saved in the model directory, as ``StableDiffusionPipeline`` uses it. The
-#: torch-free schema (used by the client) lists the same names as ``SCHEDULER_NAMES`` (tests/test_schedulers.py).
-SCHEDULERS: dict[str, type[SchedulerMixin] | None] = {
-    "default": None,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "ddim": DDIMScheduler,
-    "dpmpp_2m": DPMSolverMultistepScheduler,
-    "pndm": PNDMScheduler,
-    "unipc": UniPCMultistepScheduler,
+
+@dataclass(frozen=True)
+class Sampler:
+    """A diffusers scheduler class (by name) and the config values it overrides."""
+
+    cls: str | None
+    config: dict[str, Any] = field(default_factory=dict)
+    #: The optional package it needs (``pip install 'swiftdiffusion[samplers]'``), if any.
+    needs: str | None = None
+
+
+def _with_karras(table: dict[str, Sampler], names: tuple[str, ...]) -> dict[str, Sampler]:
+    out = dict(table)
+    for name in names:
+        base = table[name]
+        out[f"{name}_karras"] = Sampler(base.cls, {**base.config, "use_karras_sigmas": True}, base.needs)
+    return out
+
+
+SAMPLERS: dict[str, Sampler] = _with_karras(
+    {
+        "default": Sampler(None),
+        "euler": Sampler("EulerDiscreteScheduler"),
+        "euler_a": Sampler("EulerAncestralDiscreteScheduler"),
+        "heun": Sampler("HeunDiscreteScheduler"),
+        "dpm2": Sampler("KDPM2DiscreteScheduler"),
+        "dpm2_a": Sampler("KDPM2AncestralDiscreteScheduler"),
+        "lms": Sampler("LMSDiscreteScheduler", needs="scipy"),
+        "ddim": Sampler("DDIMScheduler"),
+        "pndm": Sampler("PNDMScheduler"),
+        "dpmpp_2m": Sampler("DPMSolverMultistepScheduler"),
+        "dpmpp_2m_sde": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+        "dpmpp_sde": Sampler("DPMSolverSDEScheduler", needs="torchsde"),
+        "dpmpp_2s": Sampler("DPMSolverSinglestepScheduler"),
+        "unipc": Sampler("UniPCMultistepScheduler"),
+        "deis": Sampler("DEISMultistepScheduler"),
+    },
+    ("euler", "heun", "dpm2", "dpm2_a", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_2s", "unipc", "deis"),
+)
+
+#: Every accepted name, canonical first, in table order (the ``SCHEDULER`` field's valid values).
+SCHEDULER_NAMES = tuple(SAMPLERS)
+
+#: Other spellings (after :func:`_normalize`, without a ``_karras`` suffix) → table name: A1111's and ComfyUI's.
+ALIASES: dict[str, str] = {
+    "euler_ancestral": "euler_a",
+    "k_euler": "euler",
+    "k_euler_a": "euler_a",
+    "dpm_2": "dpm2",
+    "dpm_2_ancestral": "dpm2_a",
+    "dpm2_ancestral": "dpm2_a",
+    "k_lms": "lms",
+    "plms": "pndm",
+    "uni_pc": "unipc",
+    "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
+    "dpmpp_sde_gpu": "dpmpp_sde",
+    "dpm_multistep": "dpmpp_2m",
+    "dpm_singlestep": "dpmpp_2s",
 }
+#: ComfyUI's scheduler ``normal`` is the table's plain entry, ``karras`` its ``_karras`` entry.
+_NORMAL, _KARRAS = "_normal", "_karras"
 
 
-def check_scheduler_name(name: str) -> str:
-    """Return ``name`` if it is a known scheduler, else raise naming the field and the valid names."""
-    if name not in SCHEDULERS:
-        raise InvalidRequestError("SCHEDULER", f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULER_NAMES)}")
-    return name
+def _normalize(name: str) -> str:
+    text = name.strip().lower().replace("++", "pp")
+    return re.sub(r"[\s\-:,+]+", "_", text).strip("_")
 
 
-def make_scheduler(name: str, base: SchedulerMixin | dict[str, Any]) -> SchedulerMixin:
-    """A fresh scheduler instance per request (schedulers keep step state), built ``from_config(base)``."""
-    config = base if isinstance(base, dict) else base.config
-    cls = SCHEDULERS[check_scheduler_name(name)]
-    if cls is None:
-        import diffusers
+def canonical_scheduler(name: str) -> str:
+    """The table name of ``name`` (a table name or an alias); an unknown name raises, listing the accepted ones."""
+    key = _normalize(name).removesuffix(_NORMAL)
+    suffix = _KARRAS if key.endswith(_KARRAS) else ""
+    key = ALIASES.get(key.removesuffix(suffix), key.removesuffix(suffix)) + suffix
+    if key not in SAMPLERS:
+        raise InvalidRequestError(
+            "SCHEDULER",
+            f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULER_NAMES)} (A1111/ComfyUI spellings such as "
+            f"'DPM++ 2M Karras', 'Euler a' or 'dpmpp_2m karras' are accepted too)",
+        )
+    return key
 
-        cls = getattr(diffusers, config["_class_name"])
-    return cls.from_config(config)
+
+def is_available(name: str) -> bool:
+    """Whether the optional package the sampler needs (if any) is installed."""
+    needs = SAMPLERS[canonical_scheduler(name)].needs
+    return needs is None or importlib.util.find_spec(needs) is not None
+
+
+def check_available(name: str) -> None:
+    """Raise naming ``SCHEDULER`` when the sampler needs an optional package that is not installed."""
+    if not is_available(name):
+        raise InvalidRequestError(
+            "SCHEDULER",
+            f"{name!r} needs the package {SAMPLERS[canonical_scheduler(name)].needs}, which this server lacks; "
+            "install it with pip install 'swiftdiffusion[samplers]'",
+        )
+
+
+def make_scheduler(name: str, base: Any, seed: int | None = None) -> Any:
+    """A fresh scheduler instance per request (schedulers keep step state), built ``from_config(base)``.
+
+    ``base`` is the model's scheduler or its config. ``seed`` seeds the Brownian tree of ``dpmpp_sde`` (diffusers
+    would draw its seed from torch's global generator, so the image would differ from run to run): the request's
+    seed, as A1111 does.
+    """
+    import diffusers
+
+    config = dict(base if isinstance(base, dict) else base.config)
+    key = canonical_scheduler(name)
+    check_available(key)
+    sampler = SAMPLERS[key]
+    cls = getattr(diffusers, sampler.cls or config["_class_name"])
+    overrides = dict(sampler.config)
+    if sampler.cls == "DPMSolverSDEScheduler" and seed is not None:
+        overrides["noise_sampler_seed"] = seed
+    return cls.from_config(config, **overrides)

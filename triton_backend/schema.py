@@ -12,7 +12,8 @@ Inputs of ``txt2img`` (all shape ``[1]``)::
     STEPS            INT32  optional, default 20; 1 .. max_steps
     GUIDANCE_SCALE   FP32   optional, default 7.5; <= 1 skips the unconditional branch (as diffusers)
     HEIGHT, WIDTH    INT32  optional, default 0 = the model's native size; multiples of 8, <= max_height/width
-    SCHEDULER        BYTES  optional, default "default" (the model directory's scheduler); see SCHEDULER_NAMES
+    SCHEDULER        BYTES  optional, default "default" (the model directory's scheduler); a name of
+                            ``triton_backend/schedulers.py``'s table or an A1111/ComfyUI spelling of one
 
 LoRAs (bounded asynchronous loading)::
 
@@ -57,8 +58,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidRequestError
-
-SCHEDULER_NAMES = ("default", "euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "unipc")
+from .schedulers import canonical_scheduler
 
 
 @dataclass(frozen=True)
@@ -402,10 +402,7 @@ def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> No
         raise InvalidRequestError(
             "DEADLINE_MS", f"{req.deadline_ms} is out of range; allowed 1 .. {MAX_DEADLINE_MS} (milliseconds)"
         )
-    if req.scheduler not in SCHEDULER_NAMES:
-        raise InvalidRequestError(
-            "SCHEDULER", f"unknown scheduler {req.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}"
-        )
+    canonical_scheduler(req.scheduler)
 
 
 def field_names() -> list[str]:

@@ -42,6 +42,7 @@ class ControlNetModel(MetricsModel):
                 "loads": ("swiftdiffusion_controlnet_loads_total", "ControlNets loaded from the store", "counter"),
                 "capacity": ("swiftdiffusion_controlnet_capacity", "Resident ControlNet capacity (LRU)", "gauge"),
                 "resident": ("swiftdiffusion_controlnet_resident", "ControlNets resident now", "gauge"),
+                **self.cache_metric_specs("hint", "hint_cache", "Hint embeddings"),
             },
             cfg.model_name,
         )
@@ -74,6 +75,7 @@ class ControlNetModel(MetricsModel):
                 out[i] = {"RESIDUALS": r.numpy()}
         self.report_counters(self.stage.stats, ("hits", "misses", "loads"))
         self.metrics["resident"].set(float(self.stage.resident))
+        self.report_cache("hint", self.stage.hint_cache)
         return out
 
     def execute(self, requests: list[Any]) -> list[Any]:

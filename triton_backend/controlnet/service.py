@@ -13,6 +13,7 @@ Two kinds of request arrive (Triton's dynamic batcher never mixes requests with 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from ..cache import ByteLRU, budget_param
 from ..config import StageConfig
 from ..errors import ConfigError, InvalidRequestError, NotFoundError
 from ..model_info import ModelInfo
@@ -93,6 +95,8 @@ class ControlNetService:
     stats: ControlNetStats = field(default_factory=ControlNetStats)
     #: The dtype residuals leave in (the config's ``RESIDUALS`` data type; the UNet casts to its own).
     residual_dtype: torch.dtype = torch.float32
+    #: Byte budget of the hint-embedding cache (parameter ``hint_cache_mb``; 0 = off).
+    hint_cache_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         self.root = controlnet_dir(self.cfg.params, self.cfg.model_dir)
@@ -103,13 +107,19 @@ class ControlNetService:
         self._lock = threading.Lock()
         #: Hint embeddings of requests in flight; this process holds the directory's lock (:mod:`~triton_backend.shm`).
         self.hint_root, self._owner_fd = stage_dir(HINT_DIR_PREFIX)
+        #: Hint embeddings across requests: (ControlNet, its signature, image hash, image shape) → a file that each
+        #: request using it gets a hard link to (its own name, removed at request end; the data stays while the
+        #: cache or any request links it).
+        self.hint_cache: ByteLRU[Path] = ByteLRU(
+            self.hint_cache_bytes, size=lambda p: p.stat().st_size, on_evict=lambda p: p.unlink(missing_ok=True)
+        )
 
     @classmethod
     def from_config(cls, cfg: StageConfig) -> ControlNetService:
         raw = cfg.params.get("resident_capacity", "") or "4"
         if not raw.isdigit() or int(raw) < 1:
             raise ConfigError(f"{cfg.model_name}: parameter resident_capacity={raw!r} must be an integer >= 1")
-        return cls(cfg, int(raw))
+        return cls(cfg, int(raw), hint_cache_bytes=budget_param(cfg.params, "hint_cache_mb", 256, cfg.model_name))
 
     def names(self) -> list[str]:
         return controlnet_names(self.root)
@@ -192,10 +202,24 @@ class ControlNetService:
                 "CONTROLNET_IMAGES", f"expected UINT8 [H, W, 3], got {image.dtype} {list(image.shape)}"
             )
         _, embedding = self.model(name)
-        cond = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
-        emb = embedding(cond.to(self.cfg.device, self.cfg.dtype)).float().cpu().contiguous()
+        image = np.ascontiguousarray(image)
+        # The content hash, shape and the ControlNet's signature: a changed image, size or ControlNet misses.
+        key = (name, self._models[name][0], hashlib.sha256(image.data).hexdigest(), image.shape)
         file = self.hint_root / f"{name}-{uuid.uuid4().hex}.safetensors"
+        cached = self.hint_cache.get(key)
+        if cached is not None:
+            try:
+                os.link(cached, file)
+                return str(file)
+            except FileNotFoundError:  # removed under us (a sweep): embed again
+                self.hint_cache.pop(key)
+        cond = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+        emb = embedding(cond.to(self.cfg.device, self.cfg.dtype)).float().cpu().contiguous()
         save_tensors({"embedding": emb}, file, "controlnet", "free shared memory (hint embeddings live there)")
+        if self.hint_cache.budget_bytes:
+            entry = self.hint_root / f"cache-{uuid.uuid4().hex}.safetensors"
+            os.link(file, entry)
+            self.hint_cache.put(key, entry)
         return str(file)
 
     def validate(self, row: ControlRow) -> None:
@@ -250,5 +274,6 @@ class ControlNetService:
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
+        self.hint_cache.clear()
         shutil.rmtree(self.hint_root, ignore_errors=True)
         os.close(self._owner_fd)

@@ -142,12 +142,31 @@ class MetricsModel(StageModel):
         self.metrics = {k: f.Metric({"model": model_name}) for k, f in self.metric_families.items()}
         self._reported: dict[str, float] = {}
 
-    def report_counters(self, stats: Any, names: tuple[str, ...]) -> None:
-        """Advance each counter by what ``stats.<name>`` grew since the last report."""
+    def report_counters(self, stats: Any, names: tuple[str, ...], prefix: str = "") -> None:
+        """Advance each counter ``prefix + name`` by what ``stats.<name>`` grew since the last report."""
         for name in names:
-            value = getattr(stats, name)
-            self.metrics[name].increment(value - self._reported.get(name, 0))
-            self._reported[name] = value
+            key, value = prefix + name, getattr(stats, name)
+            self.metrics[key].increment(value - self._reported.get(key, 0))
+            self._reported[key] = value
+
+    @staticmethod
+    def cache_metric_specs(key: str, metric: str, what: str) -> dict[str, tuple[str, str, str]]:
+        """The metrics of a :class:`~triton_backend.cache.ByteLRU` (keys ``<key>_hits`` ...), for :meth:`init_metrics`:
+        ``swiftdiffusion_<metric>_{hits,misses,evictions}_total`` and ``..._bytes`` / ``..._budget_bytes``.
+        """
+        return {
+            f"{key}_hits": (f"swiftdiffusion_{metric}_hits_total", f"{what} found in the cache", "counter"),
+            f"{key}_misses": (f"swiftdiffusion_{metric}_misses_total", f"{what} computed (not cached)", "counter"),
+            f"{key}_evictions": (f"swiftdiffusion_{metric}_evictions_total", f"{what} evicted (LRU)", "counter"),
+            f"{key}_bytes": (f"swiftdiffusion_{metric}_bytes", f"Bytes of {what.lower()} cached now", "gauge"),
+            f"{key}_budget": (f"swiftdiffusion_{metric}_budget_bytes", "Byte budget of the cache (0 = off)", "gauge"),
+        }
+
+    def report_cache(self, key: str, cache: Any) -> None:
+        """Export a :class:`~triton_backend.cache.ByteLRU`'s counters (see :meth:`cache_metric_specs`)."""
+        self.report_counters(cache.stats, ("hits", "misses", "evictions"), prefix=f"{key}_")
+        self.metrics[f"{key}_bytes"].set(float(cache.stats.bytes_resident))
+        self.metrics[f"{key}_budget"].set(float(cache.budget_bytes))
 
     def finalize(self) -> None:
         if self.stage is not None:
@@ -157,22 +176,27 @@ class MetricsModel(StageModel):
         super().finalize()
 
 
-class TextEncoderModel(StageModel):
+class TextEncoderModel(MetricsModel):
     """``text_encoder``: ``PROMPT``, ``NEGATIVE_PROMPT``, ``GUIDANCE_SCALE`` → ``PROMPT_EMBEDS [B, 77, D]``,
-    ``POOLED_EMBEDS [B, P]`` FP32 (``P`` = 0 for SD1.x/2.x models).
+    ``POOLED_EMBEDS [B, P]`` FP32 (``P`` = 0 for SD1.x/2.x models). Repeated prompts come from its prompt-embedding
+    cache (parameter ``prompt_cache_mb``; metrics ``swiftdiffusion_prompt_cache_*``).
     """
 
     inputs = text_encoder.INPUTS
 
     def build(self, cfg: StageConfig) -> text_encoder.TextEncoder:
         self.lora_manager = cfg.stage("lora_manager")
+        self.init_metrics(self.cache_metric_specs("prompt", "prompt_cache", "Prompt embeddings"), cfg.model_name)
         return text_encoder.TextEncoder(cfg)
 
     def handle(self, tensors: Tensors, request: Any) -> Tensors:
         def load_adapters(loras: list[tuple[str, float]]) -> list[AdapterRef]:
             return lora_wire.adapter_refs(loras, self.bls.infer_many([lora_call(self.lora_manager, loras)])[0])
 
-        return self.stage.handle(tensors, load_adapters)
+        try:
+            return self.stage.handle(tensors, load_adapters)
+        finally:
+            self.report_cache("prompt", self.stage.cache)
 
 
 class VaeModel(StageModel):

@@ -96,7 +96,7 @@ class BaselinePipeline:
                 "control_guidance_start": cn[0][2] if one else [c[2] for c in cn],
                 "control_guidance_end": cn[0][3] if one else [c[3] for c in cn],
             }
-        pipe.scheduler = make_scheduler(req.scheduler, self.base_scheduler)
+        pipe.scheduler = make_scheduler(req.scheduler, self.base_scheduler, seed=req.seed)
         names = [n for n, _ in req.loras]
         try:
             for name in names:

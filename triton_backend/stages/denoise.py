@@ -207,7 +207,7 @@ def prepare(
         )
     height, width = resolve_size(request, info)
     added = added_conditioning(request, pooled_embeds, info, expected, (height, width))
-    scheduler = make_scheduler(request.scheduler, info.scheduler_config)
+    scheduler = make_scheduler(request.scheduler, info.scheduler_config, seed=request.seed)
     try:
         scheduler.set_timesteps(request.steps, device="cpu")
     except ValueError as exc:  # e.g. PNDM's Runge-Kutta warm-up needs >= 4 steps (diffusers fails the same way)

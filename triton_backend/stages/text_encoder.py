@@ -8,9 +8,10 @@ import numpy as np
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from ..cache import ByteLRU, budget_param
 from ..config import StageConfig
 from ..errors import ConfigError
-from ..lora.patch import AdapterRef, WeightPatcher
+from ..lora.patch import AdapterRef, WeightPatcher, adapter_key
 from ..lora.store import has_text_encoder_layers, resolve_lora_path
 from ..model_info import ModelInfo, load_part
 from ..paths import lora_dir
@@ -49,6 +50,11 @@ class TextEncoder:
         #: One patcher per encoder; LoRA factors are keyed ``text_encoder:…`` / ``text_encoder_2:…``.
         self.patchers = [WeightPatcher(m, c) for m, c in zip(self.models, TEXT_COMPONENTS, strict=False)]
         self.lora_dir = lora_dir(cfg.params, cfg.model_dir)
+        #: Prompt embeddings of recent requests (parameter ``prompt_cache_mb``, 0 = off); see :meth:`cache_key`.
+        self.cache: ByteLRU[dict[str, np.ndarray]] = ByteLRU(
+            budget_param(cfg.params, "prompt_cache_mb", 64, cfg.model_name),
+            size=lambda out: sum(a.nbytes for a in out.values()),
+        )
 
     @torch.inference_mode()
     def encode(self, text: str, text_2: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +95,10 @@ class TextEncoder:
         """
         if not self.info.is_sdxl:
             reject_sdxl_only(request, self.info.arch_label, ("PROMPT_2", "NEGATIVE_PROMPT_2"))
+        key = self.cache_key(request, adapters)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return {name: array.copy() for name, array in cached.items()}
         zero_negative = request.negative_prompt is None and self.info.force_zeros_for_empty_prompt
         texts = [(request.prompt, request.prompt_2)]
         if request.do_classifier_free_guidance and not zero_negative:
@@ -107,7 +117,27 @@ class TextEncoder:
         if request.do_classifier_free_guidance and zero_negative:
             embeds = torch.cat([torch.zeros_like(embeds), embeds])
             pooled = torch.cat([torch.zeros_like(pooled), pooled])
-        return {"PROMPT_EMBEDS": embeds.numpy(), "POOLED_EMBEDS": pooled.numpy()}
+        out = {"PROMPT_EMBEDS": embeds.numpy(), "POOLED_EMBEDS": pooled.numpy()}
+        self.cache.put(key, {name: array.copy() for name, array in out.items()})
+        return out
+
+    @staticmethod
+    def cache_key(request: GenerationRequest, adapters: Sequence[AdapterRef]) -> tuple:
+        """Everything the embeddings depend on besides this stage's model: the four prompts, whether the
+        unconditional branch is encoded, and the text-encoder LoRAs (converted file, which changes with the LoRA
+        file, and scale).
+        """
+        return (
+            request.prompt,
+            request.negative_prompt,
+            request.prompt_2,
+            request.negative_prompt_2,
+            request.do_classifier_free_guidance,
+            adapter_key(adapters),
+        )
+
+    def close(self) -> None:
+        self.cache.clear()
 
     def needs_loras(self, request: GenerationRequest) -> bool:
         """Whether any requested LoRA has text-encoder layers (read from the file header, no conversion).

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..schema import SCHEDULER_NAMES, GenerationRequest
+from ..schedulers import SCHEDULER_NAMES, is_available
+from ..schema import GenerationRequest
 from ..serving.server import TritonServer
 from ..serving.watchdog import stub_processes
 from .workload import synthetic_hints
@@ -64,7 +65,7 @@ def make_jobs(n: int, seed: int = 0) -> list[Job]:
         base: dict[str, Any] = {
             "prompt": f"soak {i % 17}",
             "seed": rng.randrange(1 << 20),
-            "scheduler": (scheduler := rng.choice(SCHEDULER_NAMES)),
+            "scheduler": (scheduler := rng.choice([n for n in SCHEDULER_NAMES if is_available(n)])),
             "steps": rng.randint(4 if scheduler == "pndm" else 2, 4),
             "height": size,
             "width": size,
