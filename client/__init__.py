@@ -1,4 +1,6 @@
-"""SwiftDiffusion gRPC client: ``with Client("127.0.0.1:8001") as c: image = c.generate(GenerationRequest(...))``."""
+"""SwiftDiffusion gRPC client: ``with Client("127.0.0.1:8001") as c: image = c.generate(GenerationRequest(...))``;
+``for event in c.stream(request, preview_every=5)`` for per-step progress and previews.
+"""
 
 from triton_backend.schema import GenerationRequest
 
@@ -8,6 +10,7 @@ from .client import (
     GenerationResult,
     InvalidArgumentError,
     NotFoundError,
+    Progress,
     RequestCancelledError,
     ServerUnavailableError,
 )
@@ -19,6 +22,7 @@ __all__ = [
     "GenerationResult",
     "InvalidArgumentError",
     "NotFoundError",
+    "Progress",
     "RequestCancelledError",
     "ServerUnavailableError",
 ]

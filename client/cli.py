@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
-import threading
 import time
+from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -13,7 +15,7 @@ from triton_backend.errors import InvalidRequestError
 from triton_backend.schedulers import canonical_scheduler
 from triton_backend.schema import GenerationRequest
 
-from .client import Client, ClientError
+from .client import Client, ClientError, GenerationResult
 
 
 def scheduler_name(text: str) -> str:
@@ -32,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt (default --prompt)")
     parser.add_argument("--negative-prompt-2", default=None, help="SDXL: default --negative-prompt")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=d.seed, help="-1 = a random seed (printed)")
     parser.add_argument("--steps", type=int, default=d.steps)
     parser.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
     parser.add_argument("--height", type=int, default=d.height, help="pixels; 0 = the model's native size")
@@ -67,7 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None, help="client timeout in seconds")
     parser.add_argument("--tls-root-cert", default=None, help="PEM file to verify a server that uses TLS")
     parser.add_argument("-o", "--output", default="out.png", help="PNG file to write (default %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="do not show the progress line")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (plain txt2img request)")
+    parser.add_argument(
+        "--preview-dir", default=None, help="write a preview every ~10%% of the steps here (step_NNN.png)"
+    )
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -138,44 +143,79 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     )
 
 
-def _progress(stop: threading.Event, steps: int) -> None:
-    """An elapsed-time progress line on stderr (the server answers once, so progress is indeterminate)."""
+def random_seed() -> int:
+    """``--seed -1``: a random seed (31 bits, as A1111 draws them), printed so the image can be made again."""
+    return secrets.randbelow(2**31)
+
+
+def stream_with_progress(
+    client: Client, request: GenerationRequest, preview_dir: Path | None, show: bool, file: TextIO = sys.stderr
+) -> GenerationResult:
+    """Generate through the streaming model: a progress bar (steps, steps/s, ETA) on ``file`` when ``show``, and
+    every preview written as ``<preview_dir>/step_NNN.png`` (upscaled to the image size, nearest neighbour).
+    """
+    from PIL import Image
     from tqdm import tqdm
 
-    with tqdm(
-        total=None, desc=f"generating ({steps} steps)", unit="s", bar_format="{desc}: {elapsed}", file=sys.stderr
-    ) as bar:
-        while not stop.wait(0.1):
-            bar.refresh()
+    every = 0
+    if preview_dir is not None:
+        preview_dir.mkdir(parents=True, exist_ok=True)
+        every = max(1, request.steps // 10)
+    with tqdm(total=request.steps, unit="step", desc="generating", file=file, disable=not show, leave=False) as bar:
+        for event in client.stream(request, preview_every=every):
+            if isinstance(event, GenerationResult):
+                return event
+            if bar.total != event.total_steps:  # samplers with two UNet evaluations per step
+                bar.total = event.total_steps
+            bar.update(event.step - bar.n)
+            if event.preview is not None and preview_dir is not None:
+                h, w = event.preview.shape[:2]
+                image = Image.fromarray(event.preview).resize((w * 8, h * 8), Image.Resampling.NEAREST)
+                image.save(preview_dir / f"step_{event.step:03d}.png")
+    raise ClientError("StatusCode.UNKNOWN", "the stream ended without an image")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Send one request, write the PNG; exit code 0 on success, 2 on a rejected request, 1 otherwise."""
+    """Send one request, write the PNG; exit code 0 on success, 2 on a rejected request, 1 otherwise.
+
+    With a progress bar (a terminal, no ``--no-progress``) or ``--preview-dir``, the request goes to the streaming
+    model (``txt2img_stream``: the same image, one response per step); otherwise to ``txt2img``.
+    """
     from PIL import Image
 
+    if args.seed == -1:
+        args.seed = random_seed()
     try:
         request = request_from_args(args)
     except argparse.ArgumentTypeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    spinner = None
-    if not args.no_progress and sys.stderr.isatty():
-        spinner = threading.Thread(target=_progress, args=(stop, request.steps), daemon=True)
-        spinner.start()
+    show = not args.no_progress and sys.stderr.isatty()
+    preview_dir = Path(args.preview_dir) if args.preview_dir else None
     start = time.perf_counter()
     try:
         with Client(args.url, timeout_s=args.timeout, tls_root_cert=args.tls_root_cert) as client:
-            result = client.run(request)
-            image = result.image
+            if show or preview_dir is not None:
+                result = stream_with_progress(client, request, preview_dir, show)
+            else:
+                result = client.run(request)
     except ClientError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2 if exc.status == "StatusCode.INVALID_ARGUMENT" else 1
-    finally:
-        stop.set()
-        if spinner is not None:
-            spinner.join()
+    image = result.image
     Image.fromarray(image).save(args.output)
     landed = f", LoRAs landed at step {result.lora_landed_step}" if request.lora_names else ""
-    print(f"wrote {args.output} ({image.shape[1]}x{image.shape[0]}) in {time.perf_counter() - start:.2f}s{landed}")
+    previews = f", previews in {preview_dir}" if preview_dir is not None else ""
+    print(
+        f"wrote {args.output} ({image.shape[1]}x{image.shape[0]}, seed {request.seed}) in "
+        f"{time.perf_counter() - start:.2f}s{landed}{previews}"
+    )
     return 0
+
+
+def one_line(exc: ClientError) -> str:
+    """The server's message on one line, with the fix for the errors a user can act on."""
+    message = " ".join(exc.message.split())
+    if exc.status == "StatusCode.UNAVAILABLE" and "failed to connect" in message.lower():
+        return f"{message} (is the server running? start it with: swiftdiffusion serve)"
+    return message

@@ -5,6 +5,8 @@ Inputs are built from the same schema the server parses (:mod:`triton_backend.sc
 
 from __future__ import annotations
 
+import queue
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +14,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from triton_backend.errors import parse_error_tag
 from triton_backend.schema import FIELDS_BY_NAME, GenerationRequest
 
 
@@ -48,8 +51,17 @@ _BY_STATUS = {
 }
 
 
+#: Our error tags (``[CODE] message``) → gRPC status: a streamed response's error carries only the message.
+_BY_TAG = {
+    "INVALID_ARG": "StatusCode.INVALID_ARGUMENT",
+    "NOT_FOUND": "StatusCode.NOT_FOUND",
+    "CANCELLED": "StatusCode.CANCELLED",
+    "UNAVAILABLE": "StatusCode.UNAVAILABLE",
+}
+
+
 def _raise_typed(exc: InferenceServerException) -> None:
-    status = str(exc.status() or "StatusCode.UNKNOWN")
+    status = str(exc.status() or _BY_TAG.get(parse_error_tag(exc.message() or "")[0], "StatusCode.UNKNOWN"))
     raise _BY_STATUS.get(status, ClientError)(status, exc.message() or str(exc)) from exc
 
 
@@ -69,6 +81,22 @@ class GenerationResult:
 
     image: np.ndarray
     lora_landed_step: int = -1
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One step of a streamed generation: ``step`` of ``total_steps`` done; ``preview`` (``[h, w, 3]`` uint8 at the
+    latent resolution) every ``preview_every`` steps, else ``None``.
+    """
+
+    step: int
+    total_steps: int
+    preview: np.ndarray | None = None
+
+
+def _scalar(result: Any, name: str, default: int = -1) -> int:
+    value = result.as_numpy(name)
+    return int(value.reshape(-1)[0]) if value is not None else default
 
 
 class Client:
@@ -125,6 +153,39 @@ class Client:
             _raise_typed(exc)
         landed = result.as_numpy("LORA_LANDED_STEP")
         return GenerationResult(result.as_numpy("IMAGE"), int(landed.reshape(-1)[0]) if landed is not None else -1)
+
+    def stream(
+        self, request: GenerationRequest | None = None, preview_every: int = 0, **fields: Any
+    ) -> Iterator[Progress | GenerationResult]:
+        """Generate through ``<model>_stream``: yields a :class:`Progress` per step, then the
+        :class:`GenerationResult` (the same image as :meth:`run`). Leaving the loop early (``break``, an exception,
+        closing the iterator) closes the stream, which cancels the generation on the server.
+        """
+        if request is None:
+            request = GenerationRequest(**fields)
+        inputs = build_inputs(request)
+        every = grpcclient.InferInput("PREVIEW_EVERY", [1], "INT32")
+        every.set_data_from_numpy(np.array([preview_every], dtype=np.int32))
+        events: queue.Queue[Any] = queue.Queue()
+        self._client.start_stream(
+            callback=lambda result, error: events.put(error if error is not None else result),
+            stream_timeout=self.timeout_s,
+        )
+        finished = False
+        try:
+            self._client.async_stream_infer(f"{self.model}_stream", [*inputs, every])
+            while True:
+                event = events.get()
+                if isinstance(event, InferenceServerException):
+                    _raise_typed(event)
+                image = event.as_numpy("IMAGE")
+                if image is not None:
+                    finished = True
+                    yield GenerationResult(image, _scalar(event, "LORA_LANDED_STEP"))
+                    return
+                yield Progress(_scalar(event, "STEP"), _scalar(event, "TOTAL_STEPS"), event.as_numpy("PREVIEW"))
+        finally:
+            self._client.stop_stream(cancel_requests=not finished)
 
     def infer_raw(self, inputs: dict[str, np.ndarray], model: str | None = None) -> dict[str, np.ndarray]:
         """Send arbitrary tensors (dtype taken from the numpy dtype) — for stage calls and bad-input tests."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -31,6 +32,9 @@ def test_parser_has_the_documented_commands():
     )
     args = parser.parse_args(["generate", "--prompt", "x", "--scheduler", "ddim", "-o", "a.png"])
     assert args.scheduler == "ddim" and args.output == "a.png"
+    assert parser.parse_args(["generate", "--prompt", "x", "--scheduler", "DPM++ 2M Karras"]).scheduler == (
+        "dpmpp_2m_karras"
+    )
     from swiftdiffusion_client.cli import request_from_args
 
     args = parser.parse_args(["generate", "--prompt", "x", "--original-size", "32", "40", "--target-size", "48", "48"])
@@ -74,6 +78,7 @@ def test_serve_generate_and_clean_stop(model_dir, reference, tmp_path):
     )
     try:
         assert f"127.0.0.1:{grpc}" in text and f"127.0.0.1:{http}" in text and f":{metrics}/metrics" in text, text
+        assert "txt2img, txt2img_stream" in text and "CudaDriverHelper" not in text, text
         (server_pid,) = children(proc.pid)
         stubs = children(server_pid)
         assert len(stubs) >= 5  # one Python stub per model instance
@@ -157,6 +162,23 @@ def test_serve_generate_and_clean_stop(model_dir, reference, tmp_path):
             timeout=300,
         )
         assert bad.returncode == 2 and "STEPS" in bad.stderr
+
+        previews = tmp_path / "previews"
+        streamed = subprocess.run(
+            [
+                *(str(BIN), "generate", "--url", f"127.0.0.1:{grpc}", "--prompt", "a photo of a cat", "--seed", "-1"),
+                *("--steps", "4", "--scheduler", "Euler a", "--preview-dir", str(previews), "-o", str(out)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert streamed.returncode == 0, streamed.stderr
+        seed = int(re.search(r"seed (\d+)", streamed.stdout).group(1))
+        assert sorted(p.name for p in previews.iterdir()) == [f"step_{i:03d}.png" for i in (1, 2, 3)]
+        assert np.asarray(Image.open(previews / "step_001.png")).shape == (64, 64, 3)  # upscaled from 8x8
+        expected = reference(GenerationRequest(prompt="a photo of a cat", seed=seed, steps=4, scheduler="euler_a"))
+        assert np.abs(np.asarray(Image.open(out)).astype(int) - expected).max() <= 2
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)

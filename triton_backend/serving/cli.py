@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -79,21 +80,40 @@ def _server_from_args(args: argparse.Namespace):
     return TritonServer(**kwargs)
 
 
+def _log_to_file(args: argparse.Namespace) -> None:
+    """Unless ``--log-file`` or ``--verbose``: Triton's log (~120 lines at start, CUDA probes included) goes to
+    ``~/.cache/swiftdiffusion/logs/<command>-server.log``, emptied first; the terminal shows our status lines.
+    """
+    if args.log_file or args.verbose:
+        return
+    log = cache_dir() / "logs" / f"{args.command}-server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(b"")
+    args.log_file = str(log)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    _log_to_file(args)
     server = _server_from_args(args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"starting tritonserver on {server.model_repository} (model: {server.model_dir}) ...", flush=True)
+    print(f"loading {server.model_dir} ... (server log: {args.log_file or 'below'})", flush=True)
     from .server import ServerError
 
+    start = time.monotonic()
     try:
         server.start(timeout=args.ready_timeout)
     except ServerError as exc:
         print(f"error: {exc} (server log: {args.log_file or 'above'})", file=sys.stderr)
         return 1
+    from .watchdog import public_models
+
+    with contextlib.closing(server.client()) as client:
+        models = ", ".join(public_models(client, server.admin_headers))
     print(
-        f"ready\n  gRPC:    {server.grpc_url}\n  HTTP:    {server.http_url}\n  metrics: {server.metrics_url}\n"
+        f"ready in {time.monotonic() - start:.0f}s: {models}\n"
+        f"  gRPC:    {server.grpc_url}\n  HTTP:    {server.http_url}\n  metrics: {server.metrics_url}\n"
         "Ctrl-C to stop.",
         flush=True,
     )
@@ -141,16 +161,13 @@ def _demo(args: argparse.Namespace) -> int:
     """The README's main job: start the server on the model, send one gRPC request, write a PNG, stop."""
     from PIL import Image
     from swiftdiffusion_client import Client, GenerationRequest
+    from swiftdiffusion_client.cli import stream_with_progress
 
     from .server import ServerError
 
     args.grpc_port = args.http_port = args.metrics_port = 0
-    if not args.log_file:  # the server's ~120 log lines go to a file: the terminal shows what was asked for
-        log = cache_dir() / "logs" / "demo-server.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_bytes(b"")
-        args.log_file = str(log)
-    print(f"starting tritonserver (log: {args.log_file}) ...", flush=True)
+    _log_to_file(args)
+    print(f"starting tritonserver (log: {args.log_file or 'below'}) ...", flush=True)
     server = _server_from_args(args)
     try:
         server.start()
@@ -162,7 +179,10 @@ def _demo(args: argparse.Namespace) -> int:
         request = GenerationRequest(prompt=args.prompt, seed=args.seed, steps=args.steps)
         with Client(server.grpc_url) as client:
             start = time.perf_counter()
-            image = client.generate(request)
+            if sys.stderr.isatty():  # a progress bar: the streaming model, the same image
+                image = stream_with_progress(client, request, None, show=True).image
+            else:
+                image = client.generate(request)
             elapsed = time.perf_counter() - start
     Image.fromarray(image).save(args.output)
     print(f"wrote {args.output} ({image.shape[1]}x{image.shape[0]}, {request.steps} steps) in {elapsed:.3f}s")
@@ -179,7 +199,8 @@ def _add_server_args(p: argparse.ArgumentParser, ports: bool = True) -> None:
     p.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"], help="architecture of the generated default model")
     p.add_argument("--model-repository", default=None, help="Triton model repository (default: the bundled one)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
-    p.add_argument("--log-file", default=None, help="write the server log here instead of the terminal")
+    p.add_argument("--log-file", default=None, help="write Triton's log here (default ~/.cache/swiftdiffusion/logs/)")
+    p.add_argument("--verbose", action="store_true", help="stream Triton's log to the terminal instead of a file")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for all models to load")
     if ports:
         p.add_argument("--grpc-port", type=int, default=8001, help="0 = any free port")

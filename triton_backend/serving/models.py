@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from ..controlnet import wire as controlnet_wire
 from ..errors import ConfigError
 from ..lora import wire as lora_wire
 from ..lora.patch import AdapterRef
-from ..stages import baseline, denoise, text_encoder, unet, vae
+from ..stages import baseline, denoise, preview, text_encoder, unet, vae
 from .events import trace
 from .io import (
     BlsCall,
@@ -221,7 +222,7 @@ class DenoiseModel(StageModel):
     request (benchmarks, tests).
     """
 
-    inputs = ("PROMPT_EMBEDS", "POOLED_EMBEDS", *denoise.INPUTS, "LATENT_PARALLEL")
+    inputs: tuple[str, ...] = ("PROMPT_EMBEDS", "POOLED_EMBEDS", *denoise.INPUTS, "LATENT_PARALLEL")
 
     def build(self, cfg: StageConfig) -> denoise.Denoiser:
         self.unet_model = cfg.stage("unet")
@@ -265,8 +266,16 @@ class DenoiseModel(StageModel):
     async def load_adapters(self, loras: list[tuple[str, float]]) -> list[AdapterRef]:
         return lora_wire.adapter_refs(loras, (await self.bls.infer([lora_call(self.lora_manager, loras)]))[0])
 
-    async def generate(self, request: Any, arrival: float) -> Tensors:
-        tensors = read_tensors(request, self.inputs, self.pb)
+    async def generate(
+        self,
+        tensors: Tensors,
+        request: Any,
+        arrival: float,
+        on_step: Callable[[denoise.DenoiseState], None] | None = None,
+    ) -> Tensors:
+        """The request's ``LATENTS`` and ``LORA_LANDED_STEP`` from its fields and ``PROMPT_EMBEDS``; ``on_step``
+        runs after every step (streaming progress).
+        """
         parallel = self.latent_parallel
         if "LATENT_PARALLEL" in tensors:
             parallel = bool(np.asarray(tensors.pop("LATENT_PARALLEL")).reshape(-1)[0])
@@ -281,12 +290,14 @@ class DenoiseModel(StageModel):
             load_loras=lambda loras: asyncio.ensure_future(self.load_adapters(loras)),
             is_cancelled=lambda: is_cancelled(request),
             prepare_hints=self.prepare_hints,
+            on_step=on_step,
         )
 
     async def answer(self, request: Any, sender: Any, arrival: float) -> None:
         """Generate, then send the request's one response (its error if anything failed)."""
         try:
-            response = make_response(await self.generate(request, arrival), self.pb)
+            tensors = read_tensors(request, self.inputs, self.pb)
+            response = make_response(await self.generate(tensors, request, arrival), self.pb)
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
             response = failure_response(exc, self.pb, self.logger)
         send_final(sender, response, self.pb)
@@ -295,6 +306,55 @@ class DenoiseModel(StageModel):
         arrival = time.monotonic()
         for request in requests:
             self.bls.submit(self.answer(request, request.get_response_sender(), arrival))
+
+
+class StreamModel(DenoiseModel):
+    """``txt2img_stream`` (decoupled): ``txt2img``'s inputs plus ``PREVIEW_EVERY`` (INT32 [1], 0 = no previews) →
+    one response per step with ``STEP`` and ``TOTAL_STEPS`` (INT32 [1]) and, every ``PREVIEW_EVERY`` steps,
+    ``PREVIEW`` (UINT8 [h, w, 3] at the latent resolution, :func:`~triton_backend.stages.preview.latent_rgb`), then
+    the final response with ``IMAGE`` and ``LORA_LANDED_STEP``, equal to ``txt2img``'s for the same request.
+
+    It runs ``txt2img``'s pipeline itself: ``text_encoder`` and ``vae`` over BLS, the step loop of
+    :class:`DenoiseModel` (its own step scheduler, the same ``unet``, ``controlnet`` and ``lora_manager``). A request
+    the client cancels (a closed stream) stops at the next step.
+    """
+
+    inputs = (*dict.fromkeys((*text_encoder.INPUTS, *denoise.INPUTS)), "PREVIEW_EVERY")
+
+    def build(self, cfg: StageConfig) -> denoise.Denoiser:
+        self.text_encoder_model = cfg.stage("text_encoder")
+        self.vae_model = cfg.stage("vae")
+        return super().build(cfg)
+
+    def progress(self, sender: Any, every: int) -> Callable[[denoise.DenoiseState], None]:
+        """The ``on_step`` callback that sends one progress response (and a preview every ``every`` steps)."""
+
+        def on_step(state: denoise.DenoiseState) -> None:
+            out = {
+                "STEP": np.array([state.step_index], np.int32),
+                "TOTAL_STEPS": np.array([len(state.timesteps)], np.int32),
+            }
+            if every and state.step_index % every == 0 and not state.done:
+                out["PREVIEW"] = preview.latent_rgb(state.latents, self.stage.info)
+            if not is_cancelled(sender):
+                sender.send(make_response(out, self.pb))
+
+        return on_step
+
+    async def answer(self, request: Any, sender: Any, arrival: float) -> None:
+        try:
+            tensors = read_tensors(request, self.inputs, self.pb)
+            every = preview.preview_every(tensors.pop("PREVIEW_EVERY", None))
+            prompts = {k: v for k, v in tensors.items() if k in text_encoder.INPUTS}
+            (encoded,) = await self.bls.infer([(self.text_encoder_model, prompts, ["PROMPT_EMBEDS", "POOLED_EMBEDS"])])
+            result = await self.generate({**tensors, **encoded}, request, arrival, self.progress(sender, every))
+            (decoded,) = await self.bls.infer([(self.vae_model, {"LATENTS": result["LATENTS"]}, ["IMAGE"])])
+            response = make_response(
+                {"IMAGE": decoded["IMAGE"], "LORA_LANDED_STEP": result["LORA_LANDED_STEP"]}, self.pb
+            )
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
+            response = failure_response(exc, self.pb, self.logger)
+        send_final(sender, response, self.pb)
 
 
 class UNetModel(StageModel):

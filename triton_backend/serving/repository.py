@@ -1,9 +1,10 @@
 """Render a self-contained Triton model repository for a deployment (``swiftdiffusion repository``).
 
 A deployment is one or more pipelines, each ``NAME=MODEL_DIR``. A pipeline's public model is named exactly
-``NAME`` (the ensemble ``txt2img`` of the templates, renamed) and its stages carry the name as prefix
-(``NAME_text_encoder``, ``NAME_denoise``, ``NAME_unet``, ``NAME_vae``, ``NAME_controlnet``, ``NAME_lora_manager``),
-so pipelines sit side by side with each other and with the fleet's own models. Every parameter a stage needs is
+``NAME`` (the ensemble ``txt2img`` of the templates, renamed), its streaming variant ``NAME_stream``, and its
+stages carry the name as prefix (``NAME_text_encoder``, ``NAME_denoise``, ``NAME_unet``, ``NAME_vae``,
+``NAME_controlnet``, ``NAME_lora_manager``), so pipelines sit side by side with each other and with the fleet's own
+models. Every parameter a stage needs is
 written into its ``config.pbtxt``: the model directory, and the names of the stages it calls (ensemble steps and
 ``*_model`` parameters); the rendered repository depends on no environment variable of ours. The device layout
 (``KIND_CPU``/``KIND_GPU``, GPU ids, UNet instances, dtype) is applied per stage.
@@ -26,8 +27,10 @@ from tritonclient.grpc import model_config_pb2
 from ..model_info import ModelInfo
 from ..paths import is_store_name, model_repository_dir
 
-#: The templates' public model, and the stages it is built from (all of them get the pipeline's prefix).
+#: The templates' public model, its streaming variant (``NAME_stream``), and the stages both are built from (all
+#: of them get the pipeline's prefix).
 PUBLIC = "txt2img"
+STREAM = "txt2img_stream"
 STAGES = ("text_encoder", "denoise", "unet", "vae", "controlnet", "lora_manager")
 #: Stages pipelines of one architecture may share (``share_adapters``).
 SHAREABLE = ("controlnet", "lora_manager")
@@ -87,7 +90,7 @@ class Layout:
 def stage_names(pipeline: str, prefix: str | None = None) -> dict[str, str]:
     """Template model name → rendered name (``prefix`` defaults to ``<pipeline>_``)."""
     prefix = f"{pipeline}_" if prefix is None else prefix
-    return {PUBLIC: pipeline, **{stage: f"{prefix}{stage}" for stage in STAGES}}
+    return {PUBLIC: pipeline, STREAM: f"{pipeline}_stream", **{stage: f"{prefix}{stage}" for stage in STAGES}}
 
 
 def render(
@@ -193,11 +196,11 @@ def _render_model(
 
 
 def pipeline_models(pipeline: str, prefix: str | None = None) -> list[str]:
-    """Every model of a pipeline, public model first: the order to unload it in (new requests are refused at once,
-    then the stages go). Unloading the public model alone leaves the stages its stages loaded over BLS.
+    """Every model of a pipeline, public models first: the order to unload it in (new requests are refused at once,
+    then the stages go). Unloading the public models alone leaves the stages their stages loaded over BLS.
     """
     names = stage_names(pipeline, prefix)
-    return [names[PUBLIC], *(names[s] for s in STAGES)]
+    return [names[PUBLIC], names[STREAM], *(names[s] for s in STAGES)]
 
 
 def rendered_names(repository: Path) -> dict[str, str]:

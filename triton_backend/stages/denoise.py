@@ -401,6 +401,7 @@ class Denoiser:
         load_loras: Callable[[list[tuple[str, float]]], LoraLoad] | None = None,
         is_cancelled: Callable[[], bool] | None = None,
         prepare_hints: Callable[[list[tuple[str, np.ndarray]]], Any] | None = None,
+        on_step: Callable[[DenoiseState], None] | None = None,
     ) -> dict[str, np.ndarray]:
         """Triton entry: request fields + ``PROMPT_EMBEDS`` → ``LATENTS`` and ``LORA_LANDED_STEP`` (-1: no LoRA).
 
@@ -429,7 +430,7 @@ class Denoiser:
                 def wait(awaitable: Awaitable[Any]) -> Awaitable[Any]:
                     return self.scheduler.outside(job, awaitable)
 
-                latents = await run_async(state, step, is_cancelled=is_cancelled, wait=wait)
+                latents = await run_async(state, step, on_step, is_cancelled=is_cancelled, wait=wait)
         finally:
             release_hints(state)
             if state.lora_load is not None and isinstance(state.lora_load, asyncio.Future):
