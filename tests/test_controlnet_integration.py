@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from swiftdiffusion_client import GenerationRequest, InvalidArgumentError, NotFoundError
+
+from triton_backend.controlnet.service import HINT_CACHE_PREFIX
 
 from .helpers import (
     assert_rejected_then_served,
@@ -22,7 +26,9 @@ pytestmark = pytest.mark.integration
 
 
 def _hint_files() -> list[Path]:
-    return [p for d in Path("/dev/shm").glob("swiftdiffusion-cn-*") for p in d.glob("*.safetensors")]
+    """Hint embeddings of requests (the cache's own files stay: tests/test_caches.py)."""
+    files = [p for d in Path("/dev/shm").glob("swiftdiffusion-cn-*") for p in d.glob("*.safetensors")]
+    return [p for p in files if not p.name.startswith(HINT_CACHE_PREFIX)]
 
 
 def test_one_controlnet_equals_diffusers(client, reference, model_dir):
@@ -147,8 +153,43 @@ def test_controlnet_metrics_are_exported(server, client):
         "swiftdiffusion_controlnet_loads_total",
         "swiftdiffusion_controlnet_capacity",
         "swiftdiffusion_controlnet_resident",
+        "swiftdiffusion_hint_cache_hits_total",
+        "swiftdiffusion_hint_cache_misses_total",
+        "swiftdiffusion_hint_cache_bytes",
+        "swiftdiffusion_prompt_cache_hits_total",
+        "swiftdiffusion_prompt_cache_budget_bytes",
     ):
         assert name in text, name
+
+
+def metric(server, name: str, model: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    match = re.search(rf'^{name}{{model="{model}"}} ([0-9.e+]+)$', text, re.M)
+    assert match, f"{name} of {model} not exported"
+    return float(match.group(1))
+
+
+def test_repeated_prompt_and_hint_hit_the_caches_and_change_no_image(server, client, reference, model_dir):
+    req = GenerationRequest(
+        prompt="one pose, many prompts",
+        seed=21,
+        steps=3,
+        controlnet_names=("edges",),
+        controlnet_images=hint_images(1, seed=5),
+    )
+    first = client.generate(req)
+    prompt_hits = metric(server, "swiftdiffusion_prompt_cache_hits_total", "text_encoder")
+    hint_hits = metric(server, "swiftdiffusion_hint_cache_hits_total", "controlnet")
+    again = client.generate(req)
+    assert metric(server, "swiftdiffusion_prompt_cache_hits_total", "text_encoder") == prompt_hits + 1
+    assert metric(server, "swiftdiffusion_hint_cache_hits_total", "controlnet") == hint_hits + 1
+    assert np.array_equal(first, again)
+    assert_same_image(again, diffusers_controlnet_image(reference, model_dir, req))
+    other = dataclasses.replace(req, prompt="another prompt", controlnet_images=hint_images(1, seed=6))
+    misses = metric(server, "swiftdiffusion_hint_cache_misses_total", "controlnet")
+    client.generate(other)
+    assert metric(server, "swiftdiffusion_hint_cache_misses_total", "controlnet") == misses + 1
+    assert not _hint_files()
 
 
 def test_a_controlnet_directory_deleted_while_resident_is_refused_and_the_server_keeps_serving(

@@ -39,6 +39,8 @@ from .unet_split import pack_residuals
 
 #: Directory-name prefix of hint-embedding files (the service maps only files under such a directory).
 HINT_DIR_PREFIX = STAGE_DIR_PREFIXES[1]
+#: File-name prefix of the hint-embedding cache's own files (a request's files are ``<controlnet>-<uuid>``).
+HINT_CACHE_PREFIX = "cache-"
 
 
 def controlnet_names(root: Path) -> list[str]:
@@ -217,7 +219,7 @@ class ControlNetService:
         emb = embedding(cond.to(self.cfg.device, self.cfg.dtype)).float().cpu().contiguous()
         save_tensors({"embedding": emb}, file, "controlnet", "free shared memory (hint embeddings live there)")
         if self.hint_cache.budget_bytes:
-            entry = self.hint_root / f"cache-{uuid.uuid4().hex}.safetensors"
+            entry = self.hint_root / f"{HINT_CACHE_PREFIX}{uuid.uuid4().hex}.safetensors"
             os.link(file, entry)
             self.hint_cache.put(key, entry)
         return str(file)
