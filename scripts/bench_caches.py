@@ -99,8 +99,8 @@ def main() -> int:
     ]
     print(f"model: {args.preset} preset, {args.steps} steps, {args.size}x{args.size}")
     with (
-        TritonServer(model_dir=model_dir, model_repository=on_repo) as on,
-        TritonServer(model_dir=model_dir, model_repository=off_repo) as off,
+        TritonServer(model_dir=model_dir, model_repository=on_repo, log_file=work / "on.log") as on,
+        TritonServer(model_dir=model_dir, model_repository=off_repo, log_file=work / "off.log") as off,
         Client(on.grpc_url) as c_on,
         Client(off.grpc_url) as c_off,
     ):

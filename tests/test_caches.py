@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from triton_backend.cache import ByteLRU, budget_param
+from triton_backend.cache import ByteLRU
+from triton_backend.config import budget_param
 from triton_backend.errors import ConfigError, InvalidRequestError, NotFoundError
 from triton_backend.schema import GenerationRequest
 
@@ -35,11 +36,12 @@ def test_a_zero_budget_disables_the_cache():
 
 
 def test_budget_param():
-    assert budget_param({}, "c_mb", 64, "m") == 64 << 20
-    assert budget_param({"c_mb": "0"}, "c_mb", 64, "m") == 0
-    for bad in ("lots", "-1"):
+    assert budget_param("m", {}, "c_mb", 64) == 64 << 20
+    assert budget_param("m", {"c_mb": "0.5"}, "c_mb", 64) == 1 << 19
+    assert budget_param("m", {"c_mb": "0"}, "c_mb", 64) == 0
+    for bad in ("lots", "-1", "nan"):
         with pytest.raises(ConfigError, match="c_mb"):
-            budget_param({"c_mb": bad}, "c_mb", 64, "m")
+            budget_param("m", {"c_mb": bad}, "c_mb", 64)
 
 
 def generate(local, req):

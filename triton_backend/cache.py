@@ -86,17 +86,3 @@ class ByteLRU(Generic[V]):
         self.stats.bytes_resident -= nbytes
         if self.on_evict is not None:
             self.on_evict(value)
-
-
-def budget_param(params: dict[str, str], name: str, default_mb: int, model_name: str) -> int:
-    """A cache budget parameter in MiB (``0`` disables the cache) as bytes; a bad value fails the load."""
-    from .errors import ConfigError
-
-    raw = params.get(name, "") or str(default_mb)
-    try:
-        mb = float(raw)
-    except ValueError:
-        raise ConfigError(f"{model_name}: parameter {name}={raw!r} must be a number of MiB (0 disables)") from None
-    if mb < 0:
-        raise ConfigError(f"{model_name}: parameter {name}={raw!r} must be >= 0")
-    return int(mb * (1 << 20))

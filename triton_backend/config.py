@@ -140,6 +140,25 @@ def int_param(model: str, params: dict[str, str], name: str, default: int, minim
     return value
 
 
+def float_param(model: str, params: dict[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    """A number parameter (``default`` when empty); not a number or below ``minimum`` fails the load naming it."""
+    raw = params.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{model}: parameter {name}={raw!r} is not a number") from None
+    if not value >= minimum:  # also refuses nan
+        raise ConfigError(f"{model}: parameter {name}={value} must be >= {minimum:g}")
+    return value
+
+
+def budget_param(model: str, params: dict[str, str], name: str, default_mb: float) -> int:
+    """A cache budget in MiB (``0`` disables the cache), as bytes."""
+    return int(float_param(model, params, name, default_mb) * (1 << 20))
+
+
 def instance_count(config_pbtxt: Path) -> int:
     """Instances a ``config.pbtxt`` asks for: ``count`` per GPU listed (or once), summed over its
     ``instance_group`` entries (1 when none is given).

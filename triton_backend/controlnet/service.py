@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ..cache import ByteLRU, budget_param
-from ..config import StageConfig
+from ..cache import ByteLRU
+from ..config import StageConfig, budget_param
 from ..errors import ConfigError, InvalidRequestError, NotFoundError
 from ..model_info import ModelInfo
 from ..paths import controlnet_dir, is_store_name
@@ -121,7 +121,7 @@ class ControlNetService:
         raw = cfg.params.get("resident_capacity", "") or "4"
         if not raw.isdigit() or int(raw) < 1:
             raise ConfigError(f"{cfg.model_name}: parameter resident_capacity={raw!r} must be an integer >= 1")
-        return cls(cfg, int(raw), hint_cache_bytes=budget_param(cfg.params, "hint_cache_mb", 256, cfg.model_name))
+        return cls(cfg, int(raw), hint_cache_bytes=budget_param(cfg.model_name, cfg.params, "hint_cache_mb", 256))
 
     def names(self) -> list[str]:
         return controlnet_names(self.root)

@@ -11,8 +11,7 @@ import time
 
 import numpy as np
 
-from ..config import StageConfig
-from ..errors import ConfigError
+from ..config import StageConfig, budget_param, float_param
 from ..paths import lora_dir
 from ..schema import parse_names
 from .convert import convert_lora_file, load_skeletons
@@ -22,35 +21,19 @@ from .store import LoraStore
 TEST_DELAY_ENV = "SWIFTDIFFUSION_LORA_TEST_DELAY_S"
 
 
-def _float_param(cfg: StageConfig, name: str) -> float:
-    raw = cfg.params.get(name, "") or "0"
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{cfg.model_name}: parameter {name}={raw!r} is not a number") from None
-    if value < 0:
-        raise ConfigError(f"{cfg.model_name}: parameter {name}={value} must be >= 0")
-    return value
-
-
 class LoraManager:
     """Owns the store and the conversion skeletons (the UNet and text encoder(s) of the served model)."""
 
     def __init__(self, cfg: StageConfig):
         self.cfg = cfg
-        budget_mb = cfg.params.get("cache_budget_mb", "") or "1024"
-        try:
-            budget = int(float(budget_mb) * (1 << 20))
-        except ValueError:
-            raise ConfigError(f"{cfg.model_name}: parameter cache_budget_mb={budget_mb!r} is not a number") from None
         #: Conversion skeletons by diffusers component name.
         self.components = load_skeletons(cfg)
         self.store = LoraStore(
             root=lora_dir(cfg.params, cfg.model_dir),
             convert=lambda path: convert_lora_file(path, self.components),
-            budget_bytes=budget,
-            emulate_latency_s=_float_param(cfg, "emulate_storage_latency_ms") / 1000.0,
-            emulate_bandwidth_bps=_float_param(cfg, "emulate_storage_mbps") * 1e6 / 8,
+            budget_bytes=budget_param(cfg.model_name, cfg.params, "cache_budget_mb", 1024),
+            emulate_latency_s=float_param(cfg.model_name, cfg.params, "emulate_storage_latency_ms", 0) / 1000.0,
+            emulate_bandwidth_bps=float_param(cfg.model_name, cfg.params, "emulate_storage_mbps", 0) * 1e6 / 8,
         )
         self.test_delay_s = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
 

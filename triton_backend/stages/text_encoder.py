@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from ..cache import ByteLRU, budget_param
-from ..config import StageConfig
+from ..cache import ByteLRU
+from ..config import StageConfig, budget_param
 from ..errors import ConfigError
 from ..lora.patch import AdapterRef, WeightPatcher, adapter_key
 from ..lora.store import has_text_encoder_layers, resolve_lora_path
@@ -52,7 +52,7 @@ class TextEncoder:
         self.lora_dir = lora_dir(cfg.params, cfg.model_dir)
         #: Prompt embeddings of recent requests (parameter ``prompt_cache_mb``, 0 = off); see :meth:`cache_key`.
         self.cache: ByteLRU[dict[str, np.ndarray]] = ByteLRU(
-            budget_param(cfg.params, "prompt_cache_mb", 64, cfg.model_name),
+            budget_param(cfg.model_name, cfg.params, "prompt_cache_mb", 64),
             size=lambda out: sum(a.nbytes for a in out.values()),
         )
 
