@@ -201,3 +201,11 @@ def test_demo_prints_only_what_the_user_asked_for(model_dir, tmp_path):
     assert out.is_file() and f"wrote {out}" in run.stdout
     assert len(run.stdout.splitlines()) <= 5, run.stdout
     assert "CudaDriverHelper" not in run.stdout + run.stderr and "[transformers]" not in run.stdout + run.stderr
+
+
+def test_a_bad_model_dir_is_one_line_with_the_fix(tmp_path, capsys):
+    from triton_backend.serving.cli import main
+
+    assert main(["serve", "--model-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model_index.json" in err and "leave it out" in err

@@ -60,6 +60,12 @@ def test_serve_renders_the_documented_names(model_dir, tmp_path):
     render(tmp_path, [Pipeline("txt2img", model_dir)], stage_prefix="", load_stages=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(pipeline_models("txt2img", ""))
     assert config(tmp_path, "denoise").parameters["load_stages"].string_value == "off"
+    assert config(tmp_path, "txt2img_stream").parameters["vae_model"].string_value == "vae"
+
+
+def test_streaming_can_be_left_out(model_dir, tmp_path):
+    render(tmp_path, [Pipeline("sd", model_dir)], streaming=False)
+    assert set(rendered_names(tmp_path)) == set(pipeline_models("sd")) - {"sd_stream"}
 
 
 @pytest.mark.parametrize(

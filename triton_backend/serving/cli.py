@@ -36,9 +36,18 @@ def _default_model(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A command-line mistake: printed as one line (``error: ...``), exit code 2."""
+
+
 def _ensure_model_dir(model_dir: str | None, arch: str = "sd1") -> Path:
     """An explicit ``--model-dir`` is used as is; otherwise the default model of ``arch`` is generated if missing."""
     if model_dir:
+        if not (Path(model_dir) / "model_index.json").is_file():
+            raise UsageError(
+                f"--model-dir {model_dir}: not a diffusers model directory (no model_index.json); point it at one, or "
+                "leave it out to use the generated default model"
+            )
         return Path(model_dir)
     from ..tools.default_model import write_default_model
 
@@ -70,7 +79,13 @@ def _server_from_args(args: argparse.Namespace):
     else:
         out = Path(tempfile.mkdtemp(prefix="swiftdiffusion-repo-"))
         atexit.register(shutil.rmtree, out, True)  # a few config files; gone when this command exits
-        kwargs["model_repository"] = render(out, [Pipeline("txt2img", model_dir)], stage_prefix="", load_stages=False)
+        kwargs["model_repository"] = render(
+            out,
+            [Pipeline("txt2img", model_dir)],
+            stage_prefix="",
+            load_stages=False,
+            streaming=not getattr(args, "no_stream", False),
+        )
     if getattr(args, "tls_cert", None) or getattr(args, "tls_key", None):
         kwargs["tls_cert"] = Path(args.tls_cert) if args.tls_cert else None
         kwargs["tls_key"] = Path(args.tls_key) if args.tls_key else None
@@ -141,7 +156,12 @@ def _repository(args: argparse.Namespace) -> int:
                 print(f"wrote {path}")
             return 0
         out = render(
-            Path(args.out), pipelines, layout, stage_prefix=args.stage_prefix, share_adapters=args.share_adapters
+            Path(args.out),
+            pipelines,
+            layout,
+            stage_prefix=args.stage_prefix,
+            share_adapters=args.share_adapters,
+            streaming=not args.no_stream,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -187,6 +207,9 @@ def _demo(args: argparse.Namespace) -> int:
     Image.fromarray(image).save(args.output)
     print(f"wrote {args.output} ({image.shape[1]}x{image.shape[0]}, {request.steps} steps) in {elapsed:.3f}s")
     return 0
+
+
+NO_STREAM_HELP = "leave out the streaming model (NAME_stream): one process (~400 MB) less per pipeline"
 
 
 def _add_server_args(p: argparse.ArgumentParser, ports: bool = True) -> None:
@@ -237,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the bundled tritonserver on the model repository")
     _add_server_args(p)
+    p.add_argument("--no-stream", action="store_true", help=NO_STREAM_HELP)
     p.add_argument("--tls-cert", default=None, help="PEM certificate: serve gRPC over TLS (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument(
@@ -273,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="pipelines of one architecture share one ControlNet service and one LoRA manager",
     )
+    p.add_argument("--no-stream", action="store_true", help=NO_STREAM_HELP)
     p.add_argument(
         "--k8s",
         action="store_true",
@@ -323,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         argv, passthrough = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
     args.tritonserver_args = passthrough
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ def render(
     load_stages: bool = True,
     remote: dict[str, str] | None = None,
     share_adapters: bool = False,
+    streaming: bool = True,
 ) -> Path:
     """Write the repository for ``pipelines`` under ``out`` (replacing it); returns ``out``.
 
@@ -110,6 +111,7 @@ def render(
     ``share_adapters``: pipelines of one architecture share the first one's ControlNet service and LoRA manager
     (``NAME_controlnet``, ``NAME_lora_manager`` of the first pipeline of that architecture; never across
     architectures: a ControlNet or LoRA is made for one).
+    ``streaming``: render each pipeline's streaming model ``NAME_stream`` (one more process per pipeline).
     ``stage_prefix``: ``None`` = each pipeline's name + ``_``; ``""`` keeps the templates' names (one pipeline).
     ``load_stages``: stages load the stages they call over BLS when they load (parameter ``load_stages``), so that
     loading ``NAME`` in explicit model control brings up the whole pipeline; ``serve`` loads everything at start
@@ -138,7 +140,7 @@ def render(
                 else:
                     shared[role] = names[role]
         for template, name in names.items():
-            if template in (remote or {}) or template in borrowed:
+            if template in (remote or {}) or template in borrowed or (template == STREAM and not streaming):
                 continue
             _render_model(
                 templates / template, out / name, name, names, pipeline.model_dir, layout, load_stages, remote or {}
