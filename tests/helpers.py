@@ -246,3 +246,11 @@ def lora_request(loras: tuple[tuple[str, float], ...]) -> GenerationRequest:
         lora_scales=tuple(s for _, s in loras),
         lora_bound_k=0,
     )
+
+
+def optional_sampler(name: str):
+    """A sampler name as a test parameter, skipped where its optional package (the ``[samplers]`` extra) is missing
+    (the device bundle has no room for scipy)."""
+    from triton_backend.schedulers import is_available
+
+    return pytest.param(name, marks=pytest.mark.skipif(not is_available(name), reason="optional package missing"))

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from triton_backend.errors import InvalidRequestError
-from triton_backend.schedulers import SCHEDULER_NAMES, canonical_scheduler, make_scheduler
+from triton_backend.schedulers import SCHEDULER_NAMES, canonical_scheduler, is_available, make_scheduler
 from triton_backend.schema import GenerationRequest
 from triton_backend.stages import denoise
 from triton_backend.stages.unet import StepInput
 
-from .helpers import assert_same_image
+from .helpers import assert_same_image, optional_sampler
 
 KARRAS = {"use_karras_sigmas": True}
 #: What each name must be, written out independently of the table: diffusers class and config overrides.
@@ -87,6 +87,8 @@ def test_each_name_builds_its_class_and_default_is_the_model_scheduler(model_dir
     config = ModelInfo.read(model_dir).scheduler_config
     assert type(make_scheduler("default", config)).__name__ == config["_class_name"]
     for name, (cls, overrides) in EXPECTED.items():
+        if not is_available(name):  # tested below: refused with the install command
+            continue
         sched = make_scheduler(name, config)
         assert type(sched).__name__ == cls, name
         assert sched.config.beta_schedule == config["beta_schedule"]
@@ -94,6 +96,16 @@ def test_each_name_builds_its_class_and_default_is_the_model_scheduler(model_dir
             assert sched.config[key] == value, (name, key)
         if "use_karras_sigmas" in sched.config and not overrides.get("use_karras_sigmas"):
             assert not sched.config.use_karras_sigmas, name
+
+
+def test_a_sampler_whose_package_is_missing_is_refused_with_the_fix(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a))
+    with pytest.raises(InvalidRequestError, match=r"SCHEDULER: 'LMS Karras' needs the package scipy.*\[samplers\]"):
+        make_scheduler("LMS Karras", {})
+    assert is_available("euler") and not is_available("lms")
 
 
 def test_each_call_returns_a_fresh_instance(model_dir):
@@ -116,7 +128,7 @@ def stages(local):
     return local.text_encoder, (lambda *call: local.unet.forward(StepInput.of(*call))), local.vae, local.info
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", [optional_sampler(name) for name in sorted(EXPECTED)])
 def test_each_name_equals_diffusers_with_the_scheduler_it_names(stages, reference, name):
     """Our stages with the table's scheduler equal ``StableDiffusionPipeline`` with the named diffusers scheduler
     built here (for ``dpmpp_sde``: its Brownian tree seeded with the request's seed, as we document)."""
@@ -131,6 +143,7 @@ def test_each_name_equals_diffusers_with_the_scheduler_it_names(stages, referenc
     assert np.array_equal(ours, ref) or assert_same_image(ours, ref) is None
 
 
+@pytest.mark.skipif(not is_available("dpmpp_sde"), reason="torchsde is not installed (the [samplers] extra)")
 def test_sde_sampler_is_reproducible(stages):
     """diffusers seeds ``DPMSolverSDEScheduler``'s noise from torch's global generator unless told; ours is seeded by
     the request, so the same request gives the same image."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from swiftdiffusion_client import Client, ClientError, GenerationRequest, InvalidArgumentError
 
-from .helpers import assert_rejected_then_served, assert_same_image, generate_concurrently, pixel_diff
+from .helpers import assert_rejected_then_served, assert_same_image, generate_concurrently, optional_sampler, pixel_diff
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +17,7 @@ SCHEDULERS = ["default", "euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "unipc"
 SCHEDULERS += ["dpmpp_sde_karras", "dpmpp_2m_sde", "lms", "DPM++ 2M Karras"]
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("scheduler", [optional_sampler(name) for name in SCHEDULERS])
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
 def test_txt2img_equals_diffusers(client, reference, scheduler, guidance):
     req = GenerationRequest(

@@ -129,7 +129,7 @@ def make_scheduler(name: str, base: Any, seed: int | None = None) -> Any:
 
     config = dict(base if isinstance(base, dict) else base.config)
     key = canonical_scheduler(name)
-    check_available(key)
+    check_available(name)
     sampler = SAMPLERS[key]
     cls = getattr(diffusers, sampler.cls or config["_class_name"])
     overrides = dict(sampler.config)
