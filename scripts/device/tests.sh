@@ -8,5 +8,6 @@ TESTS=(tests/test_txt2img_integration.py tests/test_cuda_fp16.py)
 if [[ "$MODE" == cuda ]]; then
     export SWIFTDIFFUSION_TEST_DEVICE=cuda
     TESTS+=(tests/test_controlnet_integration.py tests/test_lora_integration.py tests/test_sdxl_integration.py)
+    TESTS+=(tests/test_stream_integration.py)
 fi
 "$PY" -m pytest -q --maxfail=5 -p no:cacheprovider --junitxml="$OUT/tests.xml" "${TESTS[@]}"
