@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tritonclient.grpc import model_config_pb2
 
 from triton_backend.config import StageConfig
 from triton_backend.errors import ConfigError
@@ -27,13 +28,36 @@ def test_baseline_takes_exactly_the_txt2img_inputs():
 
 def test_every_config_parses_and_has_a_model_py():
     names = sorted(p.parent.name for p in REPO.glob("*/config.pbtxt"))
-    assert names == ["controlnet", "denoise", "lora_manager", "text_encoder", "txt2img", "unet", "vae"]
+    assert names == [
+        "controlnet",
+        "denoise",
+        "lora_manager",
+        "text_encoder",
+        "txt2img",
+        "txt2img_stream",
+        "unet",
+        "vae",
+    ]
     for name in names:
         config = _load_config(name)
         assert config.name == name
         if config.platform != "ensemble":
             assert config.backend == "python"
             assert (REPO / name / "1" / "model.py").is_file()
+
+
+def test_the_stream_model_takes_txt2img_inputs_and_every_denoise_parameter():
+    stream, txt2img, denoise = (_load_config(n) for n in ("txt2img_stream", "txt2img", "denoise"))
+    assert stream.model_transaction_policy.decoupled and not txt2img.model_transaction_policy.decoupled
+    assert [(i.name, i.data_type, list(i.dims)) for i in stream.input] == [
+        *((i.name, i.data_type, list(i.dims)) for i in txt2img.input),
+        ("PREVIEW_EVERY", model_config_pb2.TYPE_INT32, [1]),
+    ]
+    assert {o.name for o in txt2img.output} < {o.name for o in stream.output}
+    assert set(denoise.parameters) <= set(stream.parameters)
+    assert {k: v.string_value for k, v in denoise.parameters.items()} == {
+        k: v.string_value for k, v in stream.parameters.items() if k in denoise.parameters
+    }
 
 
 def test_ensemble_wiring_matches_stage_inputs_and_outputs():

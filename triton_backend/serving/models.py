@@ -24,6 +24,7 @@ import torch
 
 from ..config import StageConfig, instance_count
 from ..controlnet import wire as controlnet_wire
+from ..controlnet.service import ControlNetService, ControlRow
 from ..errors import ConfigError
 from ..lora import wire as lora_wire
 from ..lora.patch import AdapterRef
@@ -367,10 +368,23 @@ class UNetModel(StageModel):
 
     def build(self, cfg: StageConfig) -> unet.UNetStep:
         self.controlnet_model = cfg.stage("controlnet")
+        inline = cfg.params.get("controlnet_inline", "off") or "off"
+        if inline not in ("on", "off"):
+            raise ConfigError(f"{cfg.model_name}: parameter controlnet_inline={inline!r}; allowed: on, off")
+        #: ``controlnet_inline: on``: this process runs the step's ControlNets itself (see :meth:`control`).
+        self.inline = ControlNetService.from_config(cfg) if inline == "on" else None
         return unet.UNetStep(cfg)
 
     def control(self, step: unet.StepInput) -> unet.ResidualsWait:
-        """Start one ``controlnet`` *step* request per ControlNet of ``step`` (its rows); return a waiter."""
+        """Start one ``controlnet`` *step* request per ControlNet of ``step`` (its rows); return a waiter.
+
+        Inline (``controlnet_inline: on``): no request; the waiter runs the ControlNets here, after the encoder half,
+        with this process's threads (on a CPU with few cores this beats a 1-thread service next to the UNet).
+        """
+        if self.inline is not None:
+            service = self.inline
+            rows = [ControlRow.from_step(step, ref.name, ref.hint_file, ref.scale) for ref in step.controlnets]
+            return lambda: service.step_many(rows)
         tensors = unet.step_tensors(step)
         calls = [
             (self.controlnet_model, controlnet_wire.step_request_tensors(tensors, ref), ["RESIDUALS"])
@@ -391,6 +405,11 @@ class UNetModel(StageModel):
             compute_many,
             self.pb,
         )
+
+    def finalize(self) -> None:
+        if self.inline is not None:
+            self.inline.close()
+        super().finalize()
 
 
 class BaselineModel(StageModel):
