@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
     """Send one request, write the PNG; exit code 0 on success, 2 on a rejected request, 1 otherwise.
 
     With a progress bar (a terminal, no ``--no-progress``) or ``--preview-dir``, the request goes to the streaming
-    model (``txt2img_stream``: the same image, one response per step); otherwise to ``txt2img``.
+    model (``txt2img_stream``: the same image, one response per step) where the server has it; otherwise to
+    ``txt2img`` (no bar).
     """
     from PIL import Image
 
@@ -195,10 +196,15 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         with Client(args.url, timeout_s=args.timeout, tls_root_cert=args.tls_root_cert) as client:
-            if show or preview_dir is not None:
-                result = stream_with_progress(client, request, preview_dir, show)
-            else:
-                result = client.run(request)
+            stream = (show or preview_dir is not None) and client.can_stream()
+            if preview_dir is not None and not stream:
+                print(
+                    f"error: --preview-dir needs the streaming model {client.model}_stream, which {args.url} does not "
+                    "serve (started with --no-stream?); leave --preview-dir out",
+                    file=sys.stderr,
+                )
+                return 2
+            result = stream_with_progress(client, request, preview_dir, show) if stream else client.run(request)
     except ClientError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2 if exc.status == "StatusCode.INVALID_ARGUMENT" else 1

@@ -134,6 +134,13 @@ class Client:
         except InferenceServerException:
             return False
 
+    def can_stream(self) -> bool:
+        """True when the server serves ``<model>_stream`` (a repository rendered with ``--no-stream`` does not)."""
+        try:
+            return bool(self._client.is_model_ready(f"{self.model}_stream"))
+        except InferenceServerException:
+            return False
+
     def generate(self, request: GenerationRequest | None = None, **fields: Any) -> np.ndarray:
         """Generate one image (``[H, W, 3]`` uint8); pass a :class:`GenerationRequest` or its fields as keywords."""
         return self.run(request, **fields).image

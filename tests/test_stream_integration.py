@@ -104,6 +104,12 @@ def test_the_cli_progress_bar_and_previews(client, tmp_path):
     assert np.array_equal(result.image, client.generate(req))
 
 
+def test_can_stream_tells_whether_the_server_has_the_stream_model(server, client):
+    assert client.can_stream()
+    with Client(server.grpc_url, model="vae") as other:
+        assert not other.can_stream()
+
+
 def test_a_missing_prompt_is_refused_by_name(server):
     with Client(server.grpc_url, timeout_s=60) as c, pytest.raises(InvalidArgumentError, match="PROMPT"):
         list(c.stream(GenerationRequest(prompt="")))
