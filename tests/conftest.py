@@ -159,9 +159,22 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     # Test-only: every lora_manager response waits this long, so a 4-step request always reaches its bound k
     # first and the landing step is deterministic (== LORA_BOUND_K).
     # Stages append timestamps to this trace file (ControlNet overlap test).
+    # The ControlNet service as a GPU deployment runs it (its own process, batched, overlapping the encoder half):
+    # on a CPU the default is the UNet running ControlNets inline (controlnet_inline auto), tested on its own.
     trace = tmp_path_factory.mktemp("trace") / "trace.jsonl"
     env = {"SWIFTDIFFUSION_LORA_TEST_DELAY_S": str(LORA_DELAY_S), "SWIFTDIFFUSION_TRACE_FILE": str(trace)}
-    srv = start_server(model_dir, tmp_path_factory.mktemp("triton"), env)
+    kwargs = {}
+    if os.environ.get("SWIFTDIFFUSION_TEST_DEVICE") != "cuda":  # (on CUDA the UNet is on the GPU: the service)
+        from triton_backend.serving.repository import Pipeline, render
+
+        kwargs["model_repository"] = render(
+            tmp_path_factory.mktemp("repository"),
+            [Pipeline("txt2img", model_dir)],
+            stage_prefix="",
+            load_stages=False,
+            overrides={"unet": {"controlnet_inline": "off"}},
+        )
+    srv = start_server(model_dir, tmp_path_factory.mktemp("triton"), env, **kwargs)
     srv.trace_file = trace
     yield srv
     srv.stop()

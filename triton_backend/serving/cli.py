@@ -54,6 +54,16 @@ def _ensure_model_dir(model_dir: str | None, arch: str = "sd1") -> Path:
     return write_default_model(default_model_dir(arch), arch=arch)
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """The ``--set MODEL.PARAMETER=VALUE`` flags (a malformed one is a :class:`UsageError`)."""
+    from .repository import parse_overrides
+
+    try:
+        return parse_overrides(getattr(args, "set", None) or [])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _server_from_args(args: argparse.Namespace):
     """The server of ``serve`` and ``demo``: the repository rendered for one pipeline ``txt2img`` (the templates'
     names, no prefix) on the model, unless ``--model-repository`` names one.
@@ -79,13 +89,17 @@ def _server_from_args(args: argparse.Namespace):
     else:
         out = Path(tempfile.mkdtemp(prefix="swiftdiffusion-repo-"))
         atexit.register(shutil.rmtree, out, True)  # a few config files; gone when this command exits
-        kwargs["model_repository"] = render(
-            out,
-            [Pipeline("txt2img", model_dir)],
-            stage_prefix="",
-            load_stages=False,
-            streaming=not getattr(args, "no_stream", False),
-        )
+        try:
+            kwargs["model_repository"] = render(
+                out,
+                [Pipeline("txt2img", model_dir)],
+                stage_prefix="",
+                load_stages=False,
+                streaming=not getattr(args, "no_stream", False),
+                overrides=_overrides(args),
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if getattr(args, "tls_cert", None) or getattr(args, "tls_key", None):
         kwargs["tls_cert"] = Path(args.tls_cert) if args.tls_cert else None
         kwargs["tls_key"] = Path(args.tls_key) if args.tls_key else None
@@ -162,6 +176,7 @@ def _repository(args: argparse.Namespace) -> int:
             stage_prefix=args.stage_prefix,
             share_adapters=args.share_adapters,
             streaming=not args.no_stream,
+            overrides=_overrides(args),
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -210,6 +225,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 NO_STREAM_HELP = "leave out the streaming model (NAME_stream): one process (~400 MB) less per pipeline"
+SET_HELP = "set a config parameter of a rendered model, e.g. unet.controlnet_inline=off (repeatable)"
 
 
 def _add_server_args(p: argparse.ArgumentParser, ports: bool = True) -> None:
@@ -261,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the bundled tritonserver on the model repository")
     _add_server_args(p)
     p.add_argument("--no-stream", action="store_true", help=NO_STREAM_HELP)
+    p.add_argument("--set", action="append", default=[], metavar="MODEL.PARAMETER=VALUE", help=SET_HELP)
     p.add_argument("--tls-cert", default=None, help="PEM certificate: serve gRPC over TLS (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument(
@@ -298,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pipelines of one architecture share one ControlNet service and one LoRA manager",
     )
     p.add_argument("--no-stream", action="store_true", help=NO_STREAM_HELP)
+    p.add_argument("--set", action="append", default=[], metavar="MODEL.PARAMETER=VALUE", help=SET_HELP)
     p.add_argument(
         "--k8s",
         action="store_true",

@@ -368,11 +368,14 @@ class UNetModel(StageModel):
 
     def build(self, cfg: StageConfig) -> unet.UNetStep:
         self.controlnet_model = cfg.stage("controlnet")
-        inline = cfg.params.get("controlnet_inline", "off") or "off"
-        if inline not in ("on", "off"):
-            raise ConfigError(f"{cfg.model_name}: parameter controlnet_inline={inline!r}; allowed: on, off")
-        #: ``controlnet_inline: on``: this process runs the step's ControlNets itself (see :meth:`control`).
+        inline = cfg.params.get("controlnet_inline", "auto") or "auto"
+        if inline not in ("on", "off", "auto"):
+            raise ConfigError(f"{cfg.model_name}: parameter controlnet_inline={inline!r}; allowed: auto, on, off")
+        if inline == "auto":  # on a CPU instance, unless the ControlNet service runs on another server
+            inline = "on" if cfg.device.type == "cpu" and not cfg.params.get("controlnet_url") else "off"
+        #: ``controlnet_inline``: this process runs the step's ControlNets itself (see :meth:`control`).
         self.inline = ControlNetService.from_config(cfg) if inline == "on" else None
+        self.logger.log_info(f"{cfg.model_name}: controlnet_inline={inline}")
         return unet.UNetStep(cfg)
 
     def control(self, step: unet.StepInput) -> unet.ResidualsWait:

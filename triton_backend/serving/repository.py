@@ -103,6 +103,7 @@ def render(
     remote: dict[str, str] | None = None,
     share_adapters: bool = False,
     streaming: bool = True,
+    overrides: dict[str, dict[str, str]] | None = None,
 ) -> Path:
     """Write the repository for ``pipelines`` under ``out`` (replacing it); returns ``out``.
 
@@ -111,6 +112,8 @@ def render(
     ``share_adapters``: pipelines of one architecture share the first one's ControlNet service and LoRA manager
     (``NAME_controlnet``, ``NAME_lora_manager`` of the first pipeline of that architecture; never across
     architectures: a ControlNet or LoRA is made for one).
+    ``overrides``: config parameters to set, by template model name (``{"unet": {"controlnet_inline": "off"}}``,
+    the ``--set unet.controlnet_inline=off`` flag); a parameter the template does not have is an error.
     ``streaming``: render each pipeline's streaming model ``NAME_stream`` (one more process per pipeline).
     ``stage_prefix``: ``None`` = each pipeline's name + ``_``; ``""`` keeps the templates' names (one pipeline).
     ``load_stages``: stages load the stages they call over BLS when they load (parameter ``load_stages``), so that
@@ -143,7 +146,15 @@ def render(
             if template in (remote or {}) or template in borrowed or (template == STREAM and not streaming):
                 continue
             _render_model(
-                templates / template, out / name, name, names, pipeline.model_dir, layout, load_stages, remote or {}
+                templates / template,
+                out / name,
+                name,
+                names,
+                pipeline.model_dir,
+                layout,
+                load_stages,
+                remote or {},
+                (overrides or {}).get(template, {}),
             )
     return out
 
@@ -157,9 +168,14 @@ def _render_model(
     layout: Layout,
     load_stages: bool,
     remote: dict[str, str],
+    overrides: dict[str, str],
 ) -> None:
     config = text_format.Parse((src / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     config.name = name
+    for key, value in overrides.items():
+        if key not in config.parameters:
+            raise ValueError(f"--set {src.name}.{key}: {src.name} has no parameter {key!r}")
+        config.parameters[key].string_value = value
     for step in config.ensemble_scheduling.step:
         step.model_name = names[step.model_name]
     if any(key.endswith("_model") for key in config.parameters):
@@ -195,6 +211,20 @@ def _render_model(
     (dest / "1").mkdir(exist_ok=True)  # an ensemble's empty version directory (a wheel ships no empty directory)
     header = f"# Rendered by `swiftdiffusion repository` from {template}; edit the deployment, not this file.\n"
     (dest / "config.pbtxt").write_text(header + text_format.MessageToString(config))
+
+
+def parse_overrides(specs: list[str]) -> dict[str, dict[str, str]]:
+    """``["unet.controlnet_inline=off", ...]`` (the ``--set`` flags) → ``{"unet": {"controlnet_inline": "off"}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        target, sep, value = spec.partition("=")
+        model, dot, key = target.partition(".")
+        if not (sep and dot and model and key):
+            raise ValueError(f"--set {spec!r}: expected MODEL.PARAMETER=VALUE, e.g. unet.controlnet_inline=off")
+        if model not in (PUBLIC, STREAM, *STAGES):
+            raise ValueError(f"--set {spec!r}: MODEL is one of {', '.join((STREAM, *STAGES))}")
+        out.setdefault(model, {})[key] = value
+    return out
 
 
 def pipeline_models(pipeline: str, prefix: str | None = None) -> list[str]:
