@@ -102,20 +102,15 @@ def canonical_scheduler(name: str) -> str:
     return key
 
 
+def _missing_package(sampler: Sampler) -> str | None:
+    """The optional package ``sampler`` needs and this environment lacks, if any."""
+    needs = sampler.needs
+    return needs if needs is not None and importlib.util.find_spec(needs) is None else None
+
+
 def is_available(name: str) -> bool:
     """Whether the optional package the sampler needs (if any) is installed."""
-    needs = SAMPLERS[canonical_scheduler(name)].needs
-    return needs is None or importlib.util.find_spec(needs) is not None
-
-
-def check_available(name: str) -> None:
-    """Raise naming ``SCHEDULER`` when the sampler needs an optional package that is not installed."""
-    if not is_available(name):
-        raise InvalidRequestError(
-            "SCHEDULER",
-            f"{name!r} needs the package {SAMPLERS[canonical_scheduler(name)].needs}, which this server lacks; "
-            "install it with pip install 'swiftdiffusion[samplers]'",
-        )
+    return _missing_package(SAMPLERS[canonical_scheduler(name)]) is None
 
 
 def make_scheduler(name: str, base: Any, seed: int | None = None) -> Any:
@@ -128,9 +123,14 @@ def make_scheduler(name: str, base: Any, seed: int | None = None) -> Any:
     import diffusers
 
     config = dict(base if isinstance(base, dict) else base.config)
-    key = canonical_scheduler(name)
-    check_available(name)
-    sampler = SAMPLERS[key]
+    sampler = SAMPLERS[canonical_scheduler(name)]
+    missing = _missing_package(sampler)
+    if missing is not None:
+        raise InvalidRequestError(
+            "SCHEDULER",
+            f"{name!r} needs the package {missing}, which this server lacks; install it with "
+            "pip install 'swiftdiffusion[samplers]'",
+        )
     cls = getattr(diffusers, sampler.cls or config["_class_name"])
     overrides = dict(sampler.config)
     if sampler.cls == "DPMSolverSDEScheduler" and seed is not None:

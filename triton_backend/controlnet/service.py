@@ -30,8 +30,8 @@ import torch
 from safetensors.torch import load_file
 
 from ..cache import ByteLRU
-from ..config import StageConfig, budget_param
-from ..errors import ConfigError, InvalidRequestError, NotFoundError
+from ..config import StageConfig, budget_param, int_param
+from ..errors import InvalidRequestError, NotFoundError
 from ..model_info import ModelInfo
 from ..paths import controlnet_dir, is_store_name
 from ..shm import STAGE_DIR_PREFIXES, save_tensors, stage_dir
@@ -118,10 +118,11 @@ class ControlNetService:
 
     @classmethod
     def from_config(cls, cfg: StageConfig) -> ControlNetService:
-        raw = cfg.params.get("resident_capacity", "") or "4"
-        if not raw.isdigit() or int(raw) < 1:
-            raise ConfigError(f"{cfg.model_name}: parameter resident_capacity={raw!r} must be an integer >= 1")
-        return cls(cfg, int(raw), hint_cache_bytes=budget_param(cfg.model_name, cfg.params, "hint_cache_mb", 256))
+        return cls(
+            cfg,
+            int_param(cfg.model_name, cfg.params, "resident_capacity", 4, minimum=1),
+            hint_cache_bytes=budget_param(cfg.model_name, cfg.params, "hint_cache_mb", 256),
+        )
 
     def names(self) -> list[str]:
         return controlnet_names(self.root)

@@ -221,7 +221,7 @@ def parse_overrides(specs: list[str]) -> dict[str, dict[str, str]]:
         model, dot, key = target.partition(".")
         if not (sep and dot and model and key):
             raise ValueError(f"--set {spec!r}: expected MODEL.PARAMETER=VALUE, e.g. unet.controlnet_inline=off")
-        if model not in (PUBLIC, STREAM, *STAGES):
+        if model not in (STREAM, *STAGES):  # (the ensemble has no parameters)
             raise ValueError(f"--set {spec!r}: MODEL is one of {', '.join((STREAM, *STAGES))}")
         out.setdefault(model, {})[key] = value
     return out
