@@ -220,3 +220,47 @@ def test_without_a_queue_the_limit_steps_back_down_for_latency():
     feed(c, 3, 2.2)
     c.adjust(queued=0)  # the queue is gone: fewer at once, each finishes sooner
     assert c.limit == 2
+
+
+def test_a_probe_that_does_not_pay_is_repeated_ever_more_rarely():
+    c, feed = AdaptiveConcurrency(window=2, reprobe=2, max_reprobe=8), Feeder()
+
+    def windows_until_probe() -> int:
+        n = 0
+        while c.limit == 1:
+            feed(c, 1, 1.0)
+            c.adjust(queued=8)
+            n += 1
+        feed(c, 2, 1.0)  # a saturated CPU: level 2 adds nothing
+        c.adjust(queued=8)
+        assert c.limit == 1
+        return n
+
+    windows_until_probe()  # the first probe: level 2 unmeasured
+    assert [windows_until_probe() for _ in range(4)] == [4, 8, 8, 8]
+
+
+def test_a_probe_that_pays_resets_the_interval():
+    c, feed = AdaptiveConcurrency(window=2, reprobe=2), Feeder()
+    feed(c, 1, 1.0)
+    c.adjust(queued=8)
+    feed(c, 2, 1.0)
+    c.adjust(queued=8)
+    assert c.limit == 1 and c._reprobe_after == 4
+    c.rate[2] = 2.0  # the hardware changed (or the first measurement was noise): level 2 pays
+    feed(c, 1, 1.0)
+    c.adjust(queued=8)
+    assert c.limit == 2 and c._reprobe_after == 2
+
+
+def test_deadline_estimates_use_the_step_time_measured_for_that_kind_of_step():
+    p, _ = policy(limit=1)
+    light, heavy = job(0, cost=1.0, steps=3), job(0, cost=4.0, steps=3)
+    p.submit(light)
+    p.step_done(light, 0.4, level=1)  # cost 1: 0.4 s
+    p.finish(light)
+    p.submit(heavy)
+    p.step_done(heavy, 0.8, level=1)  # cost 4: 0.8 s, not 4 x 0.4
+    assert p.concurrency.step_seconds(4.0) == pytest.approx(0.8)
+    assert p.estimated_finish(heavy, now=10.0) == pytest.approx(10.0 + 2 * 0.8)
+    assert p.concurrency.step_seconds(2.0) is not None  # an unseen kind: from seconds per cost unit

@@ -6,6 +6,7 @@ Every ``model.py`` builds a :class:`StageConfig` from ``args``; a missing or bad
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -45,6 +46,9 @@ class StageConfig:
     params: dict[str, str] = field(default_factory=dict)
     #: The model repository this stage was loaded from (Triton's ``args["model_repository"]`` is the model's dir).
     repository: Path | None = None
+    #: Parameter ``cpu_gate`` (auto = on for a CPU instance): compute takes turns with the other stages
+    #: (:mod:`triton_backend.cpu_gate`).
+    cpu_gate: bool = False
 
     @classmethod
     def from_triton_args(cls, args: dict[str, Any]) -> StageConfig:
@@ -97,7 +101,20 @@ class StageConfig:
             max_hint_bytes=int_param(model_name, params, "max_hint_bytes", RequestLimits.max_hint_bytes, minimum=1),
         )
         stages = {k[: -len("_model")]: v for k, v in params.items() if k.endswith("_model") and v}
-        return cls(model_name, model_dir, device, dtype, threads, limits, stages, dict(params))
+        gate = params.get("cpu_gate", "auto") or "auto"
+        if gate not in ("auto", "on", "off"):
+            raise ConfigError(f"{model_name}: parameter cpu_gate={gate!r}; allowed: auto, on, off")
+        return cls(
+            model_name,
+            model_dir,
+            device,
+            dtype,
+            threads,
+            limits,
+            stages,
+            dict(params),
+            cpu_gate=gate == "on" or (gate == "auto" and device.type == "cpu"),
+        )
 
     def apply_torch_settings(self) -> None:
         """Process-wide torch settings of this instance's stub.
@@ -109,6 +126,12 @@ class StageConfig:
             torch.set_num_threads(self.num_threads)
         elif self.device.type == "cuda" and self.dtype == torch.float32:
             disable_tf32()
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        """Around one piece of compute (never around a wait for another stage): the CPU gate when ``cpu_gate``."""
+        from .cpu_gate import cpu_gate
+
+        return cpu_gate().hold() if self.cpu_gate else contextlib.nullcontext()
 
     def stage(self, role: str) -> str:
         """Triton model name of the stage with ``role`` (config parameter ``{role}_model``), default ``role``."""

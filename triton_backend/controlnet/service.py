@@ -181,7 +181,8 @@ class ControlNetService:
             self._check_architecture(name, config)
             start = time.perf_counter()
             try:
-                model = ControlNetModel.from_pretrained(str(path), torch_dtype=self.cfg.dtype)
+                with self.cfg.compute():
+                    model = ControlNetModel.from_pretrained(str(path), torch_dtype=self.cfg.dtype)
             except Exception as exc:  # noqa: BLE001 - corrupt weights, missing files
                 raise InvalidRequestError(
                     "CONTROLNET_NAMES", f"{name}: cannot load ({type(exc).__name__}: {exc})"
@@ -217,7 +218,8 @@ class ControlNetService:
             except FileNotFoundError:  # removed under us (a sweep): embed again
                 self.hint_cache.pop(key)
         cond = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
-        emb = embedding(cond.to(self.cfg.device, self.cfg.dtype)).float().cpu().contiguous()
+        with self.cfg.compute():
+            emb = embedding(cond.to(self.cfg.device, self.cfg.dtype)).float().cpu().contiguous()
         save_tensors({"embedding": emb}, file, "controlnet", "free shared memory (hint embeddings live there)")
         if self.hint_cache.budget_bytes:
             entry = self.hint_root / f"{HINT_CACHE_PREFIX}{uuid.uuid4().hex}.safetensors"
@@ -248,6 +250,10 @@ class ControlNetService:
     @torch.inference_mode()
     def step_many(self, rows: list[ControlRow]) -> list[torch.Tensor]:
         """Residuals for every request, packed ``[b, N]``; rows that use the same ControlNet share one pass."""
+        with self.cfg.compute():
+            return self._step_many(rows)
+
+    def _step_many(self, rows: list[ControlRow]) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(rows)
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..config import StageConfig, budget_param, float_param
 from ..paths import lora_dir
@@ -30,12 +32,16 @@ class LoraManager:
         self.components = load_skeletons(cfg)
         self.store = LoraStore(
             root=lora_dir(cfg.params, cfg.model_dir),
-            convert=lambda path: convert_lora_file(path, self.components),
+            convert=self._convert,
             budget_bytes=budget_param(cfg.model_name, cfg.params, "cache_budget_mb", 1024),
             emulate_latency_s=float_param(cfg.model_name, cfg.params, "emulate_storage_latency_ms", 0) / 1000.0,
             emulate_bandwidth_bps=float_param(cfg.model_name, cfg.params, "emulate_storage_mbps", 0) * 1e6 / 8,
         )
         self.test_delay_s = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+
+    def _convert(self, path: Path) -> dict[str, torch.Tensor]:
+        with self.cfg.compute():
+            return convert_lora_file(path, self.components)
 
     def handle(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``LORA_NAMES [m]`` → ``LORA_FILES [m]`` (BYTES paths) and ``LORA_TEXT_ENCODER [m]`` (BOOL)."""

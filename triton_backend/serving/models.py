@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -70,10 +71,25 @@ def exit_now() -> None:
     os._exit(0)
 
 
+def freeze_loaded_objects() -> None:
+    """Exclude every object alive now (the imported modules, the loaded model) from Python's garbage collector.
+
+    A stage process holds ~430k objects after importing torch, diffusers and transformers (sympy alone, imported by
+    ``torch._dynamo``, brings 400 modules). A full collection walks all of them: ~190 ms on an idle core, 0.4-0.8 s
+    on a busy one, and Python starts one whenever enough objects survived since the last. In a serving process
+    that is a stall of the step in flight (measured under load: UNet steps of 0.78 s instead of 0.06 s). After
+    :func:`gc.freeze` a collection walks only what was allocated since.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class StageModel:
     """Common shape: typed config at load, one response per request in order, errors mapped in one place."""
 
     inputs: tuple[str, ...] = ()
+    #: Freeze the loaded objects out of the garbage collector (:func:`freeze_loaded_objects`) after ``build``.
+    freeze_after_load = True
 
     def initialize(self, args: dict[str, Any]) -> None:
         import triton_python_backend_utils as pb_utils
@@ -89,6 +105,8 @@ class StageModel:
         #: This instance's BLS client: its own event loop and executor (created before build, which may use it).
         self.bls = BlsClient(pb_utils, name=self.cfg.model_name, remotes=remotes)
         self.stage = self.build(self.cfg)
+        if self.freeze_after_load:
+            freeze_loaded_objects()
 
     def remote_stages(self) -> dict[str, RemoteStage]:
         """Stages this one calls on another Triton server: parameter ``<role>_url`` (``HOST:PORT``) next to
@@ -419,6 +437,8 @@ class BaselineModel(StageModel):
     """Baseline ``txt2img`` (``baseline_repository/``): the stock diffusers pipeline, same contract as ours."""
 
     inputs = baseline.INPUTS
+    #: Stock: the way diffusers is served in a Triton Python model without our tuning.
+    freeze_after_load = False
 
     def build(self, cfg: StageConfig) -> baseline.BaselinePipeline:
         return baseline.BaselinePipeline(cfg)

@@ -60,9 +60,14 @@ class AdaptiveConcurrency:
     is the union of the steps' intervals: overlapping steps count once (so two at a time that each take twice as
     long add nothing), idle gaps between requests not at all. After each full window :meth:`adjust` moves the limit:
     down by one when nothing is queued (latency first) or when this level is not ``1 + gain`` times as productive
-    as the one below, else up by one while generations queue and the next level is unmeasured, stale (every
-    ``reprobe`` windows) or was at least ``1 + gain`` times as productive. A window is abandoned when a step ran at
-    another level than the limit (the level was not really measured). ``fixed`` pins the limit (config ``max_active``).
+    as the one below, else up by one while generations queue and the next level is unmeasured, stale or was at
+    least ``1 + gain`` times as productive. A window is abandoned when a step ran at another level than the limit
+    (the level was not really measured). ``fixed`` pins the limit (config ``max_active``).
+
+    A level is stale after ``reprobe`` windows at the limit below it. Each probe that finds a level no better than
+    the one below doubles that interval (up to ``max_reprobe``): a probe costs latency exactly when requests queue
+    (on a saturated CPU two interleaved generations each run at half speed), so hardware where batching never pays
+    is re-checked ever more rarely. A probe that pays resets it.
     """
 
     minimum: int = 1
@@ -70,29 +75,36 @@ class AdaptiveConcurrency:
     gain: float = 0.25
     window: int = 8
     reprobe: int = 8
+    max_reprobe: int = 256
     fixed: int | None = None
     #: EWMA weight of a new window.
     alpha: float = 0.5
     limit: int = field(init=False)
     #: level → EWMA cost units completed per second with that many generations active.
     rate: dict[int, float] = field(default_factory=dict)
-    #: level → EWMA seconds per cost unit of one step at that level (for deadline estimates).
+    #: level → EWMA seconds per cost unit of one step at that level (deadline estimates of a new kind of step).
     unit_seconds: dict[int, float] = field(default_factory=dict)
+    #: (level, cost) → EWMA seconds of one step (deadline estimates): step time is not proportional to the cost
+    #: model (a ControlNet costs less than a second UNet), so each kind of step seen is timed on its own.
+    step_time: dict[tuple[int, float], float] = field(default_factory=dict)
     _window_cost: float = 0.0
     _window_steps: int = 0
     _window_busy: float = 0.0
     _busy_until: float = 0.0
     _full: bool = False
     _windows_at_limit: int = 0
+    _reprobe_after: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.limit = self.fixed if self.fixed is not None else self.minimum
+        self._reprobe_after = self.reprobe
 
     def observe(self, level: int, cost: float, seconds: float, now: float) -> None:
         """One step of ``cost`` took ``seconds`` and finished at ``now`` with ``level`` generations active."""
-        old = self.unit_seconds.get(level)
-        unit = seconds / max(cost, 1e-9)
-        self.unit_seconds[level] = unit if old is None else 0.75 * old + 0.25 * unit
+        _ewma(self.unit_seconds, level, seconds / max(cost, 1e-9))
+        if len(self.step_time) >= 1024:  # a bound: kinds of step are few (shapes x ControlNets x guidance)
+            self.step_time.clear()
+        _ewma(self.step_time, (level, cost), seconds)
         start = now - seconds
         busy = max(0.0, now - max(start, self._busy_until))
         self._busy_until = max(self._busy_until, now)
@@ -117,7 +129,12 @@ class AdaptiveConcurrency:
         return self.rate.get(level)
 
     def step_seconds(self, cost: float) -> float | None:
-        """Expected duration of one step of ``cost`` at the current limit (``None`` before any measurement)."""
+        """Expected duration of one step of ``cost`` at the current limit: as measured for this kind of step, else
+        from the seconds per cost unit (``None`` before any measurement).
+        """
+        measured = self.step_time.get((self.limit, cost))
+        if measured is not None:
+            return measured
         t = self.unit_seconds.get(self.limit) or next(iter(self.unit_seconds.values()), None)
         return None if t is None else t * cost
 
@@ -132,12 +149,16 @@ class AdaptiveConcurrency:
         self._full = False
         self._windows_at_limit += 1
         here, up, down = (self.throughput(k) for k in (self.limit, self.limit + 1, self.limit - 1))
-        stale = self._windows_at_limit >= self.reprobe
+        stale = self._windows_at_limit >= self._reprobe_after
         worse_than_below = down is not None and here is not None and here < (1 + self.gain) * down
-        better_above = up is None or here is None or stale or up >= (1 + self.gain) * here
+        pays_above = up is not None and here is not None and up >= (1 + self.gain) * here
         if self.limit > self.minimum and (queued == 0 or worse_than_below):
+            if worse_than_below:  # a probe that did not pay: probe again later
+                self._reprobe_after = min(2 * self._reprobe_after, self.max_reprobe)
             self._move(-1)
-        elif queued > 0 and self.limit < self.maximum and better_above:
+        elif queued > 0 and self.limit < self.maximum and (up is None or here is None or stale or pays_above):
+            if pays_above:
+                self._reprobe_after = self.reprobe
             self._move(+1)
 
     def _move(self, delta: int) -> None:
@@ -222,6 +243,11 @@ class StepPolicy:
             job.active = True
             admitted.append(job)
         return admitted
+
+
+def _ewma(table: dict, key: object, value: float, weight: float = 0.25) -> None:
+    old = table.get(key)
+    table[key] = value if old is None else (1 - weight) * old + weight * value
 
 
 def deadline_from(arrival: float, deadline_ms: int | None, default_ms: int) -> float:

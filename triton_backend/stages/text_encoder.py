@@ -104,16 +104,17 @@ class TextEncoder:
         if request.do_classifier_free_guidance and not zero_negative:
             negative = request.negative_prompt or ""
             texts.insert(0, (negative, request.negative_prompt_2 or negative))
-        try:
-            for patcher in self.patchers:
-                patcher.ensure(tuple(adapters))
-            # One encode per text, as diffusers encodes the prompt and the negative prompt: a batch of two can
-            # differ from two batches of one in the last bits.
-            parts = [self.encode(*text) for text in texts]
-            embeds, pooled = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        finally:
-            for patcher in self.patchers:
-                patcher.restore()
+        with self.cfg.compute():
+            try:
+                for patcher in self.patchers:
+                    patcher.ensure(tuple(adapters))
+                # One encode per text, as diffusers encodes the prompt and the negative prompt: a batch of two can
+                # differ from two batches of one in the last bits.
+                parts = [self.encode(*text) for text in texts]
+                embeds, pooled = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            finally:
+                for patcher in self.patchers:
+                    patcher.restore()
         if request.do_classifier_free_guidance and zero_negative:
             embeds = torch.cat([torch.zeros_like(embeds), embeds])
             pooled = torch.cat([torch.zeros_like(pooled), pooled])

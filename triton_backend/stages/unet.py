@@ -94,43 +94,48 @@ class UNetStep:
 
     @torch.inference_mode()
     def _split_forward(self, merged: StepInput, rows: list[tuple[int, ResidualsWait | None]]) -> torch.Tensor:
-        """Encoder half, then (waiting for ControlNet residuals where a step has them) the decoder half."""
-        self.patcher.ensure(merged.adapters)
+        """Encoder half, then (waiting for ControlNet residuals where a step has them) the decoder half. Each half
+        holds the CPU gate; the wait for residuals does not (the ControlNets compute meanwhile).
+        """
         dev, dt = self.cfg.device, self.cfg.dtype
         trace_id = uuid.uuid4().hex if trace_enabled() else ""
-        trace("unet_encoder_start", id=trace_id, controlnet=any(w for _, w in rows))
-        state = encoder_half(
-            self.model,
-            merged.sample.to(dev, dt),
-            merged.timestep.reshape(-1).to(dev),
-            merged.encoder_hidden_states.to(dev, dt),
-            merged.added_cond_kwargs(dev, dt),
-        )
-        trace("unet_encoder_end", id=trace_id)
-        if not any(wait for _, wait in rows):
-            return decoder_half(self.model, state).float().cpu()
+        with self.cfg.compute():
+            self.patcher.ensure(merged.adapters)
+            trace("unet_encoder_start", id=trace_id, controlnet=any(w for _, w in rows))
+            state = encoder_half(
+                self.model,
+                merged.sample.to(dev, dt),
+                merged.timestep.reshape(-1).to(dev),
+                merged.encoder_hidden_states.to(dev, dt),
+                merged.added_cond_kwargs(dev, dt),
+            )
+            trace("unet_encoder_end", id=trace_id)
+            if not any(wait for _, wait in rows):
+                return decoder_half(self.model, state).float().cpu()
         shapes = state.residual_shapes()
         total = sum(int(torch.Size(s[1:]).numel()) for s in shapes)
         flats = []
         for b, wait in rows:
             flats.append(_sum_residuals(wait()) if wait is not None else torch.zeros(b, total))
         trace("unet_residuals_received", id=trace_id)
-        down, mid = unpack_residuals(torch.cat(flats).to(dev, dt), shapes)
-        return decoder_half(self.model, state, down, mid).float().cpu()
+        with self.cfg.compute():
+            down, mid = unpack_residuals(torch.cat(flats).to(dev, dt), shapes)
+            return decoder_half(self.model, state, down, mid).float().cpu()
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
         """One forward pass with ``step.adapters`` patched in; returns the noise prediction ``[b, C, h, w]`` float32."""
-        self.patcher.ensure(step.adapters)
         dev, dt = self.cfg.device, self.cfg.dtype
-        out = self.model(
-            step.sample.to(dev, dt),
-            step.timestep.reshape(-1).to(dev),
-            encoder_hidden_states=step.encoder_hidden_states.to(dev, dt),
-            added_cond_kwargs=step.added_cond_kwargs(dev, dt),
-            return_dict=False,
-        )[0]
-        return out.float().cpu()
+        with self.cfg.compute():
+            self.patcher.ensure(step.adapters)
+            out = self.model(
+                step.sample.to(dev, dt),
+                step.timestep.reshape(-1).to(dev),
+                encoder_hidden_states=step.encoder_hidden_states.to(dev, dt),
+                added_cond_kwargs=step.added_cond_kwargs(dev, dt),
+                return_dict=False,
+            )[0]
+            return out.float().cpu()
 
     def forward_many(self, steps: list[StepInput], control: ControlFn | None = None) -> list[torch.Tensor]:
         """Run several requests' rows together where their shapes allow; one output per input, in order.

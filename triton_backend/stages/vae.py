@@ -44,8 +44,9 @@ class VaeDecoder:
             z = z * std / info.scaling_factor + mean
         else:
             z = z / info.scaling_factor
-        image = self.model.decode(z, return_dict=False)[0]
-        image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        with self.cfg.compute():
+            image = self.model.decode(z, return_dict=False)[0]
+            image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return (image[0] * 255).round().astype(np.uint8)
 
     def handle(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -122,10 +122,12 @@ async def replay(
 
     client = aio.InferenceServerClient(url)
     latencies: list[float] = []
+    #: Per request, in trace order: its latency (None: failed) and adapter counts, to read which requests missed.
+    each: list[dict] = [{"t": r["t"], "controlnets": len(r["controlnets"]), "loras": len(r["loras"])} for r in trace]
     errors = 0
     start = time.perf_counter()
 
-    async def one(record: dict) -> None:
+    async def one(record: dict, row: dict) -> None:
         nonlocal errors
         await asyncio.sleep(max(0.0, record["t"] - (time.perf_counter() - start)))
         inputs = []
@@ -138,10 +140,12 @@ async def replay(
         try:
             await client.infer(model, inputs)
             latencies.append(time.perf_counter() - t0)
-        except Exception:  # noqa: BLE001 - counted, reported
+            row["latency_s"] = round(latencies[-1], 4)
+        except Exception as e:  # noqa: BLE001 - counted, reported
             errors += 1
+            row["error"] = str(e).splitlines()[0][:200]
 
-    await asyncio.gather(*(one(r) for r in trace))
+    await asyncio.gather(*(one(r, row) for r, row in zip(trace, each, strict=True)))
     wall = time.perf_counter() - start
     await client.close()
     arr = np.array(latencies) if latencies else np.array([np.nan])
@@ -156,4 +160,5 @@ async def replay(
         "p99_s": float(np.percentile(arr, 99)),
         "slo_s": slo_s,
         "slo_attainment": met / max(1, len(trace)),
+        "requests_detail": each,
     }
