@@ -9,7 +9,7 @@
    popularity over distinct adapters so caches matter), replayed open-loop over async gRPC against both, the same
    requests at every rate: throughput, goodput, p50/p99 and SLO attainment per rate, and **throughput at SLO** = the
    highest rate at which >= 90 % of the requests met the SLO. Every request carries ``DEADLINE_MS`` = the SLO (the
-   baseline ignores it). Without ``--rates`` the rates are 0.5x .. 1.5x the baseline's capacity, measured first
+   baseline ignores it). Without ``--rates`` the rates are 0.25x .. 1.25x the baseline's capacity, measured first
    (1 / its mean service time over the trace's requests, one at a time); without ``--slo`` the SLO is 2.5x that
    mean service time;
 3. resident memory (RSS) per stage process of each server after the sweep.
@@ -47,6 +47,9 @@ from triton_backend.tools.workload import (
 )
 
 MATRIX = [(0, 0), (1, 0), (0, 1), (1, 1), (3, 0), (2, 2), (3, 2)]
+#: Default sweep, as fractions of the baseline's capacity: from well below it (where the baseline itself meets the
+#: SLO, so its throughput at SLO is a number) to above it.
+RATE_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25)
 CONTROLNETS = ("edges", "depth", "edges")
 LORAS = ("ink_kohya", "glow_kohya")
 
@@ -194,7 +197,7 @@ def main() -> int:
             rates = (
                 [float(r) for r in args.rates.split(",")]
                 if args.rates
-                else [round(f / mean, 2) for f in (0.5, 0.75, 1.0, 1.25, 1.5)]
+                else [round(f / mean, 2) for f in RATE_FACTORS]
             )
             print(f"baseline: {mean:.3f} s per trace request -> capacity {1 / mean:.2f}/s; SLO {args.slo} s; {rates}")
             traces.update(

@@ -46,7 +46,8 @@ class StageConfig:
     params: dict[str, str] = field(default_factory=dict)
     #: The model repository this stage was loaded from (Triton's ``args["model_repository"]`` is the model's dir).
     repository: Path | None = None
-    #: Parameter ``cpu_gate`` (auto = on for a CPU instance): compute takes turns with the other stages
+    #: Parameter ``cpu_gate`` (auto = on for the single CPU instance of a model; instances configured to share the
+    #: cores, e.g. two latent-parallel UNets, run side by side): compute takes turns with the other stages
     #: (:mod:`triton_backend.cpu_gate`).
     cpu_gate: bool = False
 
@@ -113,7 +114,7 @@ class StageConfig:
             limits,
             stages,
             dict(params),
-            cpu_gate=gate == "on" or (gate == "auto" and device.type == "cpu"),
+            cpu_gate=gate == "on" or (gate == "auto" and device.type == "cpu" and instance_count == 1),
         )
 
     def apply_torch_settings(self) -> None:
