@@ -195,9 +195,7 @@ def main() -> int:
             mean = baseline["service_mean_s"]
             args.slo = args.slo or round(2.5 * mean, 2)
             rates = (
-                [float(r) for r in args.rates.split(",")]
-                if args.rates
-                else [round(f / mean, 2) for f in RATE_FACTORS]
+                [float(r) for r in args.rates.split(",")] if args.rates else [round(f / mean, 2) for f in RATE_FACTORS]
             )
             print(f"baseline: {mean:.3f} s per trace request -> capacity {1 / mean:.2f}/s; SLO {args.slo} s; {rates}")
             traces.update(
