@@ -221,3 +221,13 @@ def test_scheduler_parameters_reach_the_policy(model_dir):
     scheduler = Denoiser(StageConfig.from_params("denoise", {"model_dir": str(model_dir), **params})).scheduler
     assert scheduler.policy.concurrency.limit == 3 and scheduler.policy.concurrency.fixed == 3
     assert (scheduler.max_pending, scheduler.default_deadline_ms, scheduler.late_policy) == (5, 2500, "reject")
+
+
+def test_switch_parameters_default_to_auto_and_refuse_other_values_by_name():
+    from triton_backend.config import switch_param
+
+    assert switch_param("unet", {}, "controlnet_inline") == "auto"
+    assert switch_param("unet", {"controlnet_inline": ""}, "controlnet_inline") == "auto"
+    assert switch_param("unet", {"controlnet_inline": "off"}, "controlnet_inline") == "off"
+    with pytest.raises(ConfigError, match=r"unet: parameter controlnet_inline='yes'; allowed: auto, on, off"):
+        switch_param("unet", {"controlnet_inline": "yes"}, "controlnet_inline")

@@ -102,9 +102,7 @@ class StageConfig:
             max_hint_bytes=int_param(model_name, params, "max_hint_bytes", RequestLimits.max_hint_bytes, minimum=1),
         )
         stages = {k[: -len("_model")]: v for k, v in params.items() if k.endswith("_model") and v}
-        gate = params.get("cpu_gate", "auto") or "auto"
-        if gate not in ("auto", "on", "off"):
-            raise ConfigError(f"{model_name}: parameter cpu_gate={gate!r}; allowed: auto, on, off")
+        gate = switch_param(model_name, params, "cpu_gate")
         return cls(
             model_name,
             model_dir,
@@ -161,6 +159,16 @@ def int_param(model: str, params: dict[str, str], name: str, default: int, minim
         raise ConfigError(f"{model}: parameter {name}={raw!r} is not an integer") from None
     if minimum is not None and value < minimum:
         raise ConfigError(f"{model}: parameter {name}={value} must be >= {minimum}")
+    return value
+
+
+def switch_param(model: str, params: dict[str, str], name: str) -> str:
+    """``auto`` (also when empty), ``on`` or ``off``: the stage resolves ``auto`` from its device and layout;
+    anything else fails the load naming the parameter.
+    """
+    value = params.get(name, "") or "auto"
+    if value not in ("auto", "on", "off"):
+        raise ConfigError(f"{model}: parameter {name}={value!r}; allowed: auto, on, off")
     return value
 
 

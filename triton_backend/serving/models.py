@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import StageConfig, instance_count
+from ..config import StageConfig, instance_count, switch_param
 from ..controlnet import wire as controlnet_wire
 from ..controlnet.service import ControlNetService, ControlRow
 from ..errors import ConfigError
@@ -386,9 +386,7 @@ class UNetModel(StageModel):
 
     def build(self, cfg: StageConfig) -> unet.UNetStep:
         self.controlnet_model = cfg.stage("controlnet")
-        inline = cfg.params.get("controlnet_inline", "auto") or "auto"
-        if inline not in ("on", "off", "auto"):
-            raise ConfigError(f"{cfg.model_name}: parameter controlnet_inline={inline!r}; allowed: auto, on, off")
+        inline = switch_param(cfg.model_name, cfg.params, "controlnet_inline")
         if inline == "auto":  # on a CPU instance, unless the ControlNet service runs on another server
             inline = "on" if cfg.device.type == "cpu" and not cfg.params.get("controlnet_url") else "off"
         #: ``controlnet_inline``: this process runs the step's ControlNets itself (see :meth:`control`).
