@@ -145,3 +145,11 @@ def test_pipelines_of_one_architecture_share_adapters_never_across(model_dir, sd
     for stage, role in (("b_denoise", "controlnet"), ("b_unet", "controlnet"), ("b_text_encoder", "lora_manager")):
         assert config(tmp_path, stage).parameters[f"{role}_model"].string_value == f"a_{role}"
     assert config(tmp_path, "xl_denoise").parameters["controlnet_model"].string_value == "xl_controlnet"
+
+
+def test_documented_switches_can_be_set_and_unknown_ones_are_refused(model_dir, tmp_path):
+    gated = ("text_encoder", "unet", "vae", "controlnet", "lora_manager")
+    render(tmp_path, [Pipeline("p", model_dir)], overrides={stage: {"cpu_gate": "off"} for stage in gated})
+    assert all(config(tmp_path, f"p_{stage}").parameters["cpu_gate"].string_value == "off" for stage in gated)
+    with pytest.raises(ValueError, match="has no parameter 'cpu_gates'"):
+        render(tmp_path, [Pipeline("p", model_dir)], overrides={"unet": {"cpu_gates": "off"}})
