@@ -46,7 +46,7 @@ def test_every_config_parses_and_has_a_model_py():
             assert (REPO / name / "1" / "model.py").is_file()
 
 
-def test_the_stream_model_takes_txt2img_inputs_and_every_denoise_parameter():
+def test_the_stream_model_takes_txt2img_inputs_and_calls_the_ensembles_stages():
     stream, txt2img, denoise = (_load_config(n) for n in ("txt2img_stream", "txt2img", "denoise"))
     assert stream.model_transaction_policy.decoupled and not txt2img.model_transaction_policy.decoupled
     assert [(i.name, i.data_type, list(i.dims)) for i in stream.input] == [
@@ -54,10 +54,9 @@ def test_the_stream_model_takes_txt2img_inputs_and_every_denoise_parameter():
         ("PREVIEW_EVERY", model_config_pb2.TYPE_INT32, [1]),
     ]
     assert {o.name for o in txt2img.output} < {o.name for o in stream.output}
-    assert set(denoise.parameters) <= set(stream.parameters)
-    assert {k: v.string_value for k, v in denoise.parameters.items()} == {
-        k: v.string_value for k, v in stream.parameters.items() if k in denoise.parameters
-    }
+    calls = {k: v.string_value for k, v in stream.parameters.items()}
+    assert calls == {f"{s.model_name}_model": s.model_name for s in txt2img.ensemble_scheduling.step}
+    assert {"PROGRESS_ADDRESS", "PREVIEW_EVERY"} <= {i.name for i in denoise.input if i.optional}
 
 
 def test_ensemble_wiring_matches_stage_inputs_and_outputs():

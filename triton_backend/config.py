@@ -13,19 +13,23 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .paths import MODEL_DIR_ENV, default_model_dir
 from .schema import RequestLimits
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+#: Parameter ``dtype`` values besides ``auto`` (torch dtype names).
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def disable_tf32() -> None:
     """fp32 matmuls and convolutions in full fp32 on CUDA (also for references: ``tests/conftest.py``)."""
+    import torch
+
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
@@ -55,7 +59,7 @@ class StageConfig:
     def from_triton_args(cls, args: dict[str, Any]) -> StageConfig:
         """Parse Triton's ``initialize`` args: ``model_config`` JSON, instance kind and device id."""
         config = json.loads(args["model_config"])
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        params = triton_params(config)
         kind = args.get("model_instance_kind", "CPU")
         device_id = int(args.get("model_instance_device_id", 0) or 0)
         instance_count = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
@@ -70,6 +74,8 @@ class StageConfig:
         cls, model_name: str, params: dict[str, str], kind: str = "CPU", device_id: int = 0, instance_count: int = 1
     ) -> StageConfig:
         """Build from plain string parameters (what ``config.pbtxt`` holds); used directly by tests."""
+        import torch  # (here, not at the top: processes that run no model import this module without torch)
+
         if kind == "GPU":
             if not torch.cuda.is_available():
                 raise ConfigError(f"{model_name}: instance_group KIND_GPU but CUDA is not available")
@@ -80,10 +86,10 @@ class StageConfig:
         dtype_name = params.get("dtype", "auto") or "auto"
         if dtype_name == "auto":
             dtype = torch.float16 if device.type == "cuda" else torch.float32
-        elif dtype_name in _DTYPES:
-            dtype = _DTYPES[dtype_name]
+        elif dtype_name in DTYPES:
+            dtype = getattr(torch, dtype_name)
         else:
-            raise ConfigError(f"{model_name}: parameter dtype={dtype_name!r}; allowed: auto, {', '.join(_DTYPES)}")
+            raise ConfigError(f"{model_name}: parameter dtype={dtype_name!r}; allowed: auto, {', '.join(DTYPES)}")
 
         model_dir = resolve_model_dir(params.get("model_dir", ""))
         threads = int_param(model_name, params, "num_threads", 0)
@@ -101,7 +107,7 @@ class StageConfig:
             ),
             max_hint_bytes=int_param(model_name, params, "max_hint_bytes", RequestLimits.max_hint_bytes, minimum=1),
         )
-        stages = {k[: -len("_model")]: v for k, v in params.items() if k.endswith("_model") and v}
+        stages = called_stages(params)
         gate = switch_param(model_name, params, "cpu_gate")
         return cls(
             model_name,
@@ -121,6 +127,8 @@ class StageConfig:
         CPU: intra-op threads (CPU instances share the machine's cores). CUDA in float32: TF32 off, so fp32 means
         fp32 (Ampere and later run fp32 convolutions in TF32 by default; results would drift from diffusers' fp32).
         """
+        import torch
+
         if self.device.type == "cpu":
             torch.set_num_threads(self.num_threads)
         elif self.device.type == "cuda" and self.dtype == torch.float32:
@@ -135,6 +143,16 @@ class StageConfig:
     def stage(self, role: str) -> str:
         """Triton model name of the stage with ``role`` (config parameter ``{role}_model``), default ``role``."""
         return self.stages.get(role, role)
+
+
+def triton_params(model_config: dict[str, Any]) -> dict[str, str]:
+    """The ``parameters`` of a model config (Triton's ``model_config`` JSON) as plain strings."""
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+
+def called_stages(params: dict[str, str]) -> dict[str, str]:
+    """Role → Triton model name of the stages a model calls over BLS: its ``<role>_model`` parameters."""
+    return {k[: -len("_model")]: v for k, v in params.items() if k.endswith("_model") and v}
 
 
 def resolve_model_dir(value: str) -> Path:

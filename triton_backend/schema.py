@@ -106,6 +106,18 @@ SDXL_ONLY = {
     **dict.fromkeys(SDXL_FIELDS, "SDXL micro-conditioning"),
 }
 FIELDS_BY_NAME = {f.name: f for f in FIELDS}
+#: The request fields ``text_encoder`` consumes (the ensemble maps these ``txt2img`` inputs onto it).
+TEXT_ENCODER_INPUTS = (
+    "PROMPT",
+    "NEGATIVE_PROMPT",
+    "PROMPT_2",
+    "NEGATIVE_PROMPT_2",
+    "GUIDANCE_SCALE",
+    "LORA_NAMES",
+    "LORA_SCALES",
+)
+#: The request fields ``denoise`` consumes: all but the prompts (besides ``PROMPT_EMBEDS`` from ``text_encoder``).
+DENOISE_INPUTS = tuple(f.name for f in FIELDS if not f.name.startswith(("PROMPT", "NEGATIVE_PROMPT")))
 #: The longest ``DEADLINE_MS`` accepted: one hour.
 MAX_DEADLINE_MS = 3_600_000
 NUMPY_DTYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "UINT8": np.uint8}

@@ -9,15 +9,8 @@ them: :class:`~triton_backend.controlnet.model.ControlNetModel`, :class:`~triton
 from __future__ import annotations
 
 import asyncio
-import atexit
-import contextlib
 import gc
-import json
-import os
-import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,8 +26,6 @@ from ..stages import baseline, denoise, preview, text_encoder, unet, vae
 from .events import trace
 from .io import (
     BlsCall,
-    BlsClient,
-    RemoteStage,
     Tensors,
     failure_response,
     is_cancelled,
@@ -44,31 +35,13 @@ from .io import (
     respond_each,
     send_final,
 )
+from .progress import ProgressSender, preview_every, progress_address
+from .shell import ModelShell
 
 
 def lora_call(manager: str, loras: list[tuple[str, float]]) -> BlsCall:
     """The BLS call to the LoRA manager for ``[(name, scale)]``; :func:`lora_wire.adapter_refs` reads its answer."""
     return (manager, {"LORA_NAMES": lora_wire.names_tensor(loras)}, ["LORA_FILES"])
-
-
-def in_triton_stub() -> bool:
-    """Whether this process is a Triton Python-backend stub (never a test or a tool that drives a model class)."""
-    with contextlib.suppress(OSError):
-        return Path(os.readlink("/proc/self/exe")).name == "triton_python_backend_stub"
-    return False
-
-
-def exit_now() -> None:
-    """End the stub process as soon as the interpreter starts to finalize (registered in ``finalize``).
-
-    By then the stub has answered the server's finalize message and freed its shared memory; what is left of the
-    interpreter's shutdown (module teardown, torch's static destructors) took ~3 s per stage on 2 cores, and the
-    server waits for every stub to exit before it does. Output is flushed first.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(0)
 
 
 def freeze_loaded_objects() -> None:
@@ -84,7 +57,7 @@ def freeze_loaded_objects() -> None:
     gc.freeze()
 
 
-class StageModel:
+class StageModel(ModelShell):
     """Common shape: typed config at load, one response per request in order, errors mapped in one place."""
 
     inputs: tuple[str, ...] = ()
@@ -92,46 +65,12 @@ class StageModel:
     freeze_after_load = True
 
     def initialize(self, args: dict[str, Any]) -> None:
-        import triton_python_backend_utils as pb_utils
-
-        self.pb = pb_utils
-        self.logger = pb_utils.Logger
-        self.cfg = StageConfig.from_triton_args(args)
-        #: Triton's model config (JSON), e.g. for the data types of the outputs.
-        self.model_config = json.loads(args["model_config"])
+        self.cfg = StageConfig.from_triton_args(args)  # (first: a bad parameter fails the load before anything else)
         self.cfg.apply_torch_settings()
-        remotes = self.remote_stages()
-        self.load_called_stages(skip=set(remotes))
-        #: This instance's BLS client: its own event loop and executor (created before build, which may use it).
-        self.bls = BlsClient(pb_utils, name=self.cfg.model_name, remotes=remotes)
+        super().initialize(args)
         self.stage = self.build(self.cfg)
         if self.freeze_after_load:
             freeze_loaded_objects()
-
-    def remote_stages(self) -> dict[str, RemoteStage]:
-        """Stages this one calls on another Triton server: parameter ``<role>_url`` (``HOST:PORT``) next to
-        ``<role>_model``; each is checked at load (a clear error if it cannot be reached).
-        """
-        timeout = float(self.cfg.params.get("remote_timeout_s", "") or 60)
-        out = {}
-        for role, name in self.cfg.stages.items():
-            url = self.cfg.params.get(f"{role}_url", "")
-            if url:
-                out[name] = RemoteStage(url, timeout)
-                out[name].check(name)
-        return out
-
-    def load_called_stages(self, skip: set[str]) -> None:
-        """With parameter ``load_stages: "on"`` (repositories rendered for a fleet): load the stages this one calls
-        over BLS (its ``*_model`` parameters) unless they are ready, through the Python backend's model-loading
-        API. Triton loads an ensemble's steps with it but knows nothing of BLS targets, so this is what makes
-        loading a pipeline's public model bring up the whole pipeline in ``--model-control-mode=explicit``.
-        """
-        if self.cfg.params.get("load_stages", "off") != "on":
-            return
-        for name in self.cfg.stages.values():
-            if name not in skip and not self.pb.is_model_ready(model_name=name):
-                self.pb.load_model(model_name=name)
 
     def build(self, cfg: StageConfig) -> Any:
         raise NotImplementedError
@@ -145,10 +84,8 @@ class StageModel:
         )
 
     def finalize(self) -> None:
-        self.bls.close()
+        super().finalize()  # (the BLS client stops first: no generation runs on after this)
         self.stage = None
-        if in_triton_stub():
-            atexit.register(exit_now)
 
 
 class MetricsModel(StageModel):
@@ -241,7 +178,14 @@ class DenoiseModel(StageModel):
     request (benchmarks, tests).
     """
 
-    inputs: tuple[str, ...] = ("PROMPT_EMBEDS", "POOLED_EMBEDS", *denoise.INPUTS, "LATENT_PARALLEL")
+    inputs: tuple[str, ...] = (
+        "PROMPT_EMBEDS",
+        "POOLED_EMBEDS",
+        *denoise.INPUTS,
+        "LATENT_PARALLEL",
+        "PROGRESS_ADDRESS",
+        "PREVIEW_EVERY",
+    )
 
     def build(self, cfg: StageConfig) -> denoise.Denoiser:
         self.unet_model = cfg.stage("unet")
@@ -286,14 +230,10 @@ class DenoiseModel(StageModel):
         return lora_wire.adapter_refs(loras, (await self.bls.infer([lora_call(self.lora_manager, loras)]))[0])
 
     async def generate(
-        self,
-        tensors: Tensors,
-        request: Any,
-        arrival: float,
-        on_step: Callable[[denoise.DenoiseState], None] | None = None,
+        self, tensors: Tensors, request: Any, arrival: float, progress: ProgressSender | None = None, every: int = 0
     ) -> Tensors:
-        """The request's ``LATENTS`` and ``LORA_LANDED_STEP`` from its fields and ``PROMPT_EMBEDS``; ``on_step``
-        runs after every step (streaming progress).
+        """The request's ``LATENTS`` and ``LORA_LANDED_STEP`` from its fields and ``PROMPT_EMBEDS``; each step is
+        reported to ``progress`` (with a preview every ``every`` steps) when there is one.
         """
         parallel = self.latent_parallel
         if "LATENT_PARALLEL" in tensors:
@@ -302,78 +242,46 @@ class DenoiseModel(StageModel):
         async def one_call(*call: Any) -> torch.Tensor:
             return (await self.unet_many([call]))[0]
 
+        def on_step(state: denoise.DenoiseState) -> None:
+            assert progress is not None
+            shown = every and state.step_index % every == 0 and not state.done
+            image = preview.latent_rgb(state.latents, self.stage.info) if shown else None
+            progress.send(state.step_index, len(state.timesteps), image)
+
         return await self.stage.generate(
             tensors,
             denoise.latent_parallel(self.unet_many) if parallel else one_call,
             arrival,
             load_loras=lambda loras: asyncio.ensure_future(self.load_adapters(loras)),
-            is_cancelled=lambda: is_cancelled(request),
+            is_cancelled=lambda: is_cancelled(request) or (progress is not None and progress.closed),
             prepare_hints=self.prepare_hints,
-            on_step=on_step,
+            on_step=on_step if progress is not None else None,
         )
 
     async def answer(self, request: Any, sender: Any, arrival: float) -> None:
-        """Generate, then send the request's one response (its error if anything failed)."""
+        """Generate, then send the request's one response (its error if anything failed).
+
+        With ``PROGRESS_ADDRESS`` (from ``txt2img_stream``): every step goes to that socket as it is done, with a
+        preview every ``PREVIEW_EVERY`` steps (:mod:`triton_backend.serving.progress`); the stream hanging up
+        cancels the generation.
+        """
+        progress = None
         try:
             tensors = read_tensors(request, self.inputs, self.pb)
-            response = make_response(await self.generate(tensors, request, arrival), self.pb)
+            every = preview_every(tensors.pop("PREVIEW_EVERY", None))
+            if "PROGRESS_ADDRESS" in tensors:
+                progress = await ProgressSender.connect(progress_address(tensors.pop("PROGRESS_ADDRESS")))
+            response = make_response(await self.generate(tensors, request, arrival, progress, every), self.pb)
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
             response = failure_response(exc, self.pb, self.logger)
+        if progress is not None:
+            await progress.close()  # (its last frames reach the stream before this response does)
         send_final(sender, response, self.pb)
 
     def execute(self, requests: list[Any]) -> None:
         arrival = time.monotonic()
         for request in requests:
             self.bls.submit(self.answer(request, request.get_response_sender(), arrival))
-
-
-class StreamModel(DenoiseModel):
-    """``txt2img_stream`` (decoupled): ``txt2img``'s inputs plus ``PREVIEW_EVERY`` (INT32 [1], 0 = no previews) →
-    one response per step with ``STEP`` and ``TOTAL_STEPS`` (INT32 [1]) and, every ``PREVIEW_EVERY`` steps,
-    ``PREVIEW`` (UINT8 [h, w, 3] at the latent resolution, :func:`~triton_backend.stages.preview.latent_rgb`), then
-    the final response with ``IMAGE`` and ``LORA_LANDED_STEP``, equal to ``txt2img``'s for the same request.
-
-    It runs ``txt2img``'s pipeline itself: ``text_encoder`` and ``vae`` over BLS, the step loop of
-    :class:`DenoiseModel` (its own step scheduler, the same ``unet``, ``controlnet`` and ``lora_manager``). A request
-    the client cancels (a closed stream) stops at the next step.
-    """
-
-    inputs = (*dict.fromkeys((*text_encoder.INPUTS, *denoise.INPUTS)), "PREVIEW_EVERY")
-
-    def build(self, cfg: StageConfig) -> denoise.Denoiser:
-        self.text_encoder_model = cfg.stage("text_encoder")
-        self.vae_model = cfg.stage("vae")
-        return super().build(cfg)
-
-    def progress(self, sender: Any, every: int) -> Callable[[denoise.DenoiseState], None]:
-        """The ``on_step`` callback that sends one progress response (and a preview every ``every`` steps)."""
-
-        def on_step(state: denoise.DenoiseState) -> None:
-            out = {
-                "STEP": np.array([state.step_index], np.int32),
-                "TOTAL_STEPS": np.array([len(state.timesteps)], np.int32),
-            }
-            if every and state.step_index % every == 0 and not state.done:
-                out["PREVIEW"] = preview.latent_rgb(state.latents, self.stage.info)
-            if not is_cancelled(sender):
-                sender.send(make_response(out, self.pb))
-
-        return on_step
-
-    async def answer(self, request: Any, sender: Any, arrival: float) -> None:
-        try:
-            tensors = read_tensors(request, self.inputs, self.pb)
-            every = preview.preview_every(tensors.pop("PREVIEW_EVERY", None))
-            prompts = {k: v for k, v in tensors.items() if k in text_encoder.INPUTS}
-            (encoded,) = await self.bls.infer([(self.text_encoder_model, prompts, ["PROMPT_EMBEDS", "POOLED_EMBEDS"])])
-            result = await self.generate({**tensors, **encoded}, request, arrival, self.progress(sender, every))
-            (decoded,) = await self.bls.infer([(self.vae_model, {"LATENTS": result["LATENTS"]}, ["IMAGE"])])
-            response = make_response(
-                {"IMAGE": decoded["IMAGE"], "LORA_LANDED_STEP": result["LORA_LANDED_STEP"]}, self.pb
-            )
-        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
-            response = failure_response(exc, self.pb, self.logger)
-        send_final(sender, response, self.pb)
 
 
 class UNetModel(StageModel):

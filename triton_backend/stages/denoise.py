@@ -28,31 +28,12 @@ from ..errors import CancelledError, InvalidRequestError
 from ..lora.patch import AdapterRef
 from ..model_info import ModelInfo
 from ..schedulers import make_scheduler
-from ..schema import SDXL_FIELDS, GenerationRequest, parse_request, reject_sdxl_only
+from ..schema import DENOISE_INPUTS, SDXL_FIELDS, GenerationRequest, parse_request, reject_sdxl_only
 from ..slo.engine import StepScheduler
 from ..slo.policy import Job, deadline_from
 
 #: Request fields this stage consumes, besides ``PROMPT_EMBEDS`` from ``text_encoder``.
-INPUTS = (
-    "SEED",
-    "STEPS",
-    "GUIDANCE_SCALE",
-    "HEIGHT",
-    "WIDTH",
-    "SCHEDULER",
-    "LORA_NAMES",
-    "LORA_SCALES",
-    "LORA_BOUND_K",
-    "CONTROLNET_NAMES",
-    "CONTROLNET_IMAGES",
-    "CONTROLNET_SCALES",
-    "CONTROLNET_GUIDANCE_START",
-    "CONTROLNET_GUIDANCE_END",
-    "ORIGINAL_SIZE",
-    "CROPS_COORDS_TOP_LEFT",
-    "TARGET_SIZE",
-    "DEADLINE_MS",
-)
+INPUTS = DENOISE_INPUTS
 
 Adapters = tuple[AdapterRef, ...]
 #: ControlNets of one step, each with its effective scale.

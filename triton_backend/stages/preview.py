@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import InvalidRequestError
 from ..model_info import ModelInfo
 
 #: ``latent channel → (R, G, B)`` and a bias, as the UIs use them.
@@ -44,16 +43,3 @@ def latent_rgb(latents: torch.Tensor, info: ModelInfo) -> np.ndarray:
         low, high = rgb.amin(dim=(0, 1)), rgb.amax(dim=(0, 1))
         rgb = (rgb - low) / (high - low).clamp(min=1e-6) * 2 - 1
     return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
-def preview_every(value: np.ndarray | None) -> int:
-    """The optional ``PREVIEW_EVERY`` input: INT32 ``[1]``, ``>= 0`` (0 or absent: no previews)."""
-    if value is None:
-        return 0
-    array = np.asarray(value)
-    if array.dtype.kind not in "iu" or array.size != 1:
-        raise InvalidRequestError("PREVIEW_EVERY", f"expected one INT32, got {array.dtype} {list(array.shape)}")
-    every = int(array.reshape(-1)[0])
-    if every < 0:
-        raise InvalidRequestError("PREVIEW_EVERY", f"{every} is negative; 0 = no previews, N = every N steps")
-    return every

@@ -15,10 +15,10 @@ from ..lora.patch import AdapterRef, WeightPatcher, adapter_key
 from ..lora.store import has_text_encoder_layers, resolve_lora_path
 from ..model_info import ModelInfo, load_part
 from ..paths import lora_dir
-from ..schema import GenerationRequest, parse_request, reject_sdxl_only
+from ..schema import TEXT_ENCODER_INPUTS, GenerationRequest, parse_request, reject_sdxl_only
 
-#: The request fields this stage consumes (the ensemble maps these ``txt2img`` inputs onto it).
-INPUTS = ("PROMPT", "NEGATIVE_PROMPT", "PROMPT_2", "NEGATIVE_PROMPT_2", "GUIDANCE_SCALE", "LORA_NAMES", "LORA_SCALES")
+#: The request fields this stage consumes.
+INPUTS = TEXT_ENCODER_INPUTS
 
 #: Text encoders by diffusers component name (SD has the first only).
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
