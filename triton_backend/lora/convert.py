@@ -13,9 +13,9 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from peft.tuners.lora import LoraLayer
 
 from ..config import StageConfig
 from ..errors import InvalidRequestError
@@ -24,8 +24,10 @@ from ..errors import InvalidRequestError
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
-def _lora_layers(module: torch.nn.Module, adapter: str) -> Iterator[tuple[str, LoraLayer]]:
+def _lora_layers(module: torch.nn.Module, adapter: str) -> Iterator[tuple[str, Any]]:
     """The PEFT LoRA layers ``adapter`` injected into ``module``, by module name."""
+    from peft.tuners.lora import LoraLayer  # (here, not at the top: every stage process imports this module)
+
     for name, sub in module.named_modules():
         if isinstance(sub, LoraLayer) and adapter in sub.lora_A:
             yield name, sub

@@ -6,7 +6,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..cache import ByteLRU
 from ..config import StageConfig, budget_param
@@ -37,6 +36,9 @@ class TextEncoder:
     """
 
     def __init__(self, cfg: StageConfig):
+        # (here, not at the top: every stage process imports this module)
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
         self.cfg = cfg
         self.info = ModelInfo.read(cfg.model_dir)
         self.tokenizers = [CLIPTokenizer.from_pretrained(str(cfg.model_dir / "tokenizer"))]

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
 
 from ..config import StageConfig
 from ..controlnet.unet_split import decoder_half, encoder_half, unpack_residuals
@@ -88,6 +87,8 @@ class UNetStep:
     def __init__(self, cfg: StageConfig):
         self.cfg = cfg
         self.info = ModelInfo.read(cfg.model_dir)
+        from diffusers import UNet2DConditionModel  # (here, not at the top: every stage process imports this module)
+
         self.model = load_part(UNet2DConditionModel, cfg.model_dir, "unet", cfg.device, cfg.dtype)
         #: One patched LoRA set at a time per instance; restored from a pristine copy when the set changes.
         self.patcher = WeightPatcher(self.model, "unet")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 
 from ..config import StageConfig
 from ..errors import InvalidRequestError
@@ -18,6 +17,8 @@ class VaeDecoder:
         self.cfg = cfg
         self.info = ModelInfo.read(cfg.model_dir)
         self.dtype = self.decode_dtype(self.info, cfg.dtype)
+        from diffusers import AutoencoderKL  # (here, not at the top: every stage process imports this module)
+
         self.model = load_part(AutoencoderKL, cfg.model_dir, "vae", cfg.device, self.dtype)
 
     @staticmethod
