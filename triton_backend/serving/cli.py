@@ -224,7 +224,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-NO_STREAM_HELP = "leave out the streaming model (NAME_stream): one process (~400 MB) less per pipeline"
+NO_STREAM_HELP = "leave out the streaming model (NAME_stream): one process (~40 MB, no torch) less per pipeline"
 SET_HELP = "set a config parameter of a rendered model, e.g. unet.controlnet_inline=off (repeatable)"
 
 
