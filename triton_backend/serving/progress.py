@@ -12,7 +12,6 @@ closed its stream) is how ``denoise`` learns that the generation is cancelled: i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import struct
@@ -30,6 +29,8 @@ FRAME = struct.Struct("!iiii")
 ADDRESS = re.compile(r"swiftdiffusion_progress_[0-9a-f]{8,64}")
 #: How often the stream side checks for a cancelled request while no frame arrives (seconds).
 POLL_S = 0.05
+#: How long ``denoise`` waits for its last frames to be read before it answers anyway (seconds).
+CLOSE_TIMEOUT_S = 5.0
 
 
 def preview_every(value: np.ndarray | None) -> int:
@@ -69,6 +70,7 @@ class ProgressListener:
     def __init__(self) -> None:
         self.address = f"swiftdiffusion_progress_{os.getpid():x}{uuid.uuid4().hex}"
         self.connected = False
+        self._closed = False
         self._frames: asyncio.Queue[dict[str, np.ndarray] | None] = asyncio.Queue()
         self._server: asyncio.AbstractServer | None = None
         self._writers: list[asyncio.StreamWriter] = []
@@ -79,16 +81,20 @@ class ProgressListener:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
-
-    def close(self) -> None:
-        """Stop listening and hang up on ``denoise`` (which then cancels the generation at its next step)."""
         if self._server is not None:
             self._server.close()
+
+    def close(self) -> None:
+        """Hang up on ``denoise`` (which then cancels the generation at its next step). The socket keeps listening
+        until the context ends: a connection still in the listen backlog is accepted and hung up on as well (a
+        listener that closed would leave it unanswered, and ``denoise`` would not learn of the cancellation).
+        """
+        self._closed = True
         for writer in self._writers:
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.connected:  # one sender per request
+        if self.connected or self._closed:  # one sender per request, none after the hang-up
             writer.close()
             return
         self.connected = True
@@ -170,5 +176,7 @@ class ProgressSender:
     async def close(self) -> None:
         """Flush what is buffered, then close: the stream side reads every frame before ``denoise`` answers."""
         self._writer.close()
-        with contextlib.suppress(Exception):
-            await self._writer.wait_closed()
+        try:
+            await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a stream side that stopped reading must not hold the answer back
+            self._writer.transport.abort()
