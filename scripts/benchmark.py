@@ -49,7 +49,7 @@ from triton_backend.tools.workload import (
 MATRIX = [(0, 0), (1, 0), (0, 1), (1, 1), (3, 0), (2, 2), (3, 2)]
 #: Default sweep, as fractions of the baseline's capacity: from well below it (where the baseline itself meets the
 #: SLO, so its throughput at SLO is a number) to above it.
-RATE_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25)
+RATE_FACTORS = (0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25)
 CONTROLNETS = ("edges", "depth", "edges")
 LORAS = ("ink_kohya", "glow_kohya")
 

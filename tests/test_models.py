@@ -54,3 +54,17 @@ def test_gpu_repository_layout():
         )
         (out,) = [o for o in controlnet.output if o.name == "RESIDUALS"]
         assert model_config_pb2.DataType.Name(out.data_type) == residuals
+
+
+def test_the_stream_model_imports_no_torch():
+    """``txt2img_stream`` runs no model: its process must not pay for torch (~220 MB) or diffusers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.util as u; s = u.spec_from_file_location('m', sys.argv[1]); m = u.module_from_spec(s);"
+        " s.loader.exec_module(m); print(sorted(n for n in ('torch', 'diffusers', 'transformers') if n in sys.modules))"
+    )
+    model_py = model_repository_dir() / "txt2img_stream" / "1" / "model.py"
+    out = subprocess.run([sys.executable, "-c", code, str(model_py)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
