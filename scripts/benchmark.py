@@ -14,20 +14,21 @@
    mean service time;
 3. resident memory (RSS) per stage process of each server after the sweep.
 Writes ``benchmark.json``, ``benchmark.md`` and ``benchmark.png`` (latency matrix; attainment vs rate) under --out,
-with machine, preset and settings. Both servers run one after the other on the same machine (never at once: they
-would share the CPUs). The baseline runs first: its capacity sets the rates.
+with machine, preset and settings. Both servers are up for the whole run and take turns, never working at once (they
+would share the CPUs): each matrix cell and each rate point runs on the baseline, then at once on ours, so that a
+noisy stretch of a shared machine hits both alike. The baseline's capacity sets the rates.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -75,41 +76,61 @@ def record(args: argparse.Namespace, system: str, cell: str, data: dict) -> None
     (cells / f"{system}-{cell}.json").write_text(json.dumps(data, indent=1, default=str))
 
 
-def measure(
-    repository: Path, model_dir: Path, args: argparse.Namespace, plan: Callable[[dict], dict[float, list[dict]]]
-) -> dict:
-    """Matrix, mean service time over trace requests (one at a time), then the sweep over ``plan(results so far)``
-    (rate → trace; the baseline's plan derives the rates from its own service time), then RSS per stage.
+def measure(repositories: dict[str, Path], model_dir: Path, args: argparse.Namespace) -> tuple[dict, list[float]]:
+    """Both systems, interleaved: each matrix cell and each rate point runs on the first server, then at once on the
+    second, so that both see the same minutes of this shared machine (two servers are up, one works at a time).
+    Order: matrix, mean service time over trace requests (one at a time), the sweep (rates from the first system's
+    service time: the baseline's), then memory per stage. Returns the results by system and the rates.
     """
-    out: dict = {"matrix": {}, "sweep": {}}
-    with TritonServer(model_dir=model_dir, model_repository=repository) as server, Client(server.grpc_url) as c:
-        out["memory_idle"] = server.memory()
+    results: dict = {}
+    with contextlib.ExitStack() as stack:
+        servers = {
+            name: stack.enter_context(TritonServer(model_dir=model_dir, model_repository=repository))
+            for name, repository in repositories.items()
+        }
+        clients = {name: stack.enter_context(Client(server.grpc_url)) for name, server in servers.items()}
+        for name, server in servers.items():
+            results[name] = {"matrix": {}, "sweep": {}, "memory_idle": server.memory()}
         for cn, lora in MATRIX:
-            req = matrix_request(cn, lora, args.steps, args.size)
-            out["matrix"][f"{cn}C/{lora}L"] = summary(timed(lambda req=req: c.generate(req), args.repeats))
-            record(args, repository.name, f"matrix-{cn}C{lora}L", out["matrix"][f"{cn}C/{lora}L"])
-            print(f"  {repository.name} {cn}C/{lora}L: {out['matrix'][f'{cn}C/{lora}L']['median_s']:.3f} s", flush=True)
+            req, cell = matrix_request(cn, lora, args.steps, args.size), f"{cn}C/{lora}L"
+            for name, c in clients.items():
+                results[name]["matrix"][cell] = summary(timed(lambda req=req, c=c: c.generate(req), args.repeats))
+                record(args, name, f"matrix-{cn}C{lora}L", results[name]["matrix"][cell])
+                print(f"  {name} {cell}: {results[name]['matrix'][cell]['median_s']:.3f} s", flush=True)
         # Steady state of a long-running server: every adapter the traces use has been used once (our caches are
         # warm; the baseline has none). Cold-start costs are in the matrix above.
         names = generate_trace(TraceSpec(rate=1.0, max_requests=2000))
-        for kind in ("controlnets", "loras"):
-            for name in sorted({n for r in names for n in r[kind]}):
-                c.generate(to_request({"seed": 0, "controlnets": [], "loras": [], kind: [name]}, args.steps, args.size))
         sample = generate_trace(TraceSpec(rate=1.0, max_requests=args.capacity_requests, seed=99))
-        each = timed(lambda: [c.generate(to_request(r, args.steps, args.size)) for r in sample], 1, warmup=0)
-        out["service_mean_s"] = each[0] / len(sample)
-        for rate, trace in plan(out).items():
-            result = asyncio.run(replay(server.grpc_url, trace, args.steps, args.size, args.slo))
-            out["sweep"][f"{rate:g}"] = result
-            record(args, repository.name, f"rate-{rate:g}", result)
-            print(
-                f"  {repository.name} rate {rate:g}/s: attainment {100 * result['slo_attainment']:.0f}%, "
-                f"p50 {result['p50_s']:.2f} s, p99 {result['p99_s']:.2f} s",
-                flush=True,
-            )
-        out["memory"] = server.memory()
-        out["memory_pss"] = server.memory("Pss")
-    return out
+        for name, c in clients.items():
+            for kind in ("controlnets", "loras"):
+                for adapter in sorted({n for r in names for n in r[kind]}):
+                    c.generate(
+                        to_request({"seed": 0, "controlnets": [], "loras": [], kind: [adapter]}, args.steps, args.size)
+                    )
+            each = timed(lambda c=c: [c.generate(to_request(r, args.steps, args.size)) for r in sample], 1, warmup=0)
+            results[name]["service_mean_s"] = each[0] / len(sample)
+        mean = results[next(iter(results))]["service_mean_s"]
+        args.slo = args.slo or round(2.5 * mean, 2)
+        rates = [float(r) for r in args.rates.split(",")] if args.rates else [round(f / mean, 2) for f in RATE_FACTORS]
+        print(f"baseline: {mean:.3f} s per trace request -> capacity {1 / mean:.2f}/s; SLO {args.slo} s; {rates}")
+        for rate in rates:
+            trace = generate_trace(TraceSpec(rate=rate, max_requests=args.requests_per_rate, seed=7))
+            for name, server in servers.items():
+                result = asyncio.run(replay(server.grpc_url, trace, args.steps, args.size, args.slo))
+                results[name]["sweep"][f"{rate:g}"] = result
+                record(args, name, f"rate-{rate:g}", result)
+                print(
+                    f"  {name} rate {rate:g}/s: attainment {100 * result['slo_attainment']:.0f}%, "
+                    f"p50 {result['p50_s']:.2f} s, p99 {result['p99_s']:.2f} s",
+                    flush=True,
+                )
+        # Memory: each server alone once the one before it is measured and stopped (PSS splits a shared library's
+        # pages between every process that maps it, the other server's too; the last one measured is ours).
+        for name, server in servers.items():
+            results[name]["memory"] = server.memory()
+            results[name]["memory_pss"] = server.memory("Pss")
+            server.stop()
+    return results, rates
 
 
 def throughput_at_slo(sweep: dict, target: float = 0.9) -> float:
@@ -184,30 +205,14 @@ def main() -> int:
         args.size = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     # Every trace draws from the same adapter names (Zipf over a fixed set): materialize them all up front.
     materialize_adapters(model_dir, generate_trace(TraceSpec(rate=1.0, max_requests=2000)))
-    results: dict = {}
     try:
         ours, base = model_repository_dir(), baseline_repository_dir()
         if args.device == "cuda":
             ours, base = gpu_repository(ours, args.dtype), gpu_repository(base, args.dtype)
-        traces: dict[float, list[dict]] = {}
-
-        def plan(baseline: dict) -> dict[float, list[dict]]:
-            mean = baseline["service_mean_s"]
-            args.slo = args.slo or round(2.5 * mean, 2)
-            rates = (
-                [float(r) for r in args.rates.split(",")] if args.rates else [round(f / mean, 2) for f in RATE_FACTORS]
-            )
-            print(f"baseline: {mean:.3f} s per trace request -> capacity {1 / mean:.2f}/s; SLO {args.slo} s; {rates}")
-            traces.update(
-                {r: generate_trace(TraceSpec(rate=r, max_requests=args.requests_per_rate, seed=7)) for r in rates}
-            )
-            return traces
-
-        results["baseline"] = measure(base, model_dir, args, plan)
-        results["swiftdiffusion"] = measure(ours, model_dir, args, lambda _: traces)
+        results, rates = measure({"baseline": base, "swiftdiffusion": ours}, model_dir, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    results["settings"] = {**vars(args), "model_dir": str(source), "rates": list(traces)}
+    results["settings"] = {**vars(args), "model_dir": str(source), "rates": rates}
     table = report(results, args)
     print("\n" + table)
     out = Path(args.out)
