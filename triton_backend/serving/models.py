@@ -1,9 +1,11 @@
 """The Triton model classes of the pipeline stages; each ``model_repository/<stage>/1/model.py`` subclasses one.
 
 ``initialize`` parses ``args`` once into a :class:`~triton_backend.config.StageConfig` (a bad parameter fails the
-load and names it); ``execute`` converts tensors and calls one function of the stage. ``triton_python_backend_utils``
-exists only inside the Triton stub, so it is imported in ``initialize``. The techniques' own model classes live with
-them: :class:`~triton_backend.controlnet.model.ControlNetModel`, :class:`~triton_backend.lora.model.LoraManagerModel`.
+load and names it), then :class:`~triton_backend.serving.shell.ModelShell` sets up what every model has (``pb_utils``,
+the stages it calls, its BLS client); ``execute`` converts tensors and calls one function of the stage. The
+techniques' own model classes live with them: :class:`~triton_backend.controlnet.model.ControlNetModel`,
+:class:`~triton_backend.lora.model.LoraManagerModel`; ``txt2img_stream``, which runs no model, is
+:class:`~triton_backend.serving.stream.StreamModel`.
 """
 
 from __future__ import annotations
@@ -175,7 +177,8 @@ class DenoiseModel(StageModel):
     Parameter ``latent_parallel`` (``on``/``off``/``auto``): with guidance, send the two branches of each step as
     two concurrent requests (two ``unet`` instances) instead of one batch-2 request; ``auto`` = on when the
     ``unet`` model has at least two instances. The optional input ``LATENT_PARALLEL`` (BOOL) overrides it per
-    request (benchmarks, tests).
+    request (benchmarks, tests). ``PROGRESS_ADDRESS`` and ``PREVIEW_EVERY`` come with ``txt2img_stream``'s requests:
+    every step is reported to the stream (:meth:`answer`).
     """
 
     inputs: tuple[str, ...] = (

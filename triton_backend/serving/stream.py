@@ -44,8 +44,7 @@ class StreamModel(ModelShell):
                 fields |= {"PROGRESS_ADDRESS": np.array([progress.address.encode()], np.object_)}
                 call = (self.called("denoise"), {**fields, **encoded}, ["LATENTS", "LORA_LANDED_STEP"])
                 denoised = asyncio.ensure_future(self.bls.infer([call]))
-                cancelled = lambda: is_cancelled(request) or is_cancelled(sender)  # noqa: E731
-                async for step in progress.events(denoised, cancelled):
+                async for step in progress.events(denoised, lambda: is_cancelled(request) or is_cancelled(sender)):
                     sender.send(make_response(step, self.pb))
                 (result,) = await denoised
             (decoded,) = await self.bls.infer([(self.called("vae"), {"LATENTS": result["LATENTS"]}, ["IMAGE"])])
