@@ -1,6 +1,6 @@
 """Triton model ``txt2img_stream``: ``txt2img`` with one response per step; it runs no model and imports no torch.
 
-Its process holds the Python backend stub, numpy and its BLS client (~60 MB), not a copy of torch and diffusers
+Its process holds the Python backend stub, numpy and its BLS client (~40 MB RSS), not a copy of torch and diffusers
 (~400 MB): the generation itself runs in ``denoise``, under the same step scheduler as every ``txt2img`` request.
 """
 
