@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from triton_backend.paths import baseline_repository_dir, model_repository_dir
+from triton_backend.serving.imports import leave_out
 
 PYTHON_MODELS = [
     (repo, path.name)
@@ -19,18 +22,28 @@ PYTHON_MODELS = [
 ]
 
 
-def model_class(model_py: Path) -> type:
-    spec = importlib.util.spec_from_file_location(f"model_{model_py.parent.parent.name}", model_py)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.TritonPythonModel
+def load_model_py(model_py: Path, expression: str) -> str:
+    """Import a ``model.py`` in a fresh interpreter, as Triton's stub does (a stage's ``model.py`` leaves packages out
+    of its process, so it must not be imported into this one), and return ``expression`` evaluated there.
+    """
+    code = (
+        "import sys, importlib.util as u; s = u.spec_from_file_location('m', sys.argv[1]); m = u.module_from_spec(s);"
+        f" s.loader.exec_module(m); print({expression})"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(model_py)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize(("repo", "name"), PYTHON_MODELS, ids=[f"{r.name}/{n}" for r, n in PYTHON_MODELS])
 def test_model_class_reads_exactly_the_inputs_its_config_declares(repo, name):
     config = text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     declared = {i.name for i in config.input}
-    read = set(model_class(repo / name / "1" / "model.py").inputs)
+    read = set(
+        json.loads(
+            load_model_py(repo / name / "1" / "model.py", "__import__('json').dumps(m.TritonPythonModel.inputs)")
+        )
+    )
     assert read == declared, f"read but not declared: {read - declared}; declared but never read: {declared - read}"
 
 
@@ -58,13 +71,28 @@ def test_gpu_repository_layout():
 
 def test_the_stream_model_imports_no_torch():
     """``txt2img_stream`` runs no model: its process must not pay for torch (~220 MB) or diffusers."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, importlib.util as u; s = u.spec_from_file_location('m', sys.argv[1]); m = u.module_from_spec(s);"
-        " s.loader.exec_module(m); print(sorted(n for n in ('torch', 'diffusers', 'transformers') if n in sys.modules))"
-    )
     model_py = model_repository_dir() / "txt2img_stream" / "1" / "model.py"
-    out = subprocess.run([sys.executable, "-c", code, str(model_py)], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    imported = "sorted(n for n in ('torch', 'diffusers', 'transformers') if n in sys.modules)"
+    assert load_model_py(model_py, imported) == "[]"
+
+
+@pytest.mark.parametrize(
+    ("stage", "left_out"),
+    [
+        ("unet", ["peft", "scipy", "transformers"]),
+        ("text_encoder", ["peft", "scipy"]),
+        ("denoise", ["peft", "transformers"]),
+    ],
+)
+def test_a_stage_process_leaves_out_what_it_does_not_use(stage, left_out):
+    """diffusers would import transformers, peft and scipy (~90 MB) into every stage process; the stage's own
+    libraries still import, and the model class builds its stage from them (the server tests run the images).
+    """
+    model_py = model_repository_dir() / stage / "1" / "model.py"
+    absent = "sorted(n for n in ('transformers', 'peft', 'scipy') if n in sys.modules and sys.modules[n] is None)"
+    assert load_model_py(model_py, absent) == str(left_out)
+
+
+def test_leave_out_refuses_a_package_already_imported():
+    with pytest.raises(RuntimeError, match="numpy is already imported"):
+        leave_out("numpy")
