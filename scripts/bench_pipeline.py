@@ -4,7 +4,8 @@
                                      [--latency-only] [--out results/]
 
 1. one request, in-process diffusers (``StableDiffusionPipeline``, or ``StableDiffusionXLPipeline`` for an SDXL
-   model directory) vs. ``txt2img`` over gRPC (default repository: one unet instance with every core, batch-2 CFG);
+   model directory) vs. ``txt2img`` over gRPC (default repository: one unet instance with every core, batch-2 CFG),
+   measured in turns (alternating blocks), so a slow stretch of a shared machine falls on both;
 2. batch-2 CFG vs. latent parallelism on two unet instances (a rendered copy of the repository);
 3. throughput and p50/p99 at concurrency 1, 2, 4, 8 with step-level batching on vs. off (dynamic batching
    removed from unet in a rendered copy).
@@ -19,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,7 +38,8 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q))
 
 
-def in_process(model_dir: Path, req: GenerationRequest, repeats: int) -> list[float]:
+def in_process(model_dir: Path, req: GenerationRequest) -> Callable[[], object]:
+    """One call of the matching diffusers pipeline, loaded in this process (all threads)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from triton_backend.model_info import ModelInfo
@@ -48,20 +51,31 @@ def in_process(model_dir: Path, req: GenerationRequest, repeats: int) -> list[fl
             str(model_dir), safety_checker=None, requires_safety_checker=False
         )
     pipe.set_progress_bar_config(disable=True)
-    times = []
-    for i in range(repeats + 3):
-        start = time.perf_counter()
-        pipe(
-            req.prompt,
-            num_inference_steps=req.steps,
-            guidance_scale=req.guidance_scale,
-            height=req.height,
-            width=req.width,
-            generator=torch.Generator().manual_seed(req.seed),
-            output_type="np",
-        )
-        if i >= 3:
-            times.append(time.perf_counter() - start)
+    return lambda: pipe(
+        req.prompt,
+        num_inference_steps=req.steps,
+        guidance_scale=req.guidance_scale,
+        height=req.height,
+        width=req.width,
+        generator=torch.Generator().manual_seed(req.seed),
+        output_type="np",
+    )
+
+
+def in_turns(runs: list[Callable[[], object]], repeats: int, rounds: int = 6) -> list[list[float]]:
+    """Seconds per call of each of ``runs``, ``repeats`` each after 3 warm-ups, measured in ``rounds`` alternating
+    blocks: a slow stretch of a shared machine falls on every side, not on whichever ran then.
+    """
+    for run in runs:
+        for _ in range(3):
+            run()
+    times: list[list[float]] = [[] for _ in runs]
+    for r in range(rounds):
+        for run, out in zip(runs, times, strict=True):
+            for _ in range(repeats * (r + 1) // rounds - repeats * r // rounds):
+                start = time.perf_counter()
+                run()
+                out.append(time.perf_counter() - start)
     return times
 
 
@@ -142,12 +156,11 @@ def main() -> int:
     }
     rows = []
 
-    ref = in_process(model_dir, req, args.repeats)
-    results["diffusers_in_process_s"] = statistics.median(ref)
-    rows.append(("diffusers in-process (1 process, all threads)", statistics.median(ref), pct(ref, 95)))
-
-    with TritonServer(model_dir=model_dir) as server:
-        b2 = sequential(server.grpc_url, req, args.repeats)
+    diffusers_call = in_process(model_dir, req)
+    with TritonServer(model_dir=model_dir) as server, Client(server.grpc_url) as client:
+        ref, b2 = in_turns([diffusers_call, lambda: client.generate(req)], args.repeats)
+        results["diffusers_in_process_s"] = statistics.median(ref)
+        rows.append(("diffusers in-process (1 process, all threads)", statistics.median(ref), pct(ref, 95)))
         results["triton_batch2_cfg_s"] = statistics.median(b2)
         rows.append(("txt2img, batch-2 CFG (1 unet instance, all threads)", statistics.median(b2), pct(b2, 95)))
         if args.latency_only:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from triton_backend.paths import baseline_repository_dir, model_repository_dir
-from triton_backend.serving.imports import leave_out
+from triton_backend.serving.process import SPIN_COUNT
 
 PYTHON_MODELS = [
     (repo, path.name)
@@ -22,7 +23,7 @@ PYTHON_MODELS = [
 ]
 
 
-def load_model_py(model_py: Path, expression: str) -> str:
+def load_model_py(model_py: Path, expression: str, env: dict[str, str] | None = None) -> str:
     """Import a ``model.py`` in a fresh interpreter, as Triton's stub does (a stage's ``model.py`` leaves packages out
     of its process, so it must not be imported into this one), and return ``expression`` evaluated there.
     """
@@ -30,7 +31,9 @@ def load_model_py(model_py: Path, expression: str) -> str:
         "import sys, importlib.util as u; s = u.spec_from_file_location('m', sys.argv[1]); m = u.module_from_spec(s);"
         f" s.loader.exec_module(m); print({expression})"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(model_py)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(model_py)], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()[-1]
 
@@ -93,6 +96,17 @@ def test_a_stage_process_leaves_out_what_it_does_not_use(stage, left_out):
     assert load_model_py(model_py, absent) == str(left_out)
 
 
-def test_leave_out_refuses_a_package_already_imported():
-    with pytest.raises(RuntimeError, match="numpy is already imported"):
-        leave_out("numpy")
+def test_a_stage_process_spins_its_openmp_threads_briefly_unless_told_otherwise():
+    model_py = model_repository_dir() / "vae" / "1" / "model.py"
+    spin = "__import__('os').environ['GOMP_SPINCOUNT']"
+    assert load_model_py(model_py, spin) == SPIN_COUNT
+    assert load_model_py(model_py, spin, env={"GOMP_SPINCOUNT": "300000"}) == "300000"
+
+
+@pytest.mark.parametrize(
+    ("first", "error"), [("torch", "before torch is imported"), ("numpy", "numpy is already imported")]
+)
+def test_prepare_refuses_a_process_that_already_imported_what_it_sets_up(first, error):
+    code = f"import {first}; from triton_backend.serving.process import prepare; prepare(leave_out=('numpy',))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode != 0 and error in out.stderr

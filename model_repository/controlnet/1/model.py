@@ -1,10 +1,10 @@
 """Triton model ``controlnet``: a thin shell; the logic is ``triton_backend.controlnet.model.ControlNetModel``."""
 
-from triton_backend.serving.imports import leave_out
+from triton_backend.serving.process import prepare
 
-leave_out("transformers", "peft", "scipy")  # unused here; see triton_backend/serving/imports.py
+prepare(leave_out=("transformers", "peft", "scipy"))  # before torch loads: see triton_backend/serving/process.py
 
-from triton_backend.controlnet.model import ControlNetModel  # noqa: E402 - after leave_out
+from triton_backend.controlnet.model import ControlNetModel  # noqa: E402 - after prepare
 
 
 class TritonPythonModel(ControlNetModel):

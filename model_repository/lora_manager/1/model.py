@@ -1,10 +1,10 @@
 """Triton model ``lora_manager``: a thin shell; the logic is ``triton_backend.lora.model.LoraManagerModel``."""
 
-from triton_backend.serving.imports import leave_out
+from triton_backend.serving.process import prepare
 
-leave_out("scipy")  # unused here; see triton_backend/serving/imports.py
+prepare(leave_out=("scipy",))  # before torch loads: see triton_backend/serving/process.py
 
-from triton_backend.lora.model import LoraManagerModel  # noqa: E402 - after leave_out
+from triton_backend.lora.model import LoraManagerModel  # noqa: E402 - after prepare
 
 
 class TritonPythonModel(LoraManagerModel):

@@ -1,10 +1,10 @@
 """Triton model ``vae``: a thin shell; the logic is ``triton_backend.serving.models.VaeModel``."""
 
-from triton_backend.serving.imports import leave_out
+from triton_backend.serving.process import prepare
 
-leave_out("transformers", "peft", "scipy")  # unused here; see triton_backend/serving/imports.py
+prepare(leave_out=("transformers", "peft", "scipy"))  # before torch loads: see triton_backend/serving/process.py
 
-from triton_backend.serving.models import VaeModel  # noqa: E402 - after leave_out
+from triton_backend.serving.models import VaeModel  # noqa: E402 - after prepare
 
 
 class TritonPythonModel(VaeModel):
