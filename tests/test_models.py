@@ -13,7 +13,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from triton_backend.paths import baseline_repository_dir, model_repository_dir
-from triton_backend.serving.process import SPIN_COUNT
+from triton_backend.serving.process import SPIN_COUNT, no_compiler_disable
 
 PYTHON_MODELS = [
     (repo, path.name)
@@ -82,18 +82,27 @@ def test_the_stream_model_imports_no_torch():
 @pytest.mark.parametrize(
     ("stage", "left_out"),
     [
-        ("unet", ["peft", "scipy", "transformers"]),
+        ("unet", ["peft", "scipy", "torch._dynamo", "transformers"]),
+        ("denoise", ["peft", "torch._dynamo", "transformers"]),
         ("text_encoder", ["peft", "scipy"]),
-        ("denoise", ["peft", "transformers"]),
     ],
 )
 def test_a_stage_process_leaves_out_what_it_does_not_use(stage, left_out):
-    """diffusers would import transformers, peft and scipy (~90 MB) into every stage process; the stage's own
-    libraries still import, and the model class builds its stage from them (the server tests run the images).
+    """diffusers would import transformers, peft and scipy (~90 MB) and the compiler (~67 MB) into every stage
+    process; the stage's own libraries still import (the server tests run the images).
     """
     model_py = model_repository_dir() / stage / "1" / "model.py"
-    absent = "sorted(n for n in ('transformers', 'peft', 'scipy') if n in sys.modules and sys.modules[n] is None)"
-    assert load_model_py(model_py, absent) == str(left_out)
+    names = "('transformers', 'peft', 'scipy', 'torch._dynamo')"
+    absent = f"(sorted(n for n in {names} if n in sys.modules and sys.modules[n] is None), 'sympy' in sys.modules)"
+    assert load_model_py(model_py, absent) == str((left_out, "torch._dynamo" not in left_out))
+
+
+def test_without_the_compiler_a_disable_mark_is_the_function_itself():
+    def f():
+        return 1
+
+    assert no_compiler_disable(f) is f
+    assert no_compiler_disable(recursive=False)(f) is f
 
 
 def test_a_stage_process_spins_its_openmp_threads_briefly_unless_told_otherwise():

@@ -1,12 +1,17 @@
 """A stage's own process, set up by its ``model.py`` before torch, diffusers or transformers are imported.
 
-Two things are decided at import time, so a Triton model config cannot carry them and a fleet's server does not
+Three things are decided at import time, so a Triton model config cannot carry them and a fleet's server does not
 set them for us (DESIGN §5: fleets never set our environment variables):
 
 - **Packages it never uses.** ``import diffusers.models.AutoencoderKL`` imports transformers, peft and scipy when
   they are installed (diffusers' quantizer and PEFT mixins, transformers' loss functions): ~90 MB in every process
   that imports a diffusers model class, though the VAE, UNet and ControlNet stages use none of them (our LoRA
   patching is our own). :func:`prepare` leaves them out of the process.
+- **The compiler.** diffusers marks its hooks with ``torch.compiler.disable`` when their classes are defined, which
+  imports ``torch._dynamo`` and with it sympy: another ~67 MB, in a process that never compiles. A stage that leaves
+  out ``torch._dynamo`` gets a ``torch.compiler.disable`` that returns the function as it is: without a compiler,
+  that is all the mark means (diffusers' own fallback for a torch without dynamo does the same for
+  ``maybe_allow_in_graph``). transformers imports ``torch._dynamo`` directly, so the text encoder keeps it.
 - **How long idle OpenMP threads spin.** Each stage process runs torch's intra-op (OpenMP) threads over the same
   cores. GNU OpenMP lets a thread spin 300,000 times (~ms) after each parallel region before it sleeps, so the stage
   that ran last still burns the cores when the next one starts (the CPU gate makes them take turns; see
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 #: GNU OpenMP's active-wait iterations after a parallel region in a stage process (the library's default: 300,000).
 SPIN_COUNT = "10000"
@@ -37,3 +44,14 @@ def prepare(leave_out: tuple[str, ...] = ()) -> None:
         # The import system's own "not importable" marker: ``import`` raises ImportError and
         # ``importlib.util.find_spec`` (how diffusers and transformers probe optional packages) returns None.
         sys.modules[name] = None  # type: ignore[assignment]
+    if "torch._dynamo" in leave_out:
+        import torch.compiler
+
+        torch.compiler.disable = no_compiler_disable
+
+
+def no_compiler_disable(fn: Callable | None = None, recursive: bool = True, *, reason: str | None = None) -> Any:
+    """``torch.compiler.disable`` in a process without the compiler: the function itself (or, called without one, a
+    decorator that returns its function).
+    """
+    return fn if fn is not None else (lambda f: f)

@@ -2,7 +2,7 @@
 
 from triton_backend.serving.process import prepare
 
-prepare(leave_out=("transformers", "peft", "scipy"))  # before torch loads: see triton_backend/serving/process.py
+prepare(leave_out=("transformers", "peft", "scipy", "torch._dynamo"))  # before torch loads; see serving/process.py
 
 from triton_backend.serving.models import VaeModel  # noqa: E402 - after prepare
 
