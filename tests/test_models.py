@@ -31,8 +31,9 @@ def load_model_py(model_py: Path, expression: str, env: dict[str, str] | None = 
         "import sys, importlib.util as u; s = u.spec_from_file_location('m', sys.argv[1]); m = u.module_from_spec(s);"
         f" s.loader.exec_module(m); print({expression})"
     )
+    base = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}  # (a developer's own setting would win)
     out = subprocess.run(
-        [sys.executable, "-c", code, str(model_py)], capture_output=True, text=True, env={**os.environ, **(env or {})}
+        [sys.executable, "-c", code, str(model_py)], capture_output=True, text=True, env={**base, **(env or {})}
     )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()[-1]

@@ -8,9 +8,10 @@ both sooner. The gate is an exclusive ``flock`` held around each piece of comput
 stage (so it cannot deadlock), and the kernel releases it when its holder dies, however it dies.
 
 Not chosen: ``OMP_WAIT_POLICY=PASSIVE`` stops the spinning but costs every parallel region a wake-up (measured: a
-plain request 0.51 s -> 0.76 s); a short spin is kept instead (``GOMP_SPINCOUNT``,
-:mod:`triton_backend.serving.process`). Triton's rate limiter (``--rate-limit`` with a global resource) serializes whole
-``execute`` calls, needs a server flag, and hung under load here with our BLS calls (a UNet step that never ran).
+plain request 0.51 s -> 0.76 s); each stage process keeps a short spin instead (``GOMP_SPINCOUNT``, see
+:mod:`triton_backend.serving.process`). Triton's rate limiter (``--rate-limit`` with a global resource) serializes
+whole ``execute`` calls, needs a server flag, and hung under load here with our BLS calls (a UNet step that never
+ran).
 
 On a GPU the stages overlap on the device and the gate is off (``auto``).
 """

@@ -33,7 +33,9 @@ SPIN_COUNT = "10000"
 
 
 def prepare(leave_out: tuple[str, ...] = ()) -> None:
-    """Set up this stage process: OpenMP spin count, and :func:`leave_out` the packages the stage never uses."""
+    """Set up this stage process before torch loads: the OpenMP spin count, and ``leave_out`` the packages it never
+    uses (with ``torch._dynamo``, ``torch.compiler.disable`` becomes :func:`no_compiler_disable`).
+    """
     if "torch" in sys.modules:
         raise RuntimeError("prepare the stage process before torch is imported (its OpenMP reads the environment once)")
     for name in leave_out:
