@@ -283,12 +283,12 @@ def report(results: dict, args: argparse.Namespace) -> str:
         f"Throughput at SLO (>= 90 % attainment): SwiftDiffusion {t_ours:g}/s, baseline {t_base:g}/s: {ratio}.",
     ]
     c_ours, c_base = slo_crossing(ours["sweep"]), slo_crossing(base["sweep"])
-    lines.append(
-        f"Interpolated (where attainment first falls below 90 %): SwiftDiffusion {c_ours:.2f}/s, baseline "
-        f"{c_base:.2f}/s: {c_ours / c_base:.2f}x."
-        if c_base
-        else ""
-    )
+    if c_base:
+        lines += [
+            "",
+            f"Interpolated (where attainment first falls below 90 %): SwiftDiffusion {c_ours:.2f}/s, baseline "
+            f"{c_base:.2f}/s: {c_ours / c_base:.2f}x.",
+        ]
     stages = sorted(ours["memory"])
     lines += [
         "",
