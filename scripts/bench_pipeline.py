@@ -30,7 +30,7 @@ from swiftdiffusion_client import Client, GenerationRequest
 
 from triton_backend.paths import default_model_dir
 from triton_backend.serving.server import TritonServer, render_repository
-from triton_backend.tools.bench import write_results
+from triton_backend.tools.bench import timed, write_results
 from triton_backend.tools.default_model import write_default_model
 
 
@@ -67,28 +67,18 @@ def in_turns(runs: list[Callable[[], object]], repeats: int, rounds: int = 6) ->
     blocks: a slow stretch of a shared machine falls on every side, not on whichever ran then.
     """
     for run in runs:
-        for _ in range(3):
-            run()
+        timed(run, 0, warmup=3)
     times: list[list[float]] = [[] for _ in runs]
     for r in range(rounds):
+        block = repeats * (r + 1) // rounds - repeats * r // rounds
         for run, out in zip(runs, times, strict=True):
-            for _ in range(repeats * (r + 1) // rounds - repeats * r // rounds):
-                start = time.perf_counter()
-                run()
-                out.append(time.perf_counter() - start)
+            out += timed(run, block, warmup=0)
     return times
 
 
 def sequential(url: str, req: GenerationRequest, repeats: int) -> list[float]:
     with Client(url) as c:
-        for _ in range(3):
-            c.generate(req)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            c.generate(req)
-            times.append(time.perf_counter() - start)
-    return times
+        return timed(lambda: c.generate(req), repeats, warmup=3)
 
 
 def load(url: str, req: GenerationRequest, concurrency: int, total: int) -> dict[str, float]:
