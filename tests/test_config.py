@@ -147,16 +147,34 @@ def test_gpu_kind_without_cuda_fails_clearly(model_dir):
 
 
 def test_instance_count_reads_the_unet_config(tmp_path):
-    from triton_backend.config import instance_count
+    from triton_backend.config import instance_count, read_model_config
+
+    def count(text: str) -> int:
+        (tmp_path / "config.pbtxt").write_text(f'name: "x"\nbackend: "python"\n{text}\n')
+        return instance_count(read_model_config(tmp_path / "config.pbtxt"))
 
     # CPU defaults: one UNet instance with every core; one denoise instance drives every generation.
-    assert instance_count(REPO / "unet" / "config.pbtxt") == 1
-    assert instance_count(REPO / "denoise" / "config.pbtxt") == 1
-    (tmp_path / "config.pbtxt").write_text('name: "x"\nbackend: "python"\n')
-    assert instance_count(tmp_path / "config.pbtxt") == 1
-    two = "instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0 ] }, { count: 1 kind: KIND_GPU gpus: [ 1 ] } ]"
-    (tmp_path / "config.pbtxt").write_text(f'name: "x"\nbackend: "python"\n{two}\n')
-    assert instance_count(tmp_path / "config.pbtxt") == 2
+    assert instance_count(read_model_config(REPO / "unet" / "config.pbtxt")) == 1
+    assert instance_count(read_model_config(REPO / "denoise" / "config.pbtxt")) == 1
+    assert count("") == 1
+    assert (
+        count("instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0 ] }, { count: 1 kind: KIND_GPU gpus: [ 1 ] } ]")
+        == 2
+    )
+    assert count("instance_group [ { count: 2 kind: KIND_CPU } ]") == 2
+
+
+def test_read_model_config_names_the_file(tmp_path):
+    from triton_backend.config import read_model_config
+
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_model_config(tmp_path / "missing.pbtxt")
+    (tmp_path / "config.pbtxt").write_text('name: "x"\nmax_batch_size: [\n')
+    with pytest.raises(ConfigError, match=r"config\.pbtxt"):
+        read_model_config(tmp_path / "config.pbtxt")
+    unet = read_model_config(REPO / "unet" / "config.pbtxt")
+    assert unet["max_batch_size"] == 16 and "dynamic_batching" in unet
+    assert unet["instance_group"][0]["kind"] == "KIND_CPU"
 
 
 def test_architecture_is_read_from_the_model_config(model_dir, sdxl_model_dir):

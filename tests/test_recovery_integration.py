@@ -11,7 +11,7 @@ import time
 
 import pytest
 import tritonclient.grpc as grpcclient
-from swiftdiffusion_client import Client, ClientError, GenerationRequest
+from swiftdiffusion_client import Client, ClientError, GenerationRequest, Progress
 
 from triton_backend.serving.watchdog import stub_processes
 
@@ -26,7 +26,19 @@ STAGES = ("unet", "controlnet", "text_encoder", "vae", "denoise", "lora_manager"
 
 @pytest.fixture(scope="module")
 def watched(model_dir, tmp_path_factory):
-    srv = start_server(model_dir, tmp_path_factory.mktemp("recovery"), watch_interval=0.5)
+    """The staged layout, where every step is a BLS call to ``unet`` (``unet_local: off``): a request passes through
+    every stage. The default CPU layout, with the UNet in ``denoise``'s process, has its own test (the last one).
+    """
+    from triton_backend.serving.repository import Pipeline, render
+
+    repository = render(
+        tmp_path_factory.mktemp("repository"),
+        [Pipeline("txt2img", model_dir)],
+        stage_prefix="",
+        load_stages=False,
+        overrides={"denoise": {"unet_local": "off"}},
+    )
+    srv = start_server(model_dir, tmp_path_factory.mktemp("recovery"), model_repository=repository, watch_interval=0.5)
     yield srv
     srv.stop()
 
@@ -101,3 +113,22 @@ def test_a_request_in_flight_on_a_killed_unet_fails_naming_the_stage(watched):
     assert "unet" in outcome[0].message and outcome[0].status == "StatusCode.UNAVAILABLE", outcome[0]
     image, _ = served_again_within(watched.grpc_url, GenerationRequest(prompt="after", steps=2), 30)
     assert image.shape[2] == 3
+
+
+def test_the_default_layout_s_step_process_killed_in_flight_fails_naming_it_and_comes_back(model_dir, tmp_path):
+    """The default CPU layout runs the UNet in ``denoise``'s process (``unet_local``): killed under a request (its
+    steps under way, as the stream shows), the request fails naming ``denoise`` and the next is served.
+    """
+    srv = start_server(model_dir, tmp_path, watch_interval=0.5)
+    try:
+        with Client(srv.grpc_url, timeout_s=120) as c:
+            events = c.stream(GenerationRequest(prompt="a slow one", steps=150, height=256, width=256))
+            with pytest.raises(ClientError) as info:
+                for event in events:
+                    if isinstance(event, Progress) and event.step == 3:
+                        kill_stub(srv, "denoise")
+        assert "denoise" in info.value.message and info.value.status == "StatusCode.UNAVAILABLE", info.value
+        image, _ = served_again_within(srv.grpc_url, GenerationRequest(prompt="after", steps=2), 30)
+        assert image.shape[2] == 3
+    finally:
+        srv.stop()

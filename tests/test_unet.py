@@ -1,9 +1,14 @@
+import asyncio
+
 import pytest
 import torch
 
 from triton_backend.config import StageConfig
 from triton_backend.errors import InvalidRequestError
-from triton_backend.stages.unet import StepInput, UNetStep, parse_step
+from triton_backend.paths import model_repository_dir
+from triton_backend.stages.unet import LocalSteps, StepInput, UNetStep, parse_step
+
+REPO = model_repository_dir()
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +61,98 @@ def test_bad_tensors_are_rejected_by_name(unet, name, bad):
     with pytest.raises(InvalidRequestError) as info:
         parse_step({k: v.numpy() for k, v in fields.items()}, unet.info)
     assert info.value.field == name
+
+
+class CountingUNet:
+    """The real UNet step, recording the requests of each pass."""
+
+    def __init__(self, unet, fail_first: bool = False):
+        self.unet, self.passes, self.fail_first = unet, [], fail_first
+
+    def forward_many(self, steps, control=None):
+        self.passes.append(len(steps))
+        if self.fail_first and len(self.passes) == 1:
+            raise RuntimeError("the pass failed")
+        return self.unet.forward_many(steps, control)
+
+
+def _run_concurrently(local, groups):
+    """Every group of steps as one generation's request, all started on one loop in the same turn."""
+
+    async def main():
+        return await asyncio.gather(*(local.run(g) for g in groups), return_exceptions=True)
+
+    return asyncio.run(main())
+
+
+def test_local_steps_batch_the_requests_queued_together_and_each_gets_its_own_result(unet):
+    counting = CountingUNet(unet)
+    local = LocalSteps(counting, None, max_rows=16)  # type: ignore[arg-type]
+    groups = [[_step(1)], [_step(2, rows=1)], [_step(3), _step(4)]]
+    results = _run_concurrently(local, groups)
+    assert counting.passes == [4]  # one pass for the four requests queued in the same turn
+    for group, outs in zip(groups, results, strict=True):
+        for step, out in zip(group, outs, strict=True):
+            torch.testing.assert_close(out, unet.forward(step), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("max_rows", "passes"), [(4, [2, 2, 1]), (2, [1, 1, 1, 1, 1]), (0, [1, 1, 1, 1, 1])])
+def test_local_steps_keep_to_the_row_limit_of_a_pass(unet, max_rows, passes):
+    """``max_rows`` rows per pass (the unet model's ``max_batch_size``); 0 = no batching (one request per pass)."""
+    counting = CountingUNet(unet)
+    local = LocalSteps(counting, None, max_rows=max_rows)  # type: ignore[arg-type]
+    _run_concurrently(local, [[_step(i)] for i in range(5)])  # 2 rows each
+    assert counting.passes == passes
+
+
+def test_a_failed_local_pass_fails_its_requests_and_the_next_pass_runs(unet):
+    counting = CountingUNet(unet, fail_first=True)
+    local = LocalSteps(counting, None, max_rows=2)  # type: ignore[arg-type]
+    first, second = _run_concurrently(local, [[_step(1)], [_step(2)]])
+    assert isinstance(first, RuntimeError) and "the pass failed" in str(first)
+    torch.testing.assert_close(second[0], unet.forward(_step(2)), rtol=1e-4, atol=1e-5)
+    assert _run_concurrently(local, [[_step(3)]])[0][0].shape == (2, 4, 8, 8)
+
+
+def test_a_cancelled_generation_s_queued_step_is_dropped(unet):
+    counting = CountingUNet(unet)
+    local = LocalSteps(counting, None, max_rows=16)  # type: ignore[arg-type]
+
+    async def main():
+        doomed = asyncio.ensure_future(local.run([_step(1)]))
+        kept = asyncio.ensure_future(local.run([_step(2)]))
+        await asyncio.sleep(0)  # both queued; the pass has not started
+        doomed.cancel()
+        return await kept
+
+    out = asyncio.run(main())
+    assert counting.passes == [1] and out[0].shape == (2, 4, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("edit", "denoise_params", "reason"),
+    [
+        ({}, {}, ""),  # the default repository on a CPU: the UNet runs in denoise's process
+        ({}, {"unet_url": "other:8001"}, "on another server"),
+        ({"instance_group": [{"count": 2, "kind": "KIND_CPU"}]}, {}, "2 instances"),
+        ({"instance_group": [{"count": 1, "kind": "KIND_GPU", "gpus": [0]}]}, {}, "not KIND_CPU"),
+        ({"controlnet_inline": "off"}, {}, "controlnet_inline"),
+        (None, {}, "no config of the unet model 'unet'"),
+    ],
+)
+def test_when_denoise_runs_the_unet_itself(model_dir, edit, denoise_params, reason):
+    from triton_backend.config import read_model_config, triton_params
+    from triton_backend.serving.models import local_unet_refusal
+
+    config = read_model_config(REPO / "unet" / "config.pbtxt")
+    if edit is None:
+        config = None
+    elif "controlnet_inline" in edit:
+        config["parameters"]["controlnet_inline"] = {"string_value": edit["controlnet_inline"]}
+    else:
+        config.update(edit)
+    params = {**(triton_params(config) if config else {}), "model_dir": str(model_dir)}
+    unet_cfg = StageConfig.from_params("unet", params) if config else None
+    denoise_cfg = StageConfig.from_params("denoise", {"model_dir": str(model_dir), **denoise_params})
+    why = local_unet_refusal(denoise_cfg, "unet", config, unet_cfg)
+    assert reason in why if reason else why == ""

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,23 +208,27 @@ def budget_param(model: str, params: dict[str, str], name: str, default_mb: floa
     return int(float_param(model, params, name, default_mb) * (1 << 20))
 
 
-def instance_count(config_pbtxt: Path) -> int:
-    """Instances a ``config.pbtxt`` asks for: ``count`` per GPU listed (or once), summed over its
-    ``instance_group`` entries (1 when none is given).
+def read_model_config(config_pbtxt: Path) -> dict[str, Any]:
+    """A ``config.pbtxt`` as Triton's ``model_config`` JSON (protobuf field names; fields at their default left out),
+    parsed with tritonclient's definitions: what a stage reads of a stage it calls (``denoise`` of ``unet``).
     """
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
     try:
         text = config_pbtxt.read_text()
     except OSError:
         raise ConfigError(f"cannot read {config_pbtxt}") from None
-    try:  # exact, where tritonclient's protobuf definitions are installed
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-
+    try:
         config = text_format.Parse(text, model_config_pb2.ModelConfig())
-        return sum((g.count or 1) * max(1, len(g.gpus)) for g in config.instance_group) or 1
-    except ImportError:
-        pass
-    text = re.sub(r"#[^\n]*", "", text)
-    groups = re.findall(r"instance_group\s*\[(.*?)\]\s*(?:\n|$)", text, flags=re.S)
-    counts = [int(c) for g in groups for c in re.findall(r"count\s*:\s*(\d+)", g)]
-    return sum(counts) or 1
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{config_pbtxt}: {exc}") from None
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)
+
+
+def instance_count(config: dict[str, Any]) -> int:
+    """Instances (stub processes) a model config asks for: ``count`` per GPU listed (or once), summed over its
+    ``instance_group`` entries (1 when none is given).
+    """
+    groups = config.get("instance_group") or [{}]
+    return sum(int(g.get("count", 1)) * max(1, len(g.get("gpus", []))) for g in groups)

@@ -11,10 +11,15 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import StageUnavailableError
 from ..schema import DENOISE_INPUTS, TEXT_ENCODER_INPUTS
 from .io import failure_response, is_cancelled, make_response, read_tensors, send_final
 from .progress import ProgressListener, preview_every
 from .shell import ModelShell
+
+#: How long ``denoise`` may take to answer after hanging up on the stream before its last step (a failure or a
+#: cancellation answers at once; a process that died never does).
+ANSWER_AFTER_HANGUP_S = 5.0
 
 
 class StreamModel(ModelShell):
@@ -44,9 +49,10 @@ class StreamModel(ModelShell):
                 fields |= {"PROGRESS_ADDRESS": np.array([progress.address.encode()], np.object_)}
                 call = (self.called("denoise"), {**fields, **encoded}, ["LATENTS", "LORA_LANDED_STEP"])
                 denoised = asyncio.ensure_future(self.bls.infer([call]))
-                async for step in progress.events(denoised, lambda: is_cancelled(request) or is_cancelled(sender)):
-                    sender.send(make_response(step, self.pb))
-                (result,) = await denoised
+                last = None
+                async for last in progress.events(denoised, lambda: is_cancelled(request) or is_cancelled(sender)):
+                    sender.send(make_response(last, self.pb))
+                result = await self.answer_of(denoised, last)
             (decoded,) = await self.bls.infer([(self.called("vae"), {"LATENTS": result["LATENTS"]}, ["IMAGE"])])
             response = make_response(
                 {"IMAGE": decoded["IMAGE"], "LORA_LANDED_STEP": result["LORA_LANDED_STEP"]}, self.pb
@@ -54,6 +60,24 @@ class StreamModel(ModelShell):
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
             response = failure_response(exc, self.pb, self.logger)
         send_final(sender, response, self.pb)
+
+    async def answer_of(self, denoised: asyncio.Future[list[Any]], last: dict[str, np.ndarray] | None) -> Any:
+        """``denoise``'s answer. When its steps stopped short of the last one and no answer follows within
+        :data:`ANSWER_AFTER_HANGUP_S`, its process died: Triton never answers a request that a stub answers through
+        its response sender once that stub is gone, so this request fails now, naming the stage (the watchdog
+        reloads it), instead of at the client's deadline.
+        """
+        if last is None or last["STEP"][0] >= last["TOTAL_STEPS"][0] or denoised.done():
+            return (await denoised)[0]
+        try:
+            return (await asyncio.wait_for(asyncio.shield(denoised), ANSWER_AFTER_HANGUP_S))[0]
+        except TimeoutError:
+            denoised.cancel()
+            step, total = int(last["STEP"][0]), int(last["TOTAL_STEPS"][0])
+            raise StageUnavailableError(
+                f"{self.called('denoise')}: its process ended at step {step} of {total} (the server reloads the "
+                "stage; retry the request)"
+            ) from None
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:

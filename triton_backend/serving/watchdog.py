@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import instance_count
+
 
 def stub_processes(server_pid: int) -> dict[str, list[int]]:
     """Live Python stub processes of ``server_pid`` by model name (Linux ``/proc``; zombies are left out)."""
@@ -39,12 +41,6 @@ def stub_processes(server_pid: int) -> dict[str, list[int]]:
             if model_py is not None:
                 out.setdefault(model_py.parent.parent.name, []).append(pid)
     return out
-
-
-def instance_count(config: dict[str, Any]) -> int:
-    """Stub processes a Python model's config asks for: ``count`` per GPU listed (or once), summed over groups."""
-    groups = config.get("instance_group") or [{}]
-    return sum(int(g.get("count", 1)) * max(1, len(g.get("gpus", []))) for g in groups)
 
 
 def model_calls(config: dict[str, Any]) -> set[str]:
