@@ -4,11 +4,11 @@
                                      [--latency-only] [--out results/]
 
 1. one request, in-process diffusers (``StableDiffusionPipeline``, or ``StableDiffusionXLPipeline`` for an SDXL
-   model directory) vs. ``txt2img`` over gRPC (default repository: one unet instance with every core, batch-2 CFG),
-   measured in turns (alternating blocks), so a slow stretch of a shared machine falls on both;
+   model directory) vs. ``txt2img`` over gRPC (default repository: the UNet with every core in denoise's process,
+   batch-2 CFG), measured in turns (alternating blocks), so a slow stretch of a shared machine falls on both;
 2. batch-2 CFG vs. latent parallelism on two unet instances (a rendered copy of the repository);
 3. throughput and p50/p99 at concurrency 1, 2, 4, 8 with step-level batching on vs. off (dynamic batching
-   removed from unet in a rendered copy).
+   removed from unet's config in a rendered copy; denoise's local UNet batches as that config says).
 Prints a Markdown table and writes JSON under --out.
 """
 
@@ -152,7 +152,7 @@ def main() -> int:
         results["diffusers_in_process_s"] = statistics.median(ref)
         rows.append(("diffusers in-process (1 process, all threads)", statistics.median(ref), pct(ref, 95)))
         results["triton_batch2_cfg_s"] = statistics.median(b2)
-        rows.append(("txt2img, batch-2 CFG (1 unet instance, all threads)", statistics.median(b2), pct(b2, 95)))
+        rows.append(("txt2img, batch-2 CFG (the UNet in denoise, all threads)", statistics.median(b2), pct(b2, 95)))
         if args.latency_only:
             print_one_request(model_dir, req, args.repeats, rows)
             print(f"\nwrote {write_results(args.out, 'bench_pipeline_latency', results)}")

@@ -1,10 +1,12 @@
 """The benchmark users can trust: SwiftDiffusion vs. the stock-diffusers baseline in Triton, in one run.
 
     python scripts/benchmark.py [--preset tiny|cpu] [--arch sd1|sdxl] [--model-dir DIR] [--steps 8] [--repeats 10]
-                                [--rates 1,2,3] [--requests-per-rate 60] [--slo SECONDS] [--out results/]
+                                [--matrix-rounds 3] [--rates 1,2,3] [--requests-per-rate 60] [--slo SECONDS]
+                                [--out results/]
 
 1. the paper's adapter matrix (C ControlNets / L LoRAs): 0C/0L, 1C/0L, 0C/1L, 1C/1L, 3C/0L, 2C/2L, 3C/2L —
-   median and p95 latency through ``txt2img`` on both servers, and the ratio;
+   median and p95 latency through ``txt2img`` on both servers over ``--matrix-rounds`` blocks of ``--repeats``
+   requests each, the systems alternating block by block, and the ratio;
 2. a rate sweep over a production-like trace (Poisson arrivals, 0-3 ControlNets and 0-2 LoRAs per request, Zipf
    popularity over distinct adapters so caches matter), replayed open-loop over async gRPC against both, the same
    requests at every rate: throughput, goodput, p50/p99 and SLO attainment per rate, and **throughput at SLO** = the
@@ -15,8 +17,8 @@
 3. resident memory (RSS) per stage process of each server after the sweep.
 Writes ``benchmark.json``, ``benchmark.md`` and ``benchmark.png`` (latency matrix; attainment vs rate) under --out,
 with machine, preset and settings. Both servers are up for the whole run and take turns, never working at once (they
-would share the CPUs): each matrix cell and each rate point runs on the baseline, then at once on ours, so that a
-noisy stretch of a shared machine hits both alike. The baseline's capacity sets the rates.
+would share the CPUs): each block of a matrix cell and each rate point runs on the baseline, then at once on ours,
+so that a noisy stretch of a shared machine hits both alike. The baseline's capacity sets the rates.
 """
 
 from __future__ import annotations
@@ -93,8 +95,12 @@ def measure(repositories: dict[str, Path], model_dir: Path, args: argparse.Names
             results[name] = {"matrix": {}, "sweep": {}, "memory_idle": server.memory()}
         for cn, lora in MATRIX:
             req, cell = matrix_request(cn, lora, args.steps, args.size), f"{cn}C/{lora}L"
-            for name, c in clients.items():
-                results[name]["matrix"][cell] = summary(timed(lambda req=req, c=c: c.generate(req), args.repeats))
+            times: dict[str, list[float]] = {name: [] for name in clients}
+            for turn in range(args.matrix_rounds):  # blocks of --repeats, alternating between the systems
+                for name, c in clients.items():
+                    times[name] += timed(lambda req=req, c=c: c.generate(req), args.repeats, warmup=int(turn == 0))
+            for name in clients:
+                results[name]["matrix"][cell] = summary(times[name])
                 record(args, name, f"matrix-{cn}C{lora}L", results[name]["matrix"][cell])
                 print(f"  {name} {cell}: {results[name]['matrix'][cell]['median_s']:.3f} s", flush=True)
         # Steady state of a long-running server: every adapter the traces use has been used once (our caches are
@@ -188,7 +194,10 @@ def main() -> int:
     ap.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"], help="default-model architecture")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--size", type=int, default=0, help="pixels; 0 = the model's native size")
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=10, help="matrix: requests per block")
+    ap.add_argument(
+        "--matrix-rounds", type=int, default=3, help="matrix: blocks per system and cell, the systems alternating"
+    )
     ap.add_argument("--rates", default="", help="comma-separated req/s; default 0.5x..1.5x the baseline's capacity")
     ap.add_argument("--requests-per-rate", type=int, default=60)
     ap.add_argument("--capacity-requests", type=int, default=12, help="trace requests timed for the capacity")
@@ -246,7 +255,8 @@ def report(results: dict, args: argparse.Namespace) -> str:
     m = machine()
     lines = [
         f"Machine: {m['platform']}, {m['cpus']} CPUs{', ' + m['gpu'] if 'gpu' in m else ''}; {args.arch} preset "
-        f"{args.preset}; {args.steps} steps; {args.size}x{args.size}; matrix: median of {args.repeats}.",
+        f"{args.preset}; {args.steps} steps; {args.size}x{args.size}; matrix: median of {args.matrix_rounds} blocks of "
+        f"{args.repeats} per system, alternating.",
         "",
         "| adapters | SwiftDiffusion median s | p95 s | baseline median s | p95 s | speedup |",
         "|---|---|---|---|---|---|",

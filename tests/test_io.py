@@ -179,3 +179,23 @@ def test_send_final_marks_the_one_response_final():
     pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
     io.send_final(Sender(), "r", pb)
     assert sent == [("r", 1)]
+
+
+def test_cancellation_check_asks_the_server_at_most_once_per_interval():
+    class Counting:
+        asks = 0
+        cancelled = False
+
+        def is_cancelled(self) -> bool:
+            Counting.asks += 1
+            return self.cancelled
+
+    request = Counting()
+    check = io.cancellation_check(request, every_s=3600)
+    assert not check() and Counting.asks == 1  # the first call always asks
+    request.cancelled = True
+    assert not check() and Counting.asks == 1  # within the interval: the last answer
+    now = io.cancellation_check(request, every_s=0)
+    assert now() and now() and Counting.asks == 2  # once cancelled, it stays cancelled without asking again
+    sender = pb.Request({}, cancelled=True)
+    assert io.cancellation_check(pb.Request({}), sender)()  # any of several (the stream: request and sender)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import math
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -250,3 +252,26 @@ def is_cancelled(request: Any) -> bool:
     """``request.is_cancelled()`` where the backend has it (Triton >= 23.10)."""
     check = getattr(request, "is_cancelled", None)
     return bool(check()) if check is not None else False
+
+
+#: How often a generation asks the server whether its client cancelled it: each ask is a round trip between the stub
+#: and the server (measured: ~0.1 ms), every step otherwise.
+CANCEL_POLL_S = 0.05
+
+
+def cancellation_check(*requests: Any, every_s: float = CANCEL_POLL_S) -> Callable[[], bool]:
+    """Whether any of ``requests`` (requests or response senders) was cancelled, asked of the server at most once per
+    ``every_s`` (in between: the last answer); the first call always asks.
+    """
+    asked_at = -math.inf
+    cancelled = False
+
+    def check() -> bool:
+        nonlocal asked_at, cancelled
+        now = time.monotonic()
+        if not cancelled and now - asked_at >= every_s:
+            asked_at = now
+            cancelled = any(is_cancelled(r) for r in requests)
+        return cancelled
+
+    return check

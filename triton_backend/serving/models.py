@@ -30,8 +30,8 @@ from .events import trace
 from .io import (
     BlsCall,
     Tensors,
+    cancellation_check,
     failure_response,
-    is_cancelled,
     make_response,
     read_tensors,
     respond_batched,
@@ -168,6 +168,59 @@ class VaeModel(StageModel):
         return vae.VaeDecoder(cfg)
 
 
+class UNetHost:
+    """A UNet and the way its steps reach their ControlNets: the ``unet`` model's, and ``denoise``'s own with
+    ``unet_local`` (built from the ``unet`` model's config, so both read the same parameters).
+
+    Parameter ``controlnet_inline`` (``auto`` = on for a CPU instance, unless ``controlnet_url`` puts the service
+    on another server): run a step's ControlNets in this process after the encoder half, with its threads, instead
+    of sending them to the ``controlnet`` model (see :meth:`control`).
+    """
+
+    def __init__(self, cfg: StageConfig, bls: Any, logger: Any):
+        self.bls = bls
+        self.controlnet_model = cfg.stage("controlnet")
+        inline = self.controlnets_inline(cfg)
+        self.inline = ControlNetService.from_config(cfg) if inline else None
+        logger.log_info(f"{cfg.model_name}: controlnet_inline={'on' if inline else 'off'}")
+        self.unet = unet.UNetStep(cfg)
+
+    @staticmethod
+    def controlnets_inline(cfg: StageConfig) -> bool:
+        """``controlnet_inline`` resolved: ``auto`` = on for a CPU instance, unless ``controlnet_url`` is set."""
+        inline = switch_param(cfg.model_name, cfg.params, "controlnet_inline")
+        if inline == "auto":
+            return cfg.device.type == "cpu" and not cfg.params.get("controlnet_url")
+        return inline == "on"
+
+    def control(self, step: unet.StepInput) -> unet.ResidualsWait:
+        """Start one ``controlnet`` *step* request per ControlNet of ``step`` (its rows); return a waiter.
+
+        Inline: no request; the waiter runs the ControlNets here, after the encoder half, with this process's
+        threads (on a CPU with few cores this beats a 1-thread service next to the UNet).
+        """
+        if self.inline is not None:
+            service = self.inline
+            rows = [ControlRow.from_step(step, ref.name, ref.hint_file, ref.scale) for ref in step.controlnets]
+            return lambda: service.step_many(rows)
+        tensors = unet.step_tensors(step)
+        calls = [
+            (self.controlnet_model, controlnet_wire.step_request_tensors(tensors, ref), ["RESIDUALS"])
+            for ref in step.controlnets
+        ]
+        trace("unet_controlnet_sent", n=len(calls))
+        # Started on the BLS loop, so the encoder half runs while they are in flight.
+        futures = [self.bls.submit(self.bls.infer([call])) for call in calls]
+        return lambda: [torch.from_numpy(f.result()[0]["RESIDUALS"]) for f in futures]
+
+    def forward_many(self, steps: list[unet.StepInput]) -> list[torch.Tensor]:
+        return self.unet.forward_many(steps, self.control)
+
+    def close(self) -> None:
+        if self.inline is not None:
+            self.inline.close()
+
+
 def local_unet_refusal(
     cfg: StageConfig, unet_model: str, unet_config: dict[str, Any] | None, unet_cfg: StageConfig | None
 ) -> str:
@@ -190,7 +243,8 @@ def local_unet_refusal(
 
 
 class DenoiseModel(StageModel):
-    """``denoise``: request fields + ``PROMPT_EMBEDS`` → ``LATENTS``; calls ``unet`` over BLS once per step.
+    """``denoise``: request fields + ``PROMPT_EMBEDS`` → ``LATENTS``; one UNet pass per step, in this process
+    (``unet_local``, :meth:`build_local_unet`) or as a BLS call to ``unet``.
 
     One instance drives every generation: ``execute`` hands each request to a coroutine on the instance's BLS loop and
     returns; the coroutine waits for the step scheduler (:mod:`triton_backend.slo`) before each step and answers
@@ -303,6 +357,8 @@ class DenoiseModel(StageModel):
         if "LATENT_PARALLEL" in tensors:
             parallel = bool(np.asarray(tensors.pop("LATENT_PARALLEL")).reshape(-1)[0])
 
+        cancelled = cancellation_check(request)
+
         async def one_call(*call: Any) -> torch.Tensor:
             return (await self.unet_many([call]))[0]
 
@@ -317,7 +373,7 @@ class DenoiseModel(StageModel):
             denoise.latent_parallel(self.unet_many) if parallel else one_call,
             arrival,
             load_loras=lambda loras: asyncio.ensure_future(self.load_adapters(loras)),
-            is_cancelled=lambda: is_cancelled(request) or (progress is not None and progress.closed),
+            is_cancelled=lambda: cancelled() or (progress is not None and progress.closed),
             prepare_hints=self.prepare_hints,
             on_step=on_step if progress is not None else None,
         )
@@ -351,59 +407,6 @@ class DenoiseModel(StageModel):
         super().finalize()  # (the BLS client stops first: no step runs on after this)
         if self.unet_host is not None:
             self.unet_host.close()
-
-
-class UNetHost:
-    """A UNet and the way its steps reach their ControlNets: the ``unet`` model's, and ``denoise``'s own with
-    ``unet_local`` (built from the ``unet`` model's config, so both read the same parameters).
-
-    Parameter ``controlnet_inline`` (``auto`` = on for a CPU instance, unless ``controlnet_url`` puts the service
-    on another server): run a step's ControlNets in this process after the encoder half, with its threads, instead
-    of sending them to the ``controlnet`` model (see :meth:`control`).
-    """
-
-    def __init__(self, cfg: StageConfig, bls: Any, logger: Any):
-        self.bls = bls
-        self.controlnet_model = cfg.stage("controlnet")
-        inline = self.controlnets_inline(cfg)
-        self.inline = ControlNetService.from_config(cfg) if inline else None
-        logger.log_info(f"{cfg.model_name}: controlnet_inline={'on' if inline else 'off'}")
-        self.unet = unet.UNetStep(cfg)
-
-    @staticmethod
-    def controlnets_inline(cfg: StageConfig) -> bool:
-        """``controlnet_inline`` resolved: ``auto`` = on for a CPU instance, unless ``controlnet_url`` is set."""
-        inline = switch_param(cfg.model_name, cfg.params, "controlnet_inline")
-        if inline == "auto":
-            return cfg.device.type == "cpu" and not cfg.params.get("controlnet_url")
-        return inline == "on"
-
-    def control(self, step: unet.StepInput) -> unet.ResidualsWait:
-        """Start one ``controlnet`` *step* request per ControlNet of ``step`` (its rows); return a waiter.
-
-        Inline: no request; the waiter runs the ControlNets here, after the encoder half, with this process's
-        threads (on a CPU with few cores this beats a 1-thread service next to the UNet).
-        """
-        if self.inline is not None:
-            service = self.inline
-            rows = [ControlRow.from_step(step, ref.name, ref.hint_file, ref.scale) for ref in step.controlnets]
-            return lambda: service.step_many(rows)
-        tensors = unet.step_tensors(step)
-        calls = [
-            (self.controlnet_model, controlnet_wire.step_request_tensors(tensors, ref), ["RESIDUALS"])
-            for ref in step.controlnets
-        ]
-        trace("unet_controlnet_sent", n=len(calls))
-        # Started on the BLS loop, so the encoder half runs while they are in flight.
-        futures = [self.bls.submit(self.bls.infer([call])) for call in calls]
-        return lambda: [torch.from_numpy(f.result()[0]["RESIDUALS"]) for f in futures]
-
-    def forward_many(self, steps: list[unet.StepInput]) -> list[torch.Tensor]:
-        return self.unet.forward_many(steps, self.control)
-
-    def close(self) -> None:
-        if self.inline is not None:
-            self.inline.close()
 
 
 class UNetModel(StageModel):

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import StageUnavailableError
 from ..schema import DENOISE_INPUTS, TEXT_ENCODER_INPUTS
-from .io import failure_response, is_cancelled, make_response, read_tensors, send_final
+from .io import cancellation_check, failure_response, make_response, read_tensors, send_final
 from .progress import ProgressListener, preview_every
 from .shell import ModelShell
 
@@ -50,7 +50,7 @@ class StreamModel(ModelShell):
                 call = (self.called("denoise"), {**fields, **encoded}, ["LATENTS", "LORA_LANDED_STEP"])
                 denoised = asyncio.ensure_future(self.bls.infer([call]))
                 last = None
-                async for last in progress.events(denoised, lambda: is_cancelled(request) or is_cancelled(sender)):
+                async for last in progress.events(denoised, cancellation_check(request, sender)):
                     sender.send(make_response(last, self.pb))
                 result = await self.answer_of(denoised, last)
             (decoded,) = await self.bls.infer([(self.called("vae"), {"LATENTS": result["LATENTS"]}, ["IMAGE"])])

@@ -182,9 +182,11 @@ class LocalSteps:
     model without dynamic batching); requests that arrive during a pass go into the next one.
 
     A pass runs on the loop's own thread. The UNet holds every core for its duration anyway, and the generations
-    on the loop have nothing to do but wait for it; the same pass on a worker thread ran at half speed (measured in
-    a ``denoise`` stub on 2 cores: 50 ms a step instead of 28). So ``control`` must not wait for the loop
-    (ControlNets inline, not over BLS).
+    on the loop have nothing to do but wait for it. A pass on a worker thread ran at half speed (in a ``denoise``
+    stub on 2 cores: 50 ms a step instead of 28; in a plain process, any second thread that runs torch after the
+    first did: 56 vs 27 ms): each thread that starts OpenMP regions gets its own team, and with more OpenMP threads
+    than cores GNU OpenMP stops spinning at its barriers. So ``control`` must not wait for the loop (ControlNets
+    inline, not over BLS).
     """
 
     def __init__(self, unet: UNetStep, control: ControlFn | None, max_rows: int):
