@@ -159,8 +159,9 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     # Test-only: every lora_manager response waits this long, so a 4-step request always reaches its bound k
     # first and the landing step is deterministic (== LORA_BOUND_K).
     # Stages append timestamps to this trace file (ControlNet overlap test).
-    # The ControlNet service as a GPU deployment runs it (its own process, batched, overlapping the encoder half):
-    # on a CPU the default is the UNet running ControlNets inline (controlnet_inline auto), tested on its own.
+    # The ControlNet service as a GPU deployment runs it (its own process, batched, overlapping the encoder half),
+    # and so every step as a BLS call to unet (unet_local auto is off with the ControlNets not inline): the staged
+    # layout. The CPU default, the UNet in denoise's process with its ControlNets inline, is default_server.
     trace = tmp_path_factory.mktemp("trace") / "trace.jsonl"
     env = {"SWIFTDIFFUSION_LORA_TEST_DELAY_S": str(LORA_DELAY_S), "SWIFTDIFFUSION_TRACE_FILE": str(trace)}
     kwargs = {}
@@ -175,6 +176,18 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             overrides={"unet": {"controlnet_inline": "off"}},
         )
     srv = start_server(model_dir, tmp_path_factory.mktemp("triton"), env, **kwargs)
+    srv.trace_file = trace
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def default_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The repository as shipped, on a CPU: the UNet runs in ``denoise``'s process (``unet_local``) and runs its
+    ControlNets inline (``controlnet_inline``); stages append timestamps to ``trace_file``.
+    """
+    trace = tmp_path_factory.mktemp("trace-default") / "trace.jsonl"
+    srv = start_server(model_dir, tmp_path_factory.mktemp("triton-default"), {"SWIFTDIFFUSION_TRACE_FILE": str(trace)})
     srv.trace_file = trace
     yield srv
     srv.stop()

@@ -218,19 +218,7 @@ def test_a_controlnet_directory_deleted_while_resident_is_refused_and_the_server
         shutil.rmtree(copy, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def inline_server(model_dir, tmp_path_factory):
-    """The default CPU deployment: ``controlnet_inline`` auto, so the UNet runs the ControlNets itself."""
-    from .helpers import start_server
-
-    trace = tmp_path_factory.mktemp("trace-inline") / "trace.jsonl"
-    srv = start_server(model_dir, tmp_path_factory.mktemp("triton-inline"), {"SWIFTDIFFUSION_TRACE_FILE": str(trace)})
-    srv.trace_file = trace
-    yield srv
-    srv.stop()
-
-
-def test_inline_controlnets_equal_diffusers_and_the_service(inline_server, client, reference, model_dir):
+def test_inline_controlnets_equal_diffusers_and_the_service(default_server, client, reference, model_dir):
     from swiftdiffusion_client import Client
 
     reqs = [
@@ -247,12 +235,12 @@ def test_inline_controlnets_equal_diffusers_and_the_service(inline_server, clien
             controlnet_guidance_start=(0.0, 0.25),
         ),
     ]
-    inline_server.trace_file.write_text("")
-    with Client(inline_server.grpc_url, timeout_s=120) as inline:
+    default_server.trace_file.write_text("")
+    with Client(default_server.grpc_url, timeout_s=120) as inline:
         for req in reqs:
             image = inline.generate(req)
             assert_same_image(image, diffusers_controlnet_image(reference, model_dir, req))
             assert_same_image(image, client.generate(req))  # the service's image
-    events = [json.loads(line)["event"] for line in inline_server.trace_file.read_text().splitlines()]
+    events = [json.loads(line)["event"] for line in default_server.trace_file.read_text().splitlines()]
     assert "unet_controlnet_sent" not in events and "controlnet_step_start" not in events  # no service step ran
     assert not _hint_files()

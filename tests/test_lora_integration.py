@@ -48,7 +48,13 @@ def test_without_loras_landed_step_is_minus_one_and_base_is_untouched(client, re
     assert_same_image(result.image, reference(req))
 
 
-def test_concurrent_requests_with_different_lora_sets_each_equal_their_reference(server, reference):
+@pytest.mark.parametrize("layout", ["server", "default_server"])
+def test_concurrent_requests_with_different_lora_sets_each_equal_their_reference(layout, request, reference):
+    """Both layouts: steps as BLS calls to ``unet`` (``server``), and the UNet in ``denoise``'s process, where the
+    generations' steps are batched on its loop (``default_server``); rows with different LoRA sets never share
+    weights.
+    """
+    server = request.getfixturevalue(layout)
     sets = [
         (),
         ("ink_kohya",),
