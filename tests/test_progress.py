@@ -76,6 +76,24 @@ def test_a_denoise_call_that_fails_before_connecting_ends_the_relay():
     asyncio.run(main())
 
 
+def test_a_closing_frame_tells_a_deliberate_end_from_a_dead_sender():
+    """``denoise`` closes with :data:`END_STEP`; a socket that just ends (its process died) is told apart."""
+
+    async def one(deliberate: bool) -> tuple[bool, int]:
+        async with ProgressListener() as listener:
+            sender = await ProgressSender.connect(listener.address)
+            sender.send(1, 150)
+            if deliberate:
+                await sender.close()
+            else:
+                sender._writer.transport.abort()  # what the kernel does to a killed process's socket
+            frames = await asyncio.wait_for(collect(listener, asyncio.get_running_loop().create_future()), 5)
+            return listener.ended, len(frames)
+
+    assert asyncio.run(one(True)) == (True, 1)
+    assert asyncio.run(one(False)) == (False, 1)
+
+
 @pytest.mark.parametrize("value", [b"", b"/tmp/x", b"swiftdiffusion_progress_../x", b"other_0123456789"])
 def test_only_addresses_of_this_module_are_accepted(value):
     with pytest.raises(InvalidRequestError, match="PROGRESS_ADDRESS"):

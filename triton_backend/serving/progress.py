@@ -5,8 +5,10 @@
 For its per-step responses it listens on a socket in Linux's abstract namespace (no file; it goes away with its
 listener or its process) and names it in ``denoise``'s optional input ``PROGRESS_ADDRESS``. ``denoise`` connects,
 writes one frame per step (:data:`FRAME`: step, total steps, preview height and width, then the preview's RGB
-bytes) and closes after the last step, before it answers. Closing the socket from the stream side (the client
-closed its stream) is how ``denoise`` learns that the generation is cancelled: it stops at its next step.
+bytes) and closes after the last step (or a failure), with a closing frame (:data:`END_STEP`), before it answers;
+a socket that ends without that frame ended with ``denoise``'s process. Closing the socket from the stream side
+(the client closed its stream) is how ``denoise`` learns that the generation is cancelled: it stops at its next
+step.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from ..errors import CancelledError, InvalidRequestError
 
 #: One step: step number (1-based), total steps, preview height and width (0, 0: no preview); RGB bytes follow.
 FRAME = struct.Struct("!iiii")
+#: The step number of the frame ``denoise`` writes last, when it closes on purpose (done, failed or cancelled): a
+#: socket that ends without it ended with ``denoise``'s process.
+END_STEP = -1
 #: Abstract socket names ``denoise`` connects to; nothing else (``PROGRESS_ADDRESS`` is a request input).
 ADDRESS = re.compile(r"swiftdiffusion_progress_[0-9a-f]{8,64}")
 #: How often the stream side checks for a cancelled request while no frame arrives (seconds).
@@ -70,6 +75,9 @@ class ProgressListener:
     def __init__(self) -> None:
         self.address = f"swiftdiffusion_progress_{os.getpid():x}{uuid.uuid4().hex}"
         self.connected = False
+        #: ``denoise`` closed on purpose (:data:`END_STEP`): its answer follows. ``False`` once the socket ended
+        #: means its process ended.
+        self.ended = False
         self._closed = False
         self._frames: asyncio.Queue[dict[str, np.ndarray] | None] = asyncio.Queue()
         self._server: asyncio.AbstractServer | None = None
@@ -83,6 +91,11 @@ class ProgressListener:
         self.close()
         if self._server is not None:
             self._server.close()
+
+    @property
+    def hung_up(self) -> bool:
+        """The stream side hung up (:meth:`close`): ``denoise`` cancels at its next step and answers then."""
+        return self._closed
 
     def close(self) -> None:
         """Hang up on ``denoise`` (which then cancels the generation at its next step). The socket keeps listening
@@ -102,6 +115,9 @@ class ProgressListener:
         try:
             while True:
                 step, total, h, w = FRAME.unpack(await reader.readexactly(FRAME.size))
+                if step == END_STEP:
+                    self.ended = True
+                    break
                 out: dict[str, np.ndarray] = {
                     "STEP": np.array([step], np.int32),
                     "TOTAL_STEPS": np.array([total], np.int32),
@@ -174,7 +190,11 @@ class ProgressSender:
             self._writer.write(encode_frame(step, total, preview))
 
     async def close(self) -> None:
-        """Flush what is buffered, then close: the stream side reads every frame before ``denoise`` answers."""
+        """Say so (:data:`END_STEP`), flush what is buffered, then close: the stream side reads every frame before
+        ``denoise`` answers.
+        """
+        if not self.closed:
+            self._writer.write(FRAME.pack(END_STEP, 0, 0, 0))
         self._writer.close()
         try:
             await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT_S)

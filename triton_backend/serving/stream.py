@@ -17,9 +17,8 @@ from .io import cancellation_check, failure_response, make_response, read_tensor
 from .progress import ProgressListener, preview_every
 from .shell import ModelShell
 
-#: How long ``denoise`` may take to answer after hanging up on the stream before its last step (a failure or a
-#: cancellation answers at once; a process that died never does).
-ANSWER_AFTER_HANGUP_S = 5.0
+#: How long an answer of ``denoise`` may still take once its socket ended without its closing frame.
+ANSWER_AFTER_HANGUP_S = 2.0
 
 
 class StreamModel(ModelShell):
@@ -52,7 +51,7 @@ class StreamModel(ModelShell):
                 last = None
                 async for last in progress.events(denoised, cancellation_check(request, sender)):
                     sender.send(make_response(last, self.pb))
-                result = await self.answer_of(denoised, last)
+                result = await self.answer_of(denoised, progress, last)
             (decoded,) = await self.bls.infer([(self.called("vae"), {"LATENTS": result["LATENTS"]}, ["IMAGE"])])
             response = make_response(
                 {"IMAGE": decoded["IMAGE"], "LORA_LANDED_STEP": result["LORA_LANDED_STEP"]}, self.pb
@@ -61,22 +60,23 @@ class StreamModel(ModelShell):
             response = failure_response(exc, self.pb, self.logger)
         send_final(sender, response, self.pb)
 
-    async def answer_of(self, denoised: asyncio.Future[list[Any]], last: dict[str, np.ndarray] | None) -> Any:
-        """``denoise``'s answer. When its steps stopped short of the last one and no answer follows within
-        :data:`ANSWER_AFTER_HANGUP_S`, its process died: Triton never answers a request that a stub answers through
-        its response sender once that stub is gone, so this request fails now, naming the stage (the watchdog
-        reloads it), instead of at the client's deadline.
+    async def answer_of(
+        self, denoised: asyncio.Future[list[Any]], progress: ProgressListener, last: dict[str, np.ndarray] | None
+    ) -> Any:
+        """``denoise``'s answer. When its socket ended without its closing frame (and this side did not hang up),
+        its process ended: Triton never answers a request that a stub answers through its response sender once
+        that stub is gone, so this request fails now, naming the stage (the watchdog reloads it), instead of at the
+        client's deadline. (:data:`ANSWER_AFTER_HANGUP_S` lets an answer already on its way arrive.)
         """
-        if last is None or last["STEP"][0] >= last["TOTAL_STEPS"][0] or denoised.done():
+        if progress.ended or progress.hung_up or not progress.connected or denoised.done():
             return (await denoised)[0]
         try:
             return (await asyncio.wait_for(asyncio.shield(denoised), ANSWER_AFTER_HANGUP_S))[0]
         except TimeoutError:
             denoised.cancel()
-            step, total = int(last["STEP"][0]), int(last["TOTAL_STEPS"][0])
+            at = f" at step {int(last['STEP'][0])} of {int(last['TOTAL_STEPS'][0])}" if last is not None else ""
             raise StageUnavailableError(
-                f"{self.called('denoise')}: its process ended at step {step} of {total} (the server reloads the "
-                "stage; retry the request)"
+                f"{self.called('denoise')}: its process ended{at} (the server reloads the stage; retry the request)"
             ) from None
 
     def execute(self, requests: list[Any]) -> None:
