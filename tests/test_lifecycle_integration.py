@@ -1,5 +1,6 @@
 """Server lifecycle on the real server: drain on stop, a quick idle exit, no orphans when the launcher is killed,
-and what a SIGKILLed server left in /dev/shm swept by the next start without touching a live server's files.
+what a SIGKILLed server left in /dev/shm swept by the next start without touching a live server's files, and a
+load that fails naming the bad parameter.
 """
 
 from __future__ import annotations
@@ -126,3 +127,17 @@ def test_the_watchdog_leaves_a_model_the_operator_unloaded(model_dir, tmp_path):
     finally:
         client.close()
         srv.stop()
+
+
+def test_a_bad_latent_parallel_fails_the_load_naming_it_with_the_unet_in_denoise(model_dir, tmp_path):
+    """Checked in the default CPU layout too, where latent parallelism is off whatever the parameter says."""
+    from triton_backend.serving.repository import Pipeline, render
+    from triton_backend.serving.server import ServerError
+
+    overrides = {"denoise": {"latent_parallel": "sometimes"}}
+    repo = render(
+        tmp_path / "repo", [Pipeline("txt2img", model_dir)], stage_prefix="", load_stages=False, overrides=overrides
+    )
+    with pytest.raises(ServerError):
+        start_server(model_dir, tmp_path, model_repository=repo, watch_interval=None)
+    assert "latent_parallel='sometimes'" in (tmp_path / "server.log").read_text()

@@ -272,12 +272,11 @@ class DenoiseModel(StageModel):
         unet_instances = instance_count(unet_config) if unet_config is not None else 1
         #: ``unet_local``: the UNet runs in this process (:class:`~triton_backend.stages.unet.LocalSteps`).
         self.local_unet = self.build_local_unet(cfg, unet_config)
-        try:
-            self.latent_parallel = self.local_unet is None and denoise.resolve_latent_parallel(
-                cfg.params.get("latent_parallel", "auto"), unet_instances
-            )
+        try:  # (checked with the UNet in this process too: a bad value fails the load either way)
+            parallel = denoise.resolve_latent_parallel(cfg.params.get("latent_parallel", "auto"), unet_instances)
         except ValueError as exc:
             raise ConfigError(f"{cfg.model_name}: {exc}") from None
+        self.latent_parallel = parallel and self.local_unet is None
         self.logger.log_info(
             f"denoise: unet_local={'on' if self.local_unet else 'off'}, latent_parallel={self.latent_parallel} "
             f"(unet instances: {unet_instances})"
@@ -317,7 +316,7 @@ class DenoiseModel(StageModel):
         unet_cfg.apply_torch_settings()  # (the UNet's threads: every core by default)
         self.unet_host = UNetHost(unet_cfg, self.bls, self.logger)
         rows = int(unet_config.get("max_batch_size", 0)) if "dynamic_batching" in unet_config else 0
-        return unet.LocalSteps(self.unet_host.unet, self.unet_host.control, rows)
+        return unet.LocalSteps(self.unet_host.forward_many, rows)
 
     def step_inputs(self, call: denoise.UNetCall) -> Tensors:
         """The ``unet`` request of one UNet call: the step's tensors, its LoRA set and its ControlNets."""
