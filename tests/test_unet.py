@@ -69,11 +69,11 @@ class CountingUNet:
     def __init__(self, unet, fail_first: bool = False):
         self.unet, self.passes, self.fail_first = unet, [], fail_first
 
-    def forward_many(self, steps, control=None):
+    def forward_many(self, steps):
         self.passes.append(len(steps))
         if self.fail_first and len(self.passes) == 1:
             raise RuntimeError("the pass failed")
-        return self.unet.forward_many(steps, control)
+        return self.unet.forward_many(steps)
 
 
 def _run_concurrently(local, groups):
@@ -87,7 +87,7 @@ def _run_concurrently(local, groups):
 
 def test_local_steps_batch_the_requests_queued_together_and_each_gets_its_own_result(unet):
     counting = CountingUNet(unet)
-    local = LocalSteps(counting, None, max_rows=16)  # type: ignore[arg-type]
+    local = LocalSteps(counting.forward_many, max_rows=16)
     groups = [[_step(1)], [_step(2, rows=1)], [_step(3), _step(4)]]
     results = _run_concurrently(local, groups)
     assert counting.passes == [4]  # one pass for the four requests queued in the same turn
@@ -100,14 +100,14 @@ def test_local_steps_batch_the_requests_queued_together_and_each_gets_its_own_re
 def test_local_steps_keep_to_the_row_limit_of_a_pass(unet, max_rows, passes):
     """``max_rows`` rows per pass (the unet model's ``max_batch_size``); 0 = no batching (one request per pass)."""
     counting = CountingUNet(unet)
-    local = LocalSteps(counting, None, max_rows=max_rows)  # type: ignore[arg-type]
+    local = LocalSteps(counting.forward_many, max_rows=max_rows)
     _run_concurrently(local, [[_step(i)] for i in range(5)])  # 2 rows each
     assert counting.passes == passes
 
 
 def test_a_failed_local_pass_fails_its_requests_and_the_next_pass_runs(unet):
     counting = CountingUNet(unet, fail_first=True)
-    local = LocalSteps(counting, None, max_rows=2)  # type: ignore[arg-type]
+    local = LocalSteps(counting.forward_many, max_rows=2)
     first, second = _run_concurrently(local, [[_step(1)], [_step(2)]])
     assert isinstance(first, RuntimeError) and "the pass failed" in str(first)
     torch.testing.assert_close(second[0], unet.forward(_step(2)), rtol=1e-4, atol=1e-5)
@@ -116,7 +116,7 @@ def test_a_failed_local_pass_fails_its_requests_and_the_next_pass_runs(unet):
 
 def test_a_cancelled_generation_s_queued_step_is_dropped(unet):
     counting = CountingUNet(unet)
-    local = LocalSteps(counting, None, max_rows=16)  # type: ignore[arg-type]
+    local = LocalSteps(counting.forward_many, max_rows=16)
 
     async def main():
         doomed = asyncio.ensure_future(local.run([_step(1)]))

@@ -185,13 +185,13 @@ class LocalSteps:
     on the loop have nothing to do but wait for it. A pass on a worker thread ran at half speed (in a ``denoise``
     stub on 2 cores: 50 ms a step instead of 28; in a plain process, any second thread that runs torch after the
     first did: 56 vs 27 ms): each thread that starts OpenMP regions gets its own team, and with more OpenMP threads
-    than cores GNU OpenMP stops spinning at its barriers. So ``control`` must not wait for the loop (ControlNets
+    than cores GNU OpenMP stops spinning at its barriers. So ``forward_many`` must not wait for the loop (ControlNets
     inline, not over BLS).
     """
 
-    def __init__(self, unet: UNetStep, control: ControlFn | None, max_rows: int):
-        self.unet = unet
-        self.control = control
+    def __init__(self, forward_many: Callable[[list[StepInput]], list[torch.Tensor]], max_rows: int):
+        #: One pass over several step requests, one output each (:meth:`UNetStep.forward_many` with its ControlNets).
+        self.forward_many = forward_many
         self.max_rows = max_rows
         self._queue: list[Queued] = []
         #: The task that runs passes while requests are queued (a reference kept: the loop holds tasks weakly).
@@ -227,7 +227,7 @@ class LocalSteps:
                 if not batch:
                     return
                 try:
-                    outputs = self.unet.forward_many([s for s, _ in batch], self.control)
+                    outputs = self.forward_many([s for s, _ in batch])
                 except Exception as exc:  # noqa: BLE001 - the pass failed: every request in it gets the error
                     for _, future in batch:
                         if not future.done():
