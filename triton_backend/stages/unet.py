@@ -155,14 +155,7 @@ class UNetStep:
         order = sorted(groups, key=lambda key: key[-1] != self.patcher.current)
         for key in order:
             indices = groups[key]
-            merged = StepInput(
-                torch.cat([steps[i].sample for i in indices]),
-                torch.cat([steps[i].timestep.reshape(-1) for i in indices]),
-                torch.cat([steps[i].encoder_hidden_states for i in indices]),
-                steps[indices[0]].adapters,
-                text_embeds=_cat_optional([steps[i].text_embeds for i in indices]),
-                time_ids=_cat_optional([steps[i].time_ids for i in indices]),
-            )
+            merged = merge_rows([steps[i] for i in indices])
             noise = self._split_forward(merged, [(steps[i].sample.shape[0], waits.get(i)) for i in indices])
             for i, chunk in zip(indices, noise.split([steps[i].sample.shape[0] for i in indices]), strict=True):
                 outputs[i] = chunk
@@ -238,6 +231,20 @@ class LocalSteps:
                         future.set_result(out)
         finally:
             self._drainer = None
+
+
+def merge_rows(steps: list[StepInput]) -> StepInput:
+    """Steps that share a :meth:`StepInput.batch_key` as one (their rows concatenated); a single step as it is."""
+    if len(steps) == 1:
+        return steps[0]
+    return StepInput(
+        torch.cat([s.sample for s in steps]),
+        torch.cat([s.timestep.reshape(-1) for s in steps]),
+        torch.cat([s.encoder_hidden_states for s in steps]),
+        steps[0].adapters,
+        text_embeds=_cat_optional([s.text_embeds for s in steps]),
+        time_ids=_cat_optional([s.time_ids for s in steps]),
+    )
 
 
 def _cat_optional(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
