@@ -107,7 +107,6 @@ class StageConfig:
             max_hint_bytes=int_param(model_name, params, "max_hint_bytes", RequestLimits.max_hint_bytes, minimum=1),
         )
         stages = called_stages(params)
-        gate = switch_param(model_name, params, "cpu_gate")
         return cls(
             model_name,
             model_dir,
@@ -117,7 +116,7 @@ class StageConfig:
             limits,
             stages,
             dict(params),
-            cpu_gate=gate == "on" or (gate == "auto" and device.type == "cpu" and instance_count == 1),
+            cpu_gate=switch_on(model_name, params, "cpu_gate", auto=device.type == "cpu" and instance_count == 1),
         )
 
     def apply_torch_settings(self) -> None:
@@ -187,6 +186,14 @@ def switch_param(model: str, params: dict[str, str], name: str) -> str:
     if value not in ("auto", "on", "off"):
         raise ConfigError(f"{model}: parameter {name}={value!r}; allowed: auto, on, off")
     return value
+
+
+def switch_on(model: str, params: dict[str, str], name: str, auto: bool) -> bool:
+    """A :func:`switch_param` as a bool: ``on``, ``off``, or ``auto`` = the stage's own rule for its device and
+    layout (``auto``).
+    """
+    value = switch_param(model, params, name)
+    return auto if value == "auto" else value == "on"
 
 
 def float_param(model: str, params: dict[str, str], name: str, default: float, minimum: float = 0.0) -> float:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import StageConfig, instance_count, read_model_config, switch_param, triton_params
+from ..config import StageConfig, instance_count, read_model_config, switch_on, switch_param, triton_params
 from ..controlnet import wire as controlnet_wire
 from ..controlnet.service import ControlNetService, ControlRow
 from ..errors import ConfigError
@@ -188,10 +188,8 @@ class UNetHost:
     @staticmethod
     def controlnets_inline(cfg: StageConfig) -> bool:
         """``controlnet_inline`` resolved: ``auto`` = on for a CPU instance, unless ``controlnet_url`` is set."""
-        inline = switch_param(cfg.model_name, cfg.params, "controlnet_inline")
-        if inline == "auto":
-            return cfg.device.type == "cpu" and not cfg.params.get("controlnet_url")
-        return inline == "on"
+        auto = cfg.device.type == "cpu" and not cfg.params.get("controlnet_url")
+        return switch_on(cfg.model_name, cfg.params, "controlnet_inline", auto=auto)
 
     def control(self, step: unet.StepInput) -> unet.ResidualsWait:
         """Start one ``controlnet`` *step* request per ControlNet of ``step`` (its rows); return a waiter.

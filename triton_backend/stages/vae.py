@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import StageConfig, switch_param
+from ..config import StageConfig, switch_on
 from ..errors import InvalidRequestError
 from ..model_info import ModelInfo, load_part
 
@@ -31,8 +31,7 @@ class VaeDecoder:
         22.3 -> 15.8 ms, 512x512 464 -> 331 ms; the same image within float rounding (at most 1 uint8 level). Not
         measured on a GPU yet, so ``auto`` leaves it off there.
         """
-        mode = switch_param(cfg.model_name, cfg.params, "channels_last")
-        return mode == "on" or (mode == "auto" and cfg.device.type == "cpu")
+        return switch_on(cfg.model_name, cfg.params, "channels_last", auto=cfg.device.type == "cpu")
 
     @staticmethod
     def decode_dtype(info: ModelInfo, dtype: torch.dtype) -> torch.dtype:
