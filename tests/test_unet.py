@@ -156,3 +156,76 @@ def test_when_denoise_runs_the_unet_itself(model_dir, edit, denoise_params, reas
     denoise_cfg = StageConfig.from_params("denoise", {"model_dir": str(model_dir), **denoise_params})
     why = local_unet_refusal(denoise_cfg, "unet", config, unet_cfg)
     assert reason in why if reason else why == ""
+
+
+def _frozen_vs_eager(unet, step, residuals=None):
+    """Noise prediction of ``step`` through ``unet.frozen``'s graphs and through the eager halves."""
+    from triton_backend.controlnet.unet_split import decoder_half, encoder_half
+
+    added = step.added_cond_kwargs()
+    with torch.inference_mode():
+        args = (step.sample, step.timestep, step.encoder_hidden_states, added)
+        frozen = unet.frozen.decoder(unet.frozen.encoder(*args), *(residuals or ()))
+        eager = decoder_half(unet.model, encoder_half(unet.model, *args), *(residuals or ()))
+    return frozen, eager
+
+
+def test_frozen_halves_compute_the_eager_result_bitwise(unet):
+    """``freeze`` (on by default on a CPU): any batch size, latent size and prompt length, with ControlNet
+    residuals, and after weights are patched in place (as LoRAs are); latents the graphs do not fit run eagerly.
+    """
+    assert unet.frozen is not None
+    for step in (_step(1), _step(2, rows=1), _step(3, rows=5), _step(4, size=16)):
+        frozen, eager = _frozen_vs_eager(unet, step)
+        assert torch.equal(frozen, eager)
+    seq = _step(5)
+    seq.encoder_hidden_states = seq.encoder_hidden_states[:, :20]
+    assert torch.equal(*_frozen_vs_eager(unet, seq))
+    with torch.inference_mode():
+        state = unet.frozen.encoder(seq.sample, seq.timestep, seq.encoder_hidden_states)
+    residuals = ([torch.randn_like(r) for r in state.down_block_res_samples], torch.randn_like(state.sample))
+    frozen, eager = _frozen_vs_eager(unet, seq, residuals)
+    assert torch.equal(frozen, eager) and not torch.equal(frozen, _frozen_vs_eager(unet, seq)[0])
+
+    before = unet.forward_many([_step(6)])[0]
+    weights = [m.weight for m in unet.model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    pristine = [w.detach().clone() for w in weights]
+    with torch.no_grad():
+        for w in weights:
+            w.add_(0.01)
+        try:
+            frozen, eager = _frozen_vs_eager(unet, _step(6))
+            assert torch.equal(frozen, eager) and not torch.equal(frozen, before)
+        finally:
+            for w, p in zip(weights, pristine, strict=True):
+                w.copy_(p)
+    assert torch.equal(unet.forward_many([_step(6)])[0], before)
+
+    odd = 2 * unet.frozen.up_factor + 1  # (not a multiple of the up-sampling factor)
+    assert not unet.frozen.fits(_step(7, size=odd).sample)
+    torch.testing.assert_close(unet.forward_many([_step(7, size=odd)])[0], unet.forward(_step(7, size=odd)))
+
+
+def test_frozen_sdxl_halves_compute_the_eager_result_bitwise(sdxl_model_dir):
+    from triton_backend.model_info import ModelInfo
+
+    unet = UNetStep(StageConfig.from_params("unet", {"model_dir": str(sdxl_model_dir)}))
+    info = ModelInfo.read(sdxl_model_dir)
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 2, 3):
+        step = StepInput(
+            torch.randn(rows, 4, 8, 8, generator=g),
+            torch.full((rows,), 321.0),
+            torch.randn(rows, 77, info.cross_attention_dim, generator=g),
+            text_embeds=torch.randn(rows, info.pooled_dim, generator=g),
+            time_ids=torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * rows),
+        )
+        assert torch.equal(*_frozen_vs_eager(unet, step))
+
+
+def test_freeze_parameter(model_dir):
+    from triton_backend.errors import ConfigError
+
+    assert UNetStep(StageConfig.from_params("unet", {"model_dir": str(model_dir), "freeze": "off"})).frozen is None
+    with pytest.raises(ConfigError, match="freeze"):
+        UNetStep(StageConfig.from_params("unet", {"model_dir": str(model_dir), "freeze": "yes"}))
