@@ -116,6 +116,9 @@ class FrozenHalves:
     values, not constants; the Python branches it bakes in depend on the model config (fixed) and, in diffusers'
     ``Upsample2D``, on sizes that only add a ``contiguous()``. The one branch that changes the computation, latents
     not divisible by the UNet's total upsampling factor, is left to the eager halves (:meth:`fits`).
+
+    Build it on the thread that will run its passes: tracing runs the model, which starts that thread's OpenMP team,
+    and passes on a second thread would run at half speed (see :class:`~triton_backend.stages.unet.LocalSteps`).
     """
 
     def __init__(self, unet: Any, example: tuple[torch.Tensor, ...]):

@@ -132,6 +132,14 @@ class BlsClient:
         """Run ``coroutine`` on this client's loop; the future is safe to wait on from any other thread."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
 
+    def call(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on this client's loop thread, waited for (from another thread)."""
+
+        async def call() -> T:
+            return fn()
+
+        return self.submit(call()).result()
+
     async def infer(self, calls: Sequence[BlsCall]) -> list[Tensors]:
         """Issue every call at once (``async_exec``, or gRPC for a remote stage) and wait for all; on this loop."""
         if any(model in self.remotes for model, _, _ in calls):

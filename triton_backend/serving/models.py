@@ -312,7 +312,9 @@ class DenoiseModel(StageModel):
             return None
         assert unet_config is not None and unet_cfg is not None
         unet_cfg.apply_torch_settings()  # (the UNet's threads: every core by default)
-        self.unet_host = UNetHost(unet_cfg, self.bls, self.logger)
+        # Built on the loop's thread, where its passes run (LocalSteps): its load-time passes (the frozen graphs'
+        # warm-up) start the OpenMP team there; a second team on this thread would halve the speed of every pass.
+        self.unet_host = self.bls.call(lambda: UNetHost(unet_cfg, self.bls, self.logger))
         rows = int(unet_config.get("max_batch_size", 0)) if "dynamic_batching" in unet_config else 0
         return unet.LocalSteps(self.unet_host.forward_many, rows)
 
