@@ -9,11 +9,12 @@ T2I-adapters or GLIGEN); ``encoder_half`` + ``decoder_half`` equals ``forward`` 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ..frozen import frozen_graph, interpreted
 
 
 @dataclass
@@ -105,34 +106,22 @@ def decoder_half(
 
 
 class FrozenHalves:
-    """Both halves of one UNet as TorchScript graphs: traced (``torch.jit.trace``) once from an example step, then
-    frozen (``torch.jit.freeze``), so a pass runs in TorchScript's interpreter instead of through diffusers' Python
-    modules. Measured on 2 cores, one batch-2 pass: SD1 ``cpu`` preset 27.8 -> 23.0 ms, SDXL ``cpu`` preset 22.4 ->
-    18.4 ms. The graphs run the same aten operations on the same weights: the outputs are bitwise equal to
-    :func:`encoder_half` / :func:`decoder_half` (tested), at any batch size, latent size and prompt length.
+    """Both halves of one UNet as frozen TorchScript graphs (:mod:`triton_backend.frozen`), traced from one example
+    step. Measured on 2 cores, one batch-2 pass: SD1 ``cpu`` preset 34.3 -> 29.5 ms, SDXL ``cpu`` preset 26.8 ->
+    21.4 ms; bitwise equal to :func:`encoder_half` / :func:`decoder_half` (tested).
 
-    Freezing inlines the parameters as constants that share their storage, so LoRA weights patched in place
-    (:class:`~triton_backend.lora.patch.WeightPatcher`) apply to the graphs too (tested). The trace records shapes as
-    values, not constants; the Python branches it bakes in depend on the model config (fixed) and, in diffusers'
-    ``Upsample2D``, on sizes that only add a ``contiguous()``. The one branch that changes the computation, latents
-    not divisible by the UNet's total upsampling factor, is left to the eager halves (:meth:`fits`).
-
-    Build it on the thread that will run its passes: tracing runs the model, which starts that thread's OpenMP team,
-    and passes on a second thread would run at half speed (see :class:`~triton_backend.stages.unet.LocalSteps`).
+    The branches the trace bakes in depend on the model config (fixed) and, in diffusers' ``Upsample2D``, on sizes
+    that only add a ``contiguous()``. The one that changes the computation, latents not divisible by the UNet's total
+    up-sampling factor, is left to the eager halves (:meth:`fits`).
     """
 
     def __init__(self, unet: Any, example: tuple[torch.Tensor, ...]):
         """``example``: ``(sample, timestep, encoder_hidden_states[, text_embeds, time_ids])`` of one step."""
-        self.unet = unet
         self.up_factor = 2**unet.num_upsamplers
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # (the branches above)
-            self._encoder = torch.jit.freeze(torch.jit.trace(_Encoder(unet).eval(), example, check_trace=False))
-            self._decoder = torch.jit.freeze(
-                torch.jit.trace(_Decoder(unet).eval(), self._encoder(*example), check_trace=False)
-            )
-            for _ in range(2):  # (the interpreter's first runs of a graph are slow; pay them here, not in a request)
-                self._decoder(*self._encoder(*example))
+        self._encoder = frozen_graph(_Encoder(unet), example)
+        with torch.no_grad(), interpreted():
+            encoded = tuple(self._encoder(*example))
+        self._decoder = frozen_graph(_Decoder(unet), encoded)
 
     def fits(self, sample: torch.Tensor) -> bool:
         """Whether the graphs compute this step: latents that the UNet up-samples without an explicit size."""
@@ -147,7 +136,7 @@ class FrozenHalves:
     ) -> EncoderState:
         """:func:`encoder_half` (for a ``sample`` that :meth:`fits`)."""
         added = (added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]) if added_cond_kwargs else ()
-        with torch.jit.optimized_execution(False):  # (no profiling runs and re-specialisation per shape)
+        with interpreted():
             emb, hidden, mid, *down = self._encoder(sample, timestep, encoder_hidden_states, *added)
         return EncoderState(emb, hidden, tuple(down), mid, False)
 
@@ -162,7 +151,7 @@ class FrozenHalves:
         if down_residuals is not None and mid_residual is not None:
             down = tuple(d + r for d, r in zip(down, down_residuals, strict=True))
             mid = mid + mid_residual
-        with torch.jit.optimized_execution(False):
+        with interpreted():
             return self._decoder(state.emb, state.encoder_hidden_states, mid, *down)
 
 

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import StageConfig, switch_on
+from ..config import StageConfig
 from ..controlnet.unet_split import FrozenHalves, decoder_half, encoder_half, unpack_residuals
 from ..controlnet.wire import ControlRef, decode_controlnets
 from ..errors import InvalidRequestError
+from ..frozen import freeze_enabled
 from ..lora.patch import AdapterRef, WeightPatcher, adapter_key
 from ..lora.wire import decode_adapters
 from ..model_info import ModelInfo, load_part
@@ -95,15 +96,7 @@ class UNetStep:
         #: One patched LoRA set at a time per instance; restored from a pristine copy when the set changes.
         self.patcher = WeightPatcher(self.model, "unet")
         #: Parameter ``freeze``: the halves as frozen TorchScript graphs, traced here from a step of the native size.
-        self.frozen = FrozenHalves(self.model, self.example()) if self.freeze(cfg) else None
-
-    @staticmethod
-    def freeze(cfg: StageConfig) -> bool:
-        """Parameter ``freeze`` (``auto`` = on for a CPU instance): run passes through :class:`FrozenHalves`, the same
-        result bitwise, without diffusers' per-module Python (on 2 cores 14-18 % of a small UNet's pass). Not
-        measured on a GPU yet, so ``auto`` leaves it off there.
-        """
-        return switch_on(cfg.model_name, cfg.params, "freeze", auto=cfg.device.type == "cpu")
+        self.frozen = FrozenHalves(self.model, self.example()) if freeze_enabled(cfg) else None
 
     def example(self) -> tuple[torch.Tensor, ...]:
         """The inputs of a guided step (2 rows) at the model's native size, for tracing."""

@@ -1,0 +1,50 @@
+"""TorchScript-frozen models (parameter ``freeze``): a forward pass without diffusers' per-module Python.
+
+A small UNet or ControlNet on a CPU spends a good part of each pass in Python: module calls, hooks, attention
+processor dispatch, shape arithmetic. ``torch.jit.trace`` records the aten operations of one pass and
+``torch.jit.freeze`` inlines the parameters as constants, so a pass runs in TorchScript's interpreter. It runs the
+same operations on the same weights: the outputs are bitwise equal to the eager module's (tested). The frozen
+constants share the parameters' storage, so weights patched in place (LoRAs,
+:class:`~triton_backend.lora.patch.WeightPatcher`) apply to the graph too (tested).
+
+A trace records shapes as values, not constants (tested at other batch sizes, latent sizes and prompt lengths);
+Python branches are baked in, so a caller uses a graph only where the branches it took hold (see
+:class:`~triton_backend.controlnet.unet_split.FrozenHalves`).
+
+Build a graph on the thread that will run it: tracing runs the model, which starts that thread's OpenMP team, and
+passes on a second thread would run at half speed (see :class:`~triton_backend.stages.unet.LocalSteps`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+from .config import StageConfig, switch_on
+
+
+def freeze_enabled(cfg: StageConfig) -> bool:
+    """Parameter ``freeze`` (``auto`` = on for a CPU instance; not measured on a GPU yet, so off there)."""
+    return switch_on(cfg.model_name, cfg.params, "freeze", auto=cfg.device.type == "cpu")
+
+
+def frozen_graph(module: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
+    """``module`` traced on ``example`` and frozen, its first (slow) runs done here rather than in a request."""
+    with torch.no_grad(), warnings.catch_warnings():
+        # (the trace warns at every Python branch on a shape; see the module docstring)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        graph = torch.jit.freeze(torch.jit.trace(module.eval(), example, check_trace=False))
+        with interpreted():
+            for _ in range(2):
+                graph(*example)
+    return graph
+
+
+@contextlib.contextmanager
+def interpreted() -> Iterator[None]:
+    """Run graphs as traced: no profiling runs and re-specialisation per new shape (the same speed here)."""
+    with torch.jit.optimized_execution(False):
+        yield
