@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import torch
 
 from .config import StageConfig, switch_on
+from .model_info import ModelInfo
 
 
 def freeze_enabled(cfg: StageConfig) -> bool:
@@ -41,6 +42,22 @@ def frozen_graph(module: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> 
             for _ in range(2):
                 graph(*example)
     return graph
+
+
+def example_step(info: ModelInfo, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The inputs of a guided step (2 rows) at the model's native size, to trace a UNet or ControlNet with:
+    ``(sample, timestep, encoder_hidden_states[, text_embeds, time_ids])`` (SDXL: the added conditioning).
+    """
+    side = info.native_size // info.vae_scale_factor
+    step = (
+        torch.zeros(2, info.latent_channels, side, side, device=device, dtype=dtype),
+        torch.full((2,), 500.0, device=device),
+        torch.zeros(2, 77, info.cross_attention_dim, device=device, dtype=dtype),
+    )
+    if not info.is_sdxl:
+        return step
+    added = (torch.zeros(2, info.pooled_dim, device=device, dtype=dtype), torch.zeros(2, 6, device=device, dtype=dtype))
+    return (*step, *added)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from ..cache import ByteLRU
 from ..config import StageConfig, budget_param, int_param
 from ..errors import InvalidRequestError, NotFoundError
-from ..frozen import freeze_enabled, frozen_graph, interpreted
+from ..frozen import example_step, freeze_enabled, frozen_graph, interpreted
 from ..model_info import ModelInfo
 from ..paths import controlnet_dir, is_store_name
 from ..shm import STAGE_DIR_PREFIXES, save_tensors, stage_dir
@@ -221,28 +221,16 @@ class ControlNetService:
             model.controlnet_cond_embedding = torch.nn.Identity()
             call: torch.nn.Module = ControlNetCall(model)
             if self.freeze:
+                sample, timestep, hidden, *added = example_step(self.info, self.cfg.device, self.cfg.dtype)
+                cond = sample.new_zeros(2, model.conv_in.out_channels, *sample.shape[2:])  # (a hint's embedding)
                 with self.cfg.compute():
-                    call = frozen_graph(call, self.example(model))
+                    call = frozen_graph(call, (sample, timestep, hidden, cond, *added))
             self.stats.loads += 1
             self.stats.load_seconds += time.perf_counter() - start
             self._models[name] = (signature, call, embedding)
             while len(self._models) > self.capacity:
                 self._models.popitem(last=False)
             return call, embedding
-
-    def example(self, model: Any) -> tuple[torch.Tensor, ...]:
-        """The inputs of a guided step (2 rows) at the base model's native size, for tracing ``model``."""
-        info, dev, dt = self.info, self.cfg.device, self.cfg.dtype
-        side = info.native_size // info.vae_scale_factor
-        step = (
-            torch.zeros(2, info.latent_channels, side, side, device=dev, dtype=dt),
-            torch.full((2,), 500.0, device=dev),
-            torch.zeros(2, 77, info.cross_attention_dim, device=dev, dtype=dt),
-            torch.zeros(2, model.conv_in.out_channels, side, side, device=dev, dtype=dt),  # (a hint's embedding)
-        )
-        if not info.is_sdxl:
-            return step
-        return (*step, torch.zeros(2, info.pooled_dim, device=dev, dtype=dt), torch.zeros(2, 6, device=dev, dtype=dt))
 
     @torch.inference_mode()
     def prepare(self, name: str, image: np.ndarray) -> str:

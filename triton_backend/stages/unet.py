@@ -19,7 +19,7 @@ from ..config import StageConfig
 from ..controlnet.unet_split import FrozenHalves, decoder_half, encoder_half, unpack_residuals
 from ..controlnet.wire import ControlRef, decode_controlnets
 from ..errors import InvalidRequestError
-from ..frozen import freeze_enabled
+from ..frozen import example_step, freeze_enabled
 from ..lora.patch import AdapterRef, WeightPatcher, adapter_key
 from ..lora.wire import decode_adapters
 from ..model_info import ModelInfo, load_part
@@ -96,20 +96,9 @@ class UNetStep:
         #: One patched LoRA set at a time per instance; restored from a pristine copy when the set changes.
         self.patcher = WeightPatcher(self.model, "unet")
         #: Parameter ``freeze``: the halves as frozen TorchScript graphs, traced here from a step of the native size.
-        self.frozen = FrozenHalves(self.model, self.example()) if freeze_enabled(cfg) else None
-
-    def example(self) -> tuple[torch.Tensor, ...]:
-        """The inputs of a guided step (2 rows) at the model's native size, for tracing."""
-        info, dev, dt = self.info, self.cfg.device, self.cfg.dtype
-        side = info.native_size // info.vae_scale_factor
-        step = (
-            torch.zeros(2, info.latent_channels, side, side, device=dev, dtype=dt),
-            torch.full((2,), 500.0, device=dev),
-            torch.zeros(2, 77, info.cross_attention_dim, device=dev, dtype=dt),
-        )
-        if not info.is_sdxl:
-            return step
-        return (*step, torch.zeros(2, info.pooled_dim, device=dev, dtype=dt), torch.zeros(2, 6, device=dev, dtype=dt))
+        self.frozen: FrozenHalves | None = None
+        if freeze_enabled(cfg):
+            self.frozen = FrozenHalves(self.model, example_step(self.info, cfg.device, cfg.dtype))
 
     @torch.inference_mode()
     def _split_forward(self, merged: StepInput, rows: list[tuple[int, ResidualsWait | None]]) -> torch.Tensor:
