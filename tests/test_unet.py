@@ -162,10 +162,10 @@ def _frozen_vs_eager(unet, step, residuals=None):
     """Noise prediction of ``step`` through ``unet.frozen``'s graphs and through the eager halves."""
     from triton_backend.controlnet.unet_split import decoder_half, encoder_half
 
-    added = step.added_cond_kwargs()
+    added, graphs = step.added_cond_kwargs(), unet.trace()
     with torch.inference_mode():
         args = (step.sample, step.timestep, step.encoder_hidden_states, added)
-        frozen = unet.frozen.decoder(unet.frozen.encoder(*args), *(residuals or ()))
+        frozen = graphs.decoder(graphs.encoder(*args), *(residuals or ()))
         eager = decoder_half(unet.model, encoder_half(unet.model, *args), *(residuals or ()))
     return frozen, eager
 
@@ -174,7 +174,7 @@ def test_frozen_halves_compute_the_eager_result_bitwise(unet):
     """``freeze`` (on by default on a CPU): any batch size, latent size and prompt length, with ControlNet
     residuals, and after weights are patched in place (as LoRAs are); latents the graphs do not fit run eagerly.
     """
-    assert unet.frozen is not None
+    assert unet.freeze
     for step in (_step(1), _step(2, rows=1), _step(3, rows=5), _step(4, size=16)):
         frozen, eager = _frozen_vs_eager(unet, step)
         assert torch.equal(frozen, eager)
@@ -182,7 +182,7 @@ def test_frozen_halves_compute_the_eager_result_bitwise(unet):
     seq.encoder_hidden_states = seq.encoder_hidden_states[:, :20]
     assert torch.equal(*_frozen_vs_eager(unet, seq))
     with torch.inference_mode():
-        state = unet.frozen.encoder(seq.sample, seq.timestep, seq.encoder_hidden_states)
+        state = unet.trace().encoder(seq.sample, seq.timestep, seq.encoder_hidden_states)
     residuals = ([torch.randn_like(r) for r in state.down_block_res_samples], torch.randn_like(state.sample))
     frozen, eager = _frozen_vs_eager(unet, seq, residuals)
     assert torch.equal(frozen, eager) and not torch.equal(frozen, _frozen_vs_eager(unet, seq)[0])
@@ -201,8 +201,8 @@ def test_frozen_halves_compute_the_eager_result_bitwise(unet):
                 w.copy_(p)
     assert torch.equal(unet.forward_many([_step(6)])[0], before)
 
-    odd = 2 * unet.frozen.up_factor + 1  # (not a multiple of the up-sampling factor)
-    assert not unet.frozen.fits(_step(7, size=odd).sample)
+    odd = 2 * unet.trace().up_factor + 1  # (not a multiple of the up-sampling factor)
+    assert not unet.trace().fits(_step(7, size=odd).sample)
     torch.testing.assert_close(unet.forward_many([_step(7, size=odd)])[0], unet.forward(_step(7, size=odd)))
 
 
@@ -223,9 +223,15 @@ def test_frozen_sdxl_halves_compute_the_eager_result_bitwise(sdxl_model_dir):
         assert torch.equal(*_frozen_vs_eager(unet, step))
 
 
-def test_freeze_parameter(model_dir):
+def test_freeze_parameter_and_the_trace_at_the_first_pass(model_dir):
     from triton_backend.errors import ConfigError
 
-    assert UNetStep(StageConfig.from_params("unet", {"model_dir": str(model_dir), "freeze": "off"})).frozen is None
+    plain = UNetStep(StageConfig.from_params("unet", {"model_dir": str(model_dir), "freeze": "off"}))
+    plain.forward_many([_step(1)])
+    assert not plain.freeze and plain.frozen is None
+    frozen = UNetStep(StageConfig.from_params("unet", {"model_dir": str(model_dir)}))
+    assert frozen.freeze and frozen.frozen is None  # (not traced at load: a process may never run a pass)
+    assert torch.equal(frozen.forward_many([_step(1)])[0], plain.forward_many([_step(1)])[0])
+    assert frozen.frozen is not None
     with pytest.raises(ConfigError, match="freeze"):
         UNetStep(StageConfig.from_params("unet", {"model_dir": str(model_dir), "freeze": "yes"}))

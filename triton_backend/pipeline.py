@@ -58,7 +58,7 @@ class LocalPipeline:
         self.text_encoder = TextEncoder(self.cfg)
         self.unet = UNetStep(self.cfg)
         self.vae = VaeDecoder(self.cfg)
-        self.controlnets = ControlNetService.from_config(self.cfg)
+        self.controlnets = ControlNetService(self.cfg)
         skeletons = load_skeletons(self.cfg)  # separate from the served modules, as in the lora_manager process
         self._cache = tempfile.mkdtemp(prefix=CACHE_DIR_PREFIX + "local-")
         self.loras = LoraStore(

@@ -32,7 +32,6 @@ from safetensors.torch import load_file
 from ..cache import ByteLRU
 from ..config import StageConfig, budget_param, int_param
 from ..errors import InvalidRequestError, NotFoundError
-from ..frozen import example_step, freeze_enabled, frozen_graph, interpreted
 from ..model_info import ModelInfo
 from ..paths import controlnet_dir, is_store_name
 from ..shm import STAGE_DIR_PREFIXES, save_tensors, stage_dir
@@ -89,30 +88,6 @@ class ControlRow:
         )
 
 
-class ControlNetCall(torch.nn.Module):
-    """One ControlNet pass with tensor inputs and outputs (eager, or traced and frozen: parameter ``freeze``):
-    ``(sample, timestep, encoder_hidden_states, hint embedding[, text_embeds, time_ids]) -> (*down, mid)``, the
-    residuals unscaled (each row is scaled by its own request's scale afterwards).
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, sample, timestep, encoder_hidden_states, cond, text_embeds=None, time_ids=None):
-        added = {"text_embeds": text_embeds, "time_ids": time_ids} if text_embeds is not None else None
-        down, mid = self.model(
-            sample,
-            timestep,
-            encoder_hidden_states=encoder_hidden_states,
-            controlnet_cond=cond,
-            conditioning_scale=1.0,
-            added_cond_kwargs=added,
-            return_dict=False,
-        )
-        return (*down, mid)
-
-
 @dataclass
 class ControlNetService:
     """Resident ControlNets (LRU of ``capacity``) for one model instance, checked against the base UNet."""
@@ -124,8 +99,6 @@ class ControlNetService:
     residual_dtype: torch.dtype = torch.float32
     #: Byte budget of the hint-embedding cache (parameter ``hint_cache_mb``; 0 = off).
     hint_cache_bytes: int = 256 << 20
-    #: Parameter ``freeze``: each ControlNet's pass as a frozen TorchScript graph, traced when it is loaded.
-    freeze: bool = False
 
     def __post_init__(self) -> None:
         self.root = controlnet_dir(self.cfg.params, self.cfg.model_dir)
@@ -149,7 +122,6 @@ class ControlNetService:
             cfg,
             int_param(cfg.model_name, cfg.params, "resident_capacity", 4, minimum=1),
             hint_cache_bytes=budget_param(cfg.model_name, cfg.params, "hint_cache_mb", 256),
-            freeze=freeze_enabled(cfg),
         )
 
     def names(self) -> list[str]:
@@ -219,18 +191,12 @@ class ControlNetService:
             # The hint embedding is computed once per request (prepare); steps pass the embedding through.
             embedding = model.controlnet_cond_embedding
             model.controlnet_cond_embedding = torch.nn.Identity()
-            call: torch.nn.Module = ControlNetCall(model)
-            if self.freeze:
-                sample, timestep, hidden, *added = example_step(self.info, self.cfg.device, self.cfg.dtype)
-                cond = sample.new_zeros(2, model.conv_in.out_channels, *sample.shape[2:])  # (a hint's embedding)
-                with self.cfg.compute():
-                    call = frozen_graph(call, (sample, timestep, hidden, cond, *added))
             self.stats.loads += 1
             self.stats.load_seconds += time.perf_counter() - start
-            self._models[name] = (signature, call, embedding)
+            self._models[name] = (signature, model, embedding)
             while len(self._models) > self.capacity:
                 self._models.popitem(last=False)
-            return call, embedding
+            return model, embedding
 
     @torch.inference_mode()
     def prepare(self, name: str, image: np.ndarray) -> str:
@@ -296,17 +262,20 @@ class ControlNetService:
         for (name, *_), idx in groups.items():
             model, _ = self.model(name)
             cond = torch.cat([self._hint(rows[i].hint_file).expand(rows[i].sample.shape[0], -1, -1, -1) for i in idx])
-            added = []
+            added = None
             if self.info.is_sdxl:
-                added = [torch.cat([getattr(rows[i], k) for i in idx]).to(dev, dt) for k in ("text_embeds", "time_ids")]
-            with interpreted():
-                *down, mid = model(
-                    torch.cat([rows[i].sample for i in idx]).to(dev, dt),
-                    torch.cat([rows[i].timestep.reshape(-1) for i in idx]).to(dev),
-                    torch.cat([rows[i].encoder_hidden_states for i in idx]).to(dev, dt),
-                    cond.to(dev, dt),
-                    *added,
-                )
+                added = {
+                    k: torch.cat([getattr(rows[i], k) for i in idx]).to(dev, dt) for k in ("text_embeds", "time_ids")
+                }
+            down, mid = model(
+                torch.cat([rows[i].sample for i in idx]).to(dev, dt),
+                torch.cat([rows[i].timestep.reshape(-1) for i in idx]).to(dev),
+                encoder_hidden_states=torch.cat([rows[i].encoder_hidden_states for i in idx]).to(dev, dt),
+                controlnet_cond=cond.to(dev, dt),
+                conditioning_scale=1.0,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )
             scale = torch.cat([rows[i].scale.reshape(-1) for i in idx]).to(dev, dt).reshape(-1, 1, 1, 1)
             packed = pack_residuals([d * scale for d in down], mid * scale).to(self.residual_dtype).cpu()
             for i, chunk in zip(idx, packed.split([rows[i].sample.shape[0] for i in idx]), strict=True):

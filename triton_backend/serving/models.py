@@ -312,9 +312,12 @@ class DenoiseModel(StageModel):
             return None
         assert unet_config is not None and unet_cfg is not None
         unet_cfg.apply_torch_settings()  # (the UNet's threads: every core by default)
-        # Built on the loop's thread, where its passes run (LocalSteps): its load-time passes (the frozen graphs'
-        # warm-up) start the OpenMP team there; a second team on this thread would halve the speed of every pass.
-        self.unet_host = self.bls.call(lambda: UNetHost(unet_cfg, self.bls, self.logger))
+        self.unet_host = UNetHost(unet_cfg, self.bls, self.logger)
+        if self.unet_host.unet.freeze:
+            # Traced now, not in the first request, and on the loop's thread, where the passes run (LocalSteps): the
+            # trace runs the model, which starts that thread's OpenMP team; a second team on this thread would
+            # halve the speed of every pass.
+            self.bls.call(self.unet_host.unet.trace)
         rows = int(unet_config.get("max_batch_size", 0)) if "dynamic_batching" in unet_config else 0
         return unet.LocalSteps(self.unet_host.forward_many, rows)
 
