@@ -162,7 +162,7 @@ def _frozen_vs_eager(unet, step, residuals=None):
     """Noise prediction of ``step`` through ``unet.frozen``'s graphs and through the eager halves."""
     from triton_backend.controlnet.unet_split import decoder_half, encoder_half
 
-    added, graphs = step.added_cond_kwargs(), unet.trace()
+    added, graphs = step.added_cond_kwargs(), unet.frozen_halves()
     with torch.inference_mode():
         args = (step.sample, step.timestep, step.encoder_hidden_states, added)
         frozen = graphs.decoder(graphs.encoder(*args), *(residuals or ()))
@@ -182,7 +182,7 @@ def test_frozen_halves_compute_the_eager_result_bitwise(unet):
     seq.encoder_hidden_states = seq.encoder_hidden_states[:, :20]
     assert torch.equal(*_frozen_vs_eager(unet, seq))
     with torch.inference_mode():
-        state = unet.trace().encoder(seq.sample, seq.timestep, seq.encoder_hidden_states)
+        state = unet.frozen_halves().encoder(seq.sample, seq.timestep, seq.encoder_hidden_states)
     residuals = ([torch.randn_like(r) for r in state.down_block_res_samples], torch.randn_like(state.sample))
     frozen, eager = _frozen_vs_eager(unet, seq, residuals)
     assert torch.equal(frozen, eager) and not torch.equal(frozen, _frozen_vs_eager(unet, seq)[0])
@@ -201,8 +201,8 @@ def test_frozen_halves_compute_the_eager_result_bitwise(unet):
                 w.copy_(p)
     assert torch.equal(unet.forward_many([_step(6)])[0], before)
 
-    odd = 2 * unet.trace().up_factor + 1  # (not a multiple of the up-sampling factor)
-    assert not unet.trace().fits(_step(7, size=odd).sample)
+    odd = 2 * unet.frozen_halves().up_factor + 1  # (not a multiple of the up-sampling factor)
+    assert not unet.frozen_halves().fits(_step(7, size=odd).sample)
     torch.testing.assert_close(unet.forward_many([_step(7, size=odd)])[0], unet.forward(_step(7, size=odd)))
 
 

@@ -11,9 +11,11 @@ A trace records shapes as values, not constants (tested at other batch sizes, la
 Python branches are baked in, so a caller uses a graph only where the branches it took hold (see
 :class:`~triton_backend.controlnet.unet_split.FrozenHalves`).
 
-Each trace keeps ~25 MB (the cpu preset's UNet encoder half) of torch's tracer state for the life of the process,
-also after its graph is freed. So a process traces once, a model it never evicts: ControlNets, loaded and evicted
-by an LRU, run eagerly (frozen, a pass was 18-26 % shorter, but every reload would leak another trace).
+Each trace keeps tens of MB of torch's tracer state for the life of the process, also after its graph is freed
+(measured: ~25 MB for each half of the cpu preset's UNet, the same again for every further trace). So a process
+traces a model it never evicts, once: ControlNets, loaded and evicted by an LRU, run eagerly (frozen, their passes
+were 18-26 % shorter, but every reload would keep another trace, and the cpu preset's server went from 1.66 to
+2.15 GB PSS with six ControlNets frozen in two processes).
 
 Build a graph on the thread that will run it: tracing runs the model, which starts that thread's OpenMP team, and
 passes on a second thread would run at half speed (see :class:`~triton_backend.stages.unet.LocalSteps`).

@@ -317,7 +317,7 @@ class DenoiseModel(StageModel):
             # Traced now, not in the first request, and on the loop's thread, where the passes run (LocalSteps): the
             # trace runs the model, which starts that thread's OpenMP team; a second team on this thread would
             # halve the speed of every pass.
-            self.bls.call(self.unet_host.unet.trace)
+            self.bls.call(self.unet_host.unet.frozen_halves)
         rows = int(unet_config.get("max_batch_size", 0)) if "dynamic_batching" in unet_config else 0
         return unet.LocalSteps(self.unet_host.forward_many, rows)
 

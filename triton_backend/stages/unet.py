@@ -95,18 +95,19 @@ class UNetStep:
         self.model = load_part(UNet2DConditionModel, cfg.model_dir, "unet", cfg.device, cfg.dtype)
         #: One patched LoRA set at a time per instance; restored from a pristine copy when the set changes.
         self.patcher = WeightPatcher(self.model, "unet")
-        #: Parameter ``freeze``: the halves as frozen TorchScript graphs (:meth:`trace`).
+        #: Parameter ``freeze``: the halves as frozen TorchScript graphs (:meth:`frozen_halves`).
         self.freeze = freeze_enabled(cfg)
         self.frozen: FrozenHalves | None = None
 
-    def trace(self) -> FrozenHalves:
-        """The frozen halves, traced now from a step of the native size if they are not yet (on the cpu preset
-        ~1 s). Call it on the thread that runs the passes; the first pass that can use them does, so a process
-        that never runs a pass (the ``unet`` model while ``denoise`` runs the UNet itself) never traces: each trace
-        keeps ~25 MB of torch's tracer state for the life of the process.
+    def frozen_halves(self) -> FrozenHalves:
+        """The frozen halves, traced now (~1 s on the cpu preset) if they are not yet. Call it on the thread that
+        runs the passes. The first pass that can use them does, so a process that never runs a pass (the ``unet``
+        model while ``denoise`` runs the UNet itself) never traces: each trace keeps tens of MB of torch's tracer
+        state for the life of the process (:mod:`triton_backend.frozen`).
         """
         if self.frozen is None:
-            self.frozen = FrozenHalves(self.model, example_step(self.info, self.cfg.device, self.cfg.dtype))
+            with self.cfg.compute():  # (tracing runs the UNet three times)
+                self.frozen = FrozenHalves(self.model, example_step(self.info, self.cfg.device, self.cfg.dtype))
         return self.frozen
 
     @torch.inference_mode()
@@ -116,8 +117,9 @@ class UNetStep:
         """
         dev, dt = self.cfg.device, self.cfg.dtype
         trace_id = uuid.uuid4().hex if trace_enabled() else ""
-        if self.freeze and self.trace().fits(merged.sample):
-            encoder, decoder = self.trace().encoder, self.trace().decoder
+        frozen = self.frozen_halves() if self.freeze else None
+        if frozen is not None and frozen.fits(merged.sample):
+            encoder, decoder = frozen.encoder, frozen.decoder
         else:
             encoder, decoder = functools.partial(encoder_half, self.model), functools.partial(decoder_half, self.model)
         with self.cfg.compute():
