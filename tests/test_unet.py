@@ -159,7 +159,7 @@ def test_when_denoise_runs_the_unet_itself(model_dir, edit, denoise_params, reas
 
 
 def _frozen_vs_eager(unet, step, residuals=None):
-    """Noise prediction of ``step`` through ``unet.frozen``'s graphs and through the eager halves."""
+    """Noise prediction of ``step`` through the frozen halves of ``unet`` and through the eager halves."""
     from triton_backend.controlnet.unet_split import decoder_half, encoder_half
 
     added, graphs = step.added_cond_kwargs(), unet.frozen_halves()
