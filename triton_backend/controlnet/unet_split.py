@@ -71,6 +71,17 @@ def encoder_half(
     return EncoderState(emb, encoder_hidden_states, down_block_res_samples, sample, forward_upsample_size)
 
 
+def with_residuals(
+    state: EncoderState, down_residuals: list[torch.Tensor] | None, mid_residual: torch.Tensor | None
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """The skip connections and the mid-block output with the ControlNet residuals added (as they are without)."""
+    down, mid = state.down_block_res_samples, state.sample
+    if down_residuals is not None and mid_residual is not None:
+        down = tuple(d + r for d, r in zip(down, down_residuals, strict=True))
+        mid = mid + mid_residual
+    return down, mid
+
+
 def decoder_half(
     unet: Any,
     state: EncoderState,
@@ -78,11 +89,7 @@ def decoder_half(
     mid_residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Add the ControlNet residuals (if any) to the skips and the mid output, then up blocks and ``conv_out``."""
-    down = state.down_block_res_samples
-    sample = state.sample
-    if down_residuals is not None and mid_residual is not None:
-        down = tuple(d + r for d, r in zip(down, down_residuals, strict=True))
-        sample = sample + mid_residual
+    down, sample = with_residuals(state, down_residuals, mid_residual)
     emb, ehs = state.emb, state.encoder_hidden_states
     upsample_size = None
     for i, block in enumerate(unet.up_blocks):
@@ -147,10 +154,7 @@ class FrozenHalves:
         mid_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:func:`decoder_half`, the residuals added as there."""
-        down, mid = state.down_block_res_samples, state.sample
-        if down_residuals is not None and mid_residual is not None:
-            down = tuple(d + r for d, r in zip(down, down_residuals, strict=True))
-            mid = mid + mid_residual
+        down, mid = with_residuals(state, down_residuals, mid_residual)
         with interpreted():
             return self._decoder(state.emb, state.encoder_hidden_states, mid, *down)
 
