@@ -1,4 +1,4 @@
-"""What the cross-request caches save (README "Cross-request caches"), side by side in one run.
+"""What the cross-request caches save (docs/operations.md "Cross-request caches"), side by side in one run.
 
     python scripts/bench_caches.py [--preset tiny|cpu] [--steps 4] [--size 128] [--repeats 10]
 
@@ -16,7 +16,6 @@ Prints the median end-to-end latency and the median time the request spent in th
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
 import tempfile
@@ -32,17 +31,8 @@ from triton_backend.tools.bench import summary
 from triton_backend.tools.default_model import write_default_model
 from triton_backend.tools.workload import synthetic_hints
 
-CACHE_PARAMS = ("prompt_cache_mb", "hint_cache_mb")
-
-
-def without_caches(repo: Path) -> Path:
-    """Set every cache budget parameter of the rendered repository to 0 (the caches off)."""
-    for config in repo.glob("*/config.pbtxt"):
-        text = config.read_text()
-        for key in CACHE_PARAMS:
-            text = re.sub(rf'(key: "{key}"\s+value \{{\s+string_value: ")[^"]*(")', r"\g<1>0\g<2>", text)
-        config.write_text(text)
-    return repo
+#: The cache budget parameters, by template model: set to 0, the caches are off.
+CACHES_OFF = {"text_encoder": {"prompt_cache_mb": "0"}, "controlnet": {"hint_cache_mb": "0"}}
 
 
 def stage_ns(client: Client, model: str) -> int:
@@ -85,7 +75,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="swiftdiffusion-caches-"))
     pipeline = [Pipeline("txt2img", model_dir)]
     on_repo = render(work / "on", pipeline, stage_prefix="", load_stages=False)
-    off_repo = without_caches(render(work / "off", pipeline, stage_prefix="", load_stages=False))
+    off_repo = render(work / "off", pipeline, stage_prefix="", load_stages=False, overrides=CACHES_OFF)
     size = {"height": args.size, "width": args.size, "steps": args.steps}
     prompts = [
         GenerationRequest(prompt="a lighthouse at dusk, oil painting", seed=i, **size) for i in range(args.repeats + 1)

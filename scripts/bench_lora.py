@@ -6,7 +6,8 @@
    the UNet must be bit-identical to the original afterwards;
 2. through Triton: txt2img median latency with no LoRA, one cold LoRA (the file is touched before every request,
    so it is converted again), one warm (cached) LoRA and two cold LoRAs, with the local store and with a store
-   slowed down to EMULATE network storage (``emulate_storage_latency_ms``/``emulate_storage_mbps``);
+   slowed down to EMULATE network storage (``lora_store`` = ``tests.fakes:SlowLoraStore`` with ``latency_ms`` and
+   ``mbps``, from ``--slow-latency-ms``/``--slow-mbps``);
 3. in-process diffusers, the stock way (load_lora_weights + set_adapters + fuse_lora, generate, unfuse + unload),
    with the same emulated delay in front of each load for the slow case.
 """
@@ -29,8 +30,9 @@ from triton_backend.config import StageConfig
 from triton_backend.lora.convert import convert_lora_file, load_skeletons
 from triton_backend.lora.patch import AdapterRef, WeightPatcher
 from triton_backend.lora.store import LoraStore
-from triton_backend.paths import default_model_dir, model_repository_dir
-from triton_backend.serving.server import TritonServer, render_repository
+from triton_backend.paths import default_model_dir
+from triton_backend.serving.repository import Pipeline, render
+from triton_backend.serving.server import TritonServer
 from triton_backend.tools.bench import timed, write_results
 from triton_backend.tools.default_model import write_default_model
 
@@ -96,23 +98,20 @@ def main() -> int:
         for name in names[:n]:
             os.utime(model_dir / "loras" / f"{name}.safetensors")
 
-    slow = render_repository(
-        {
-            "lora_manager": [
-                (
-                    '"emulate_storage_latency_ms" value { string_value: "0" }',
-                    f'"emulate_storage_latency_ms" value {{ string_value: "{args.slow_latency_ms}" }}',
-                ),
-                (
-                    '"emulate_storage_mbps" value { string_value: "0" }',
-                    f'"emulate_storage_mbps" value {{ string_value: "{args.slow_mbps}" }}',
-                ),
-            ]
-        }
+    # The slow store: tests.fakes:SlowLoraStore (parameter lora_store) waits latency + size / bandwidth per miss.
+    slow_store = f"tests.fakes:SlowLoraStore?latency_ms={args.slow_latency_ms}&mbps={args.slow_mbps}"
+    pipeline = [Pipeline("txt2img", model_dir)]
+    local = render(work / "repository-local", pipeline, stage_prefix="", load_stages=False)
+    slow = render(
+        work / "repository-slow",
+        pipeline,
+        stage_prefix="",
+        load_stages=False,
+        overrides={"lora_manager": {"lora_store": slow_store}},
     )
     rows = {}
     landed: dict[str, list[int]] = {}
-    for label, repo in (("local store", model_repository_dir()), ("EMULATED slow store", slow)):
+    for label, repo in (("local store", local), ("EMULATED slow store", slow)):
         with TritonServer(model_dir=model_dir, model_repository=repo) as server, Client(server.grpc_url) as c:
             rows[f"SwiftDiffusion, {label}: no LoRA"] = timed(lambda: c.generate(req(0)), args.repeats)
             for n, kind in ((1, "cold"), (1, "warm"), (2, "cold")):

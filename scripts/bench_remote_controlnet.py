@@ -1,4 +1,4 @@
-"""The cost of the ControlNet service on another server (README "Stages on another server"), side by side.
+"""The cost of the ControlNet service on another server (docs/operations.md "Stages on another server"), side by side.
 
     python scripts/bench_remote_controlnet.py [--preset tiny|cpu] [--steps 8] [--repeats 20]
 

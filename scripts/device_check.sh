@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check (README "GPU"): three independent steps, each with its own time limit, each writing its
+# The device check (docs/gpu.md): three independent steps, each with its own time limit, each writing its
 # results to $OUT as it goes, each followed by a cleanup of every process it started (servers and stubs included),
 # even when it hit its limit.
 #   install  120 s  unpack the bundle, install its wheels and the project (no index, no build isolation)

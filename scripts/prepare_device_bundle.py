@@ -1,4 +1,4 @@
-"""Build the device bundle (README "GPU"): wheels for CPython 3.12 + a trimmed tritonserver, <= 64 MiB.
+"""Build the device bundle (docs/gpu.md): wheels for CPython 3.12 + a trimmed tritonserver, <= 64 MiB.
 
     python scripts/prepare_device_bundle.py --out shared/device_bundle   # carry bundle.tar.xz from there
 

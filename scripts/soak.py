@@ -1,4 +1,4 @@
-"""Soak one server with thousands of mixed requests and report what grew (README "Operations").
+"""Soak one server with thousands of mixed requests and report what grew (docs/operations.md).
 
     python scripts/soak.py --requests 2000 [--concurrency 4] [--json soak.json]
 

@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from triton_backend.config import disable_tf32
 
+from .fakes import slow_lora_store
 from .helpers import LORA_DELAY_S, start_server
 
 disable_tf32()  # references in fp32 mean fp32 on CUDA too (no-op on the CPU)
@@ -156,26 +157,15 @@ def sdxl_reference(sdxl_model_dir: Path):
 @pytest.fixture(scope="session")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """Our model repository on the SD default model, once per test run."""
-    # Test-only: every lora_manager response waits this long, so a 4-step request always reaches its bound k
-    # first and the landing step is deterministic (== LORA_BOUND_K).
+    # Every lora_manager response waits LORA_DELAY_S (the store tests.fakes:SlowLoraStore, parameter lora_store), so
+    # a 4-step request always reaches its bound k first and the landing step is deterministic (== LORA_BOUND_K).
     # Stages append timestamps to this trace file (ControlNet overlap test).
-    # The ControlNet service as a GPU deployment runs it (its own process, batched, overlapping the encoder half),
-    # and so every step as a BLS call to unet (unet_local auto is off with the ControlNets not inline): the staged
-    # layout. The CPU default, the UNet in denoise's process with its ControlNets inline, is default_server.
+    # The split layout, as a GPU deployment runs it: every step a BLS call to unet, the ControlNet service in its
+    # own process (batched, overlapping the encoder half). The cpu layout (serve's on a CPU) is default_server.
     trace = tmp_path_factory.mktemp("trace") / "trace.jsonl"
-    env = {"SWIFTDIFFUSION_LORA_TEST_DELAY_S": str(LORA_DELAY_S), "SWIFTDIFFUSION_TRACE_FILE": str(trace)}
-    kwargs = {}
-    if os.environ.get("SWIFTDIFFUSION_TEST_DEVICE") != "cuda":  # (on CUDA the UNet is on the GPU: the service)
-        from triton_backend.serving.repository import Pipeline, render
-
-        kwargs["model_repository"] = render(
-            tmp_path_factory.mktemp("repository"),
-            [Pipeline("txt2img", model_dir)],
-            stage_prefix="",
-            load_stages=False,
-            overrides={"unet": {"controlnet_inline": "off"}},
-        )
-    srv = start_server(model_dir, tmp_path_factory.mktemp("triton"), env, **kwargs)
+    env = {"SWIFTDIFFUSION_TRACE_FILE": str(trace)}
+    overrides = {"lora_manager": {"lora_store": slow_lora_store(delay_s=LORA_DELAY_S)}}
+    srv = start_server(model_dir, tmp_path_factory.mktemp("triton"), env, layout="split", overrides=overrides)
     srv.trace_file = trace
     yield srv
     srv.stop()
@@ -183,8 +173,8 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def default_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The repository as shipped, on a CPU: the UNet runs in ``denoise``'s process (``unet_local``) and runs its
-    ControlNets inline (``controlnet_inline``); stages append timestamps to ``trace_file``.
+    """The cpu layout (what ``serve`` renders on a CPU): the UNet, its ControlNets and the hint embedding run in
+    ``denoise``'s process; stages append timestamps to ``trace_file``.
     """
     trace = tmp_path_factory.mktemp("trace-default") / "trace.jsonl"
     srv = start_server(model_dir, tmp_path_factory.mktemp("triton-default"), {"SWIFTDIFFUSION_TRACE_FILE": str(trace)})

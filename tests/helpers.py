@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -18,7 +19,11 @@ import torch
 
 from triton_backend.schema import GenerationRequest
 
-#: Images from Triton must match diffusers within this many uint8 levels at any pixel (see README "Correctness").
+if TYPE_CHECKING:
+    from triton_backend.stages.unet import StepInput, UNetStep
+
+#: Images from Triton must match diffusers within this many uint8 levels at any pixel (docs/architecture.md
+#: "Correctness").
 MAX_PIXEL_DIFF = 2
 #: ... and on average.
 MEAN_PIXEL_DIFF = 0.05
@@ -26,14 +31,36 @@ MEAN_PIXEL_DIFF = 0.05
 LORA_DELAY_S = 1.0
 
 
-def start_server(model_dir: Path, workdir: Path, env: dict[str, str] | None = None, **kwargs):
-    """The real bundled tritonserver on free loopback ports; the log's tail is printed if it fails to start."""
+def on_cuda() -> bool:
+    """The suite runs against CUDA stages (``scripts/device_check.sh`` sets ``SWIFTDIFFUSION_TEST_DEVICE``)."""
+    return os.environ.get("SWIFTDIFFUSION_TEST_DEVICE") == "cuda"
+
+
+def render_layout(model_dir: Path, out: Path, layout: str = "cpu", **kwargs) -> Path:
+    """The repository ``serve`` renders for one pipeline ``txt2img`` in ``layout`` (``render``'s ``kwargs``: e.g.
+    ``overrides``). On CUDA (the device check) a CPU layout becomes ``1gpu`` in float32: the references are fp32.
+    """
+    from triton_backend.serving.repository import Layout, Pipeline, render
+
+    chosen = Layout.named("1gpu", "float32") if on_cuda() and layout in ("cpu", "split") else Layout.named(layout)
+    return render(out, [Pipeline("txt2img", model_dir)], chosen, stage_prefix="", load_stages=False, **kwargs)
+
+
+def start_server(
+    model_dir: Path,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    layout: str = "cpu",
+    overrides: dict[str, dict[str, str]] | None = None,
+    **kwargs,
+):
+    """The real bundled tritonserver on free loopback ports, on the repository ``serve`` renders (``layout``,
+    ``overrides``) unless ``model_repository`` is given; the log's tail is printed if it fails to start.
+    """
     from triton_backend.serving.server import TritonServer
 
-    if os.environ.get("SWIFTDIFFUSION_TEST_DEVICE") == "cuda" and "model_repository" not in kwargs:
-        from triton_backend.serving.server import gpu_repository  # scripts/device_check.sh: stages on GPU 0, fp32
-
-        kwargs["model_repository"] = gpu_repository(dtype="float32")
+    if "model_repository" not in kwargs:
+        kwargs["model_repository"] = render_layout(model_dir, workdir / "repository", layout, overrides=overrides)
     log = workdir / "server.log"
     if os.environ.get("SWIFTDIFFUSION_SERVER_LOG_DIR"):  # the device check keeps every server log in its results
         log = Path(os.environ["SWIFTDIFFUSION_SERVER_LOG_DIR"]) / f"{workdir.name}-{time.time_ns()}.log"
@@ -246,6 +273,24 @@ def lora_request(loras: tuple[tuple[str, float], ...]) -> GenerationRequest:
         lora_scales=tuple(s for _, s in loras),
         lora_bound_k=0,
     )
+
+
+@torch.inference_mode()
+def unet_forward(unet: UNetStep, step: StepInput) -> torch.Tensor:
+    """The plain reference for the stage's passes: one ``UNet2DConditionModel`` call with ``step.adapters`` patched
+    in (no split halves, no frozen graph); the noise prediction ``[b, C, h, w]`` float32.
+    """
+    dev, dt = unet.cfg.device, unet.cfg.dtype
+    with unet.cfg.compute():
+        unet.patcher.ensure(step.adapters)
+        out = unet.model(
+            step.sample.to(dev, dt),
+            step.timestep.reshape(-1).to(dev),
+            encoder_hidden_states=step.encoder_hidden_states.to(dev, dt),
+            added_cond_kwargs=step.added_cond_kwargs(dev, dt),
+            return_dict=False,
+        )[0]
+        return out.float().cpu()
 
 
 def optional_sampler(name: str):

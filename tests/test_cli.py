@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from triton_backend.serving.cli import build_parser
 from triton_backend.serving.server import free_port
@@ -79,9 +80,12 @@ def test_serve_generate_and_clean_stop(model_dir, reference, tmp_path):
     try:
         assert f"127.0.0.1:{grpc}" in text and f"127.0.0.1:{http}" in text and f":{metrics}/metrics" in text, text
         assert "txt2img, txt2img_stream" in text and "CudaDriverHelper" not in text, text
+        assert "layout cpu (auto: no GPU)" in text or torch.cuda.is_available(), text
         (server_pid,) = children(proc.pid)
         stubs = children(server_pid)
-        assert len(stubs) >= 5  # one Python stub per model instance
+        # One Python stub per model instance, and only the models that run: text_encoder, denoise (the UNet and the
+        # ControlNets), vae, lora_manager, txt2img_stream; no idle unet or controlnet process.
+        assert len(stubs) == 5 or torch.cuda.is_available(), text
         shm = [p for p in set(Path("/dev/shm").iterdir()) - before if p.name.startswith("swiftdiffusion_")]
         assert shm, "the server uses its own shared-memory prefix"
 
@@ -201,6 +205,16 @@ def test_demo_prints_only_what_the_user_asked_for(model_dir, tmp_path):
     assert out.is_file() and f"wrote {out}" in run.stdout
     assert len(run.stdout.splitlines()) <= 5, run.stdout
     assert "CudaDriverHelper" not in run.stdout + run.stderr and "[transformers]" not in run.stdout + run.stderr
+
+
+def test_a_bad_parameter_stops_serve_before_it_starts_naming_it(model_dir, capsys):
+    from triton_backend.serving.cli import main
+
+    assert main(["serve", "--model-dir", str(model_dir), "--set", "denoise.lora_bound_k=banana"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: denoise: parameter lora_bound_k='banana'; allowed: auto or an integer >= 0\n", err
+    assert main(["serve", "--model-dir", str(model_dir), "--layout", "cpu", "--set", "unet.freeze=off"]) == 2
+    assert "layout cpu renders no unet model" in capsys.readouterr().err
 
 
 def test_a_bad_model_dir_is_one_line_with_the_fix(tmp_path, capsys):

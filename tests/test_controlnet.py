@@ -157,7 +157,7 @@ def test_unknown_mismatched_and_corrupt_controlnets(local, model_dir, tmp_path):
         assert service.stats.loads == 1
         shutil.copytree(model_dir / "controlnets" / "depth", root / "new_one")  # servable without a restart
         service.model("new_one")
-        assert list(service._models) == ["new_one"]  # capacity 1: LRU evicted "edges"
+        assert [name for name, _ in service._models.items()] == ["new_one"]  # capacity 1: LRU evicted "edges"
         service.model("new_one")
         assert service.stats.hits == 1
     finally:

@@ -74,10 +74,10 @@ def test_nested_holds_release_at_the_outermost(tmp_path):
 
 def test_cpu_gate_parameter(model_dir):
     params = {"model_dir": str(model_dir)}
-    assert StageConfig.from_params("unet", params).cpu_gate  # auto: on for a CPU instance
-    assert not StageConfig.from_params("unet", {**params, "cpu_gate": "off"}).cpu_gate
-    assert not StageConfig.from_params("unet", params, instance_count=2).cpu_gate  # two meant to share the cores
-    assert StageConfig.from_params("unet", {**params, "cpu_gate": "on"}, instance_count=2).cpu_gate
+    assert StageConfig.from_params("unet", params).plan.cpu_gate  # auto: on for a CPU instance
+    assert not StageConfig.from_params("unet", {**params, "cpu_gate": "off"}).plan.cpu_gate
+    assert not StageConfig.from_params("unet", params, instance_count=2).plan.cpu_gate  # two share the cores
+    assert StageConfig.from_params("unet", {**params, "cpu_gate": "on"}, instance_count=2).plan.cpu_gate
     with pytest.raises(ConfigError, match="cpu_gate"):
         StageConfig.from_params("unet", {**params, "cpu_gate": "sometimes"})
 

@@ -9,12 +9,12 @@ from triton_backend.schema import GenerationRequest
 from triton_backend.stages import denoise
 from triton_backend.stages.unet import StepInput
 
-from .helpers import assert_same_image
+from .helpers import assert_same_image, unet_forward
 
 
 @pytest.fixture(scope="module")
 def stages(local):
-    return (local.text_encoder, (lambda *call: local.unet.forward(StepInput.of(*call))), local.vae, local.info)
+    return (local.text_encoder, (lambda *call: unet_forward(local.unet, StepInput.of(*call))), local.vae, local.info)
 
 
 def generate(stages, request):
@@ -133,15 +133,6 @@ def test_latent_parallel_passes_through_without_guidance(stages):
     req = GenerationRequest(prompt="x", steps=2, guidance_scale=1.0)
     denoise.run(denoise.prepare_encoded(req, te.encode_request(req), info), lp)
     assert calls == [1, 1]
-
-
-def test_resolve_latent_parallel():
-    assert denoise.resolve_latent_parallel("on", 1) is True
-    assert denoise.resolve_latent_parallel("off", 4) is False
-    assert denoise.resolve_latent_parallel("auto", 2) is True
-    assert denoise.resolve_latent_parallel("auto", 1) is False
-    with pytest.raises(ValueError, match="latent_parallel"):
-        denoise.resolve_latent_parallel("sometimes", 2)
 
 
 def test_vae_channels_last_decodes_the_same_image(model_dir, local):

@@ -129,15 +129,21 @@ def test_the_watchdog_leaves_a_model_the_operator_unloaded(model_dir, tmp_path):
         srv.stop()
 
 
-def test_a_bad_latent_parallel_fails_the_load_naming_it_with_the_unet_in_denoise(model_dir, tmp_path):
-    """Checked in the default CPU layout too, where latent parallelism is off whatever the parameter says."""
-    from triton_backend.serving.repository import Pipeline, render
+def test_a_bad_parameter_in_a_hand_edited_repository_fails_the_load_naming_it(model_dir, tmp_path):
+    """``serve`` refuses a bad ``--set`` before it starts (test_cli); a repository edited by hand is refused by the
+    model's load, with the same line: model, parameter, allowed values.
+    """
     from triton_backend.serving.server import ServerError
 
-    overrides = {"denoise": {"latent_parallel": "sometimes"}}
-    repo = render(
-        tmp_path / "repo", [Pipeline("txt2img", model_dir)], stage_prefix="", load_stages=False, overrides=overrides
-    )
+    from .helpers import render_layout
+
+    repo = render_layout(model_dir, tmp_path / "repo")
+    config = repo / "denoise" / "config.pbtxt"
+    text = config.read_text()
+    default = 'key: "lora_bound_k"\n  value {\n    string_value: "auto"'
+    config.write_text(text.replace(default, default.replace("auto", "banana")))
+    assert config.read_text() != text
     with pytest.raises(ServerError):
         start_server(model_dir, tmp_path, model_repository=repo, watch_interval=None)
-    assert "latent_parallel='sometimes'" in (tmp_path / "server.log").read_text()
+    log = (tmp_path / "server.log").read_text()
+    assert "denoise: parameter lora_bound_k='banana'; allowed: auto or an integer >= 0" in log

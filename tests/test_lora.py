@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 
 import pytest
 import torch
 
-from triton_backend.errors import InvalidRequestError, NotFoundError
+from triton_backend.config import StageConfig
+from triton_backend.errors import ConfigError, InvalidRequestError, NotFoundError
 from triton_backend.lora.convert import convert_lora_file
+from triton_backend.lora.manager import LoraManager, make_store
 from triton_backend.lora.patch import WeightPatcher, lora_delta
 from triton_backend.lora.store import LoraStore, has_text_encoder_layers, lora_names
 from triton_backend.pipeline import ReadyLoad
 from triton_backend.schema import GenerationRequest
 from triton_backend.stages import denoise
 
+from .fakes import SlowLoraStore, slow_lora_store
 from .helpers import assert_same_image, diffusers_image, pixel_diff
 
 LORAS = ["pastel_peft", "ink_kohya", "glow_kohya"]
@@ -143,7 +147,7 @@ def test_store_budget_evicts_least_recently_used(model_dir, tmp_path):
     store.get("ink_kohya")  # touch: glow is now least recently used
     store.get("pastel_peft")
     assert store.stats.evictions == 1 and store.stats.bytes_resident <= store.budget_bytes
-    assert {k[0] for k in store._entries} == {"ink_kohya", "pastel_peft"}
+    assert {entry.name for _, entry in store.cache.items()} == {"ink_kohya", "pastel_peft"}
     store.close()
 
 
@@ -195,21 +199,60 @@ def test_names_that_leave_the_store_and_corrupt_files_are_invalid(model_dir, tmp
         has_text_encoder_layers(resolve_lora_path(root, "truncated"))
 
 
-def test_emulated_slow_storage_delays_misses_only(model_dir, tmp_path):
-    store = LoraStore(
+def test_slow_store_delays_each_request_once_and_emulates_storage_on_misses(model_dir, tmp_path):
+    """The fake behind the test server's deterministic landing step and the slow store of scripts/bench_lora.py."""
+    size = (model_dir / "loras" / "ink_kohya.safetensors").stat().st_size
+    store = SlowLoraStore(  # options as strings, as parameter lora_store passes them
         root=model_dir / "loras",
         convert=lambda p: {"unet:x.lora_A": torch.zeros(1)},
         cache_root=tmp_path / "swiftdiffusion-lora-slow",
-        emulate_latency_s=0.2,
+        delay_s="0.2",
+        latency_ms="300",
+        mbps=str(size * 8 / 0.3 / 1e6),  # the file's size takes 0.3 s
     )
-    start = time.perf_counter()
-    store.get("ink_kohya")
-    miss = time.perf_counter() - start
-    start = time.perf_counter()
-    store.get("ink_kohya")
-    hit = time.perf_counter() - start
-    assert miss >= 0.2 > hit
+
+    def seconds(call, *args):
+        start = time.perf_counter()
+        call(*args)
+        return time.perf_counter() - start
+
+    assert seconds(store.get_many, ["ink_kohya"]) >= 0.8  # a miss: latency + size / bandwidth, then the delay
+    assert store.stats.load_seconds >= 0.6  # the emulated read is part of the load
+    assert 0.2 <= seconds(store.get_many, ["ink_kohya"]) < 0.6  # a hit: the delay only
+    store.get("glow_kohya")
+    assert 0.2 <= seconds(store.get_many, ["ink_kohya", "glow_kohya"]) < 0.4  # once per request, not per LoRA
+    assert seconds(store.get, "ink_kohya") < 0.2  # the delay is the request's, not each lookup's
     store.close()
+
+
+def test_lora_store_parameter_picks_the_store_and_a_bad_value_fails_the_load_naming_it(model_dir):
+    def cfg(value: str) -> StageConfig:
+        return StageConfig.from_params("lora_manager", {"model_dir": str(model_dir), "lora_store": value})
+
+    def convert(path):
+        return {}
+
+    default = make_store(cfg(""), convert)
+    assert type(default) is LoraStore and default.root == model_dir / "loras" and default.budget_bytes == 1 << 30
+    default.close()
+    slow = make_store(cfg(slow_lora_store(delay_s=0.5, mbps=8)), convert)
+    assert type(slow) is SlowLoraStore and (slow.delay_s, slow.latency_s, slow.bandwidth_bps) == (0.5, 0, 1e6)
+    assert slow.root == model_dir / "loras" and slow.budget_bytes == 1 << 30
+    slow.close()
+    for bad, reason in [
+        ("SlowLoraStore", "is not module:Class"),
+        ("tests.no_such_module:SlowLoraStore", "cannot be imported"),
+        ("tests.fakes:NoSuchStore", "does not name a subclass"),
+        ("tests.fakes:slow_lora_store", "does not name a subclass"),  # a function, not a store class
+        ("triton_backend.lora.store:CacheEntry", "does not name a subclass"),
+        ("tests.fakes:SlowLoraStore?delay_s", "options are key=value"),
+        ("tests.fakes:SlowLoraStore?speed=1", "unexpected keyword argument 'speed'"),
+        ("tests.fakes:SlowLoraStore?delay_s=soon", "could not convert"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"^lora_manager: parameter lora_store='{re.escape(bad)}'.*{reason}"):
+            make_store(cfg(bad), convert)
+    with pytest.raises(ConfigError, match="parameter lora_store="):  # the stage's load
+        LoraManager(cfg("tests.fakes:NoSuchStore"))
 
 
 def test_a_file_changed_while_it_is_converted_is_refused_and_not_cached(model_dir, tmp_path):

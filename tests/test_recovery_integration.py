@@ -26,19 +26,10 @@ STAGES = ("unet", "controlnet", "text_encoder", "vae", "denoise", "lora_manager"
 
 @pytest.fixture(scope="module")
 def watched(model_dir, tmp_path_factory):
-    """The staged layout, where every step is a BLS call to ``unet`` (``unet_local: off``): a request passes through
-    every stage. The default CPU layout, with the UNet in ``denoise``'s process, has its own test (the last one).
+    """The split layout, where every step is a BLS call to ``unet``: a request passes through every stage. The cpu
+    layout, with the UNet in ``denoise``'s process, has its own test (the last one).
     """
-    from triton_backend.serving.repository import Pipeline, render
-
-    repository = render(
-        tmp_path_factory.mktemp("repository"),
-        [Pipeline("txt2img", model_dir)],
-        stage_prefix="",
-        load_stages=False,
-        overrides={"denoise": {"unet_local": "off"}},
-    )
-    srv = start_server(model_dir, tmp_path_factory.mktemp("recovery"), model_repository=repository, watch_interval=0.5)
+    srv = start_server(model_dir, tmp_path_factory.mktemp("recovery"), layout="split", watch_interval=0.5)
     yield srv
     srv.stop()
 
@@ -116,7 +107,7 @@ def test_a_request_in_flight_on_a_killed_unet_fails_naming_the_stage(watched):
 
 
 def test_the_default_layout_s_step_process_killed_in_flight_fails_naming_it_and_comes_back(model_dir, tmp_path):
-    """The default CPU layout runs the UNet in ``denoise``'s process (``unet_local``): killed under a request (its
+    """The cpu layout runs the UNet in ``denoise``'s process: killed under a request (its
     steps under way, as the stream shows), the request fails naming ``denoise`` and the next is served.
     """
     srv = start_server(model_dir, tmp_path, watch_interval=0.5)

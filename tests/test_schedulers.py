@@ -11,7 +11,7 @@ from triton_backend.schema import GenerationRequest
 from triton_backend.stages import denoise
 from triton_backend.stages.unet import StepInput
 
-from .helpers import assert_same_image, optional_sampler
+from .helpers import assert_same_image, optional_sampler, unet_forward
 
 KARRAS = {"use_karras_sigmas": True}
 #: What each name must be, written out independently of the table: diffusers class and config overrides.
@@ -125,7 +125,7 @@ def test_unknown_name_is_invalid_and_lists_names(name):
 
 @pytest.fixture(scope="module")
 def stages(local):
-    return local.text_encoder, (lambda *call: local.unet.forward(StepInput.of(*call))), local.vae, local.info
+    return local.text_encoder, (lambda *call: unet_forward(local.unet, StepInput.of(*call))), local.vae, local.info
 
 
 @pytest.mark.parametrize("name", [optional_sampler(name) for name in sorted(EXPECTED)])

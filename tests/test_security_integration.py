@@ -13,7 +13,7 @@ import pytest
 from swiftdiffusion_client import Client, ClientError, GenerationRequest, InvalidArgumentError
 from tritonclient.utils import InferenceServerException
 
-from triton_backend.serving.server import ADMIN_HEADER, GRPC_ADMIN_HEADER, render_repository
+from triton_backend.serving.server import ADMIN_HEADER, GRPC_ADMIN_HEADER
 
 from .helpers import hint_images, start_server
 
@@ -34,9 +34,8 @@ def locked(model_dir, tmp_path_factory):
         check=True,
         capture_output=True,
     )
-    limit = '"max_hint_bytes" value { string_value: "%s" }'
-    repo = render_repository({"denoise": [(limit % 50331648, limit % 20000)]})
-    srv = start_server(model_dir, work, tls_cert=cert, tls_key=key, admin_key=KEY, model_repository=repo)
+    overrides = {"denoise": {"max_hint_bytes": "20000"}}
+    srv = start_server(model_dir, work, tls_cert=cert, tls_key=key, admin_key=KEY, overrides=overrides)
     yield srv, cert
     srv.stop()
 

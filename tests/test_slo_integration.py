@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 from swiftdiffusion_client import Client, ClientError, GenerationRequest, InvalidArgumentError, ServerUnavailableError
 
-from triton_backend.serving.server import render_repository
-
 from .helpers import assert_rejected_then_served, assert_same_image, generate_concurrently, start_server
 
 pytestmark = pytest.mark.integration
@@ -48,16 +46,8 @@ def test_a_burst_far_above_capacity_is_served_request_by_request(server, referen
 @pytest.fixture(scope="module")
 def strict_server(model_dir, tmp_path_factory):
     """A deployment that refuses late work and holds at most 4 generations."""
-    repository = render_repository(
-        {
-            "denoise": [
-                ('"late_policy" value { string_value: "serve" }', '"late_policy" value { string_value: "reject" }'),
-                ('"max_pending" value { string_value: "64" }', '"max_pending" value { string_value: "4" }'),
-            ]
-        },
-        dest=tmp_path_factory.mktemp("strict-repo") / "repo",
-    )
-    srv = start_server(model_dir, tmp_path_factory.mktemp("strict"), model_repository=repository)
+    overrides = {"denoise": {"late_policy": "reject", "max_pending": "4"}}
+    srv = start_server(model_dir, tmp_path_factory.mktemp("strict"), overrides=overrides)
     yield srv
     srv.stop()
 

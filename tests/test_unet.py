@@ -8,6 +8,8 @@ from triton_backend.errors import InvalidRequestError
 from triton_backend.paths import model_repository_dir
 from triton_backend.stages.unet import LocalSteps, StepInput, UNetStep, parse_step
 
+from .helpers import unet_forward
+
 REPO = model_repository_dir()
 
 
@@ -30,7 +32,7 @@ def test_batched_equals_single(unet):
     steps = [_step(1), _step(2, rows=1), _step(3), _step(4, size=16)]
     batched = unet.forward_many(steps)
     for step, out in zip(steps, batched, strict=True):
-        single = unet.forward(step)
+        single = unet_forward(unet, step)
         assert out.shape == single.shape
         torch.testing.assert_close(out, single, rtol=1e-4, atol=1e-5)
 
@@ -38,7 +40,7 @@ def test_batched_equals_single(unet):
 def test_per_row_timesteps_matter(unet):
     s = _step(1)
     other = StepInput(s.sample, s.timestep + 300, s.encoder_hidden_states)
-    assert (unet.forward(s) - unet.forward(other)).abs().mean() > 1e-3
+    assert (unet_forward(unet, s) - unet_forward(unet, other)).abs().mean() > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -93,7 +95,7 @@ def test_local_steps_batch_the_requests_queued_together_and_each_gets_its_own_re
     assert counting.passes == [4]  # one pass for the four requests queued in the same turn
     for group, outs in zip(groups, results, strict=True):
         for step, out in zip(group, outs, strict=True):
-            torch.testing.assert_close(out, unet.forward(step), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out, unet_forward(unet, step), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(("max_rows", "passes"), [(4, [2, 2, 1]), (2, [1, 1, 1, 1, 1]), (0, [1, 1, 1, 1, 1])])
@@ -110,7 +112,7 @@ def test_a_failed_local_pass_fails_its_requests_and_the_next_pass_runs(unet):
     local = LocalSteps(counting.forward_many, max_rows=2)
     first, second = _run_concurrently(local, [[_step(1)], [_step(2)]])
     assert isinstance(first, RuntimeError) and "the pass failed" in str(first)
-    torch.testing.assert_close(second[0], unet.forward(_step(2)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(second[0], unet_forward(unet, _step(2)), rtol=1e-4, atol=1e-5)
     assert _run_concurrently(local, [[_step(3)]])[0][0].shape == (2, 4, 8, 8)
 
 
@@ -127,35 +129,6 @@ def test_a_cancelled_generation_s_queued_step_is_dropped(unet):
 
     out = asyncio.run(main())
     assert counting.passes == [1] and out[0].shape == (2, 4, 8, 8)
-
-
-@pytest.mark.parametrize(
-    ("edit", "denoise_params", "reason"),
-    [
-        ({}, {}, ""),  # the default repository on a CPU: the UNet runs in denoise's process
-        ({}, {"unet_url": "other:8001"}, "on another server"),
-        ({"instance_group": [{"count": 2, "kind": "KIND_CPU"}]}, {}, "2 instances"),
-        ({"instance_group": [{"count": 1, "kind": "KIND_GPU", "gpus": [0]}]}, {}, "not KIND_CPU"),
-        ({"controlnet_inline": "off"}, {}, "controlnet_inline"),
-        (None, {}, "no config of the unet model 'unet'"),
-    ],
-)
-def test_when_denoise_runs_the_unet_itself(model_dir, edit, denoise_params, reason):
-    from triton_backend.config import read_model_config, triton_params
-    from triton_backend.serving.models import local_unet_refusal
-
-    config = read_model_config(REPO / "unet" / "config.pbtxt")
-    if edit is None:
-        config = None
-    elif "controlnet_inline" in edit:
-        config["parameters"]["controlnet_inline"] = {"string_value": edit["controlnet_inline"]}
-    else:
-        config.update(edit)
-    params = {**(triton_params(config) if config else {}), "model_dir": str(model_dir)}
-    unet_cfg = StageConfig.from_params("unet", params) if config else None
-    denoise_cfg = StageConfig.from_params("denoise", {"model_dir": str(model_dir), **denoise_params})
-    why = local_unet_refusal(denoise_cfg, "unet", config, unet_cfg)
-    assert reason in why if reason else why == ""
 
 
 def _frozen_vs_eager(unet, step, residuals=None):
@@ -203,7 +176,7 @@ def test_frozen_halves_compute_the_eager_result_bitwise(unet):
 
     odd = 2 * unet.frozen_halves().up_factor + 1  # (not a multiple of the up-sampling factor)
     assert not unet.frozen_halves().fits(_step(7, size=odd).sample)
-    torch.testing.assert_close(unet.forward_many([_step(7, size=odd)])[0], unet.forward(_step(7, size=odd)))
+    torch.testing.assert_close(unet.forward_many([_step(7, size=odd)])[0], unet_forward(unet, _step(7, size=odd)))
 
 
 def test_frozen_sdxl_halves_compute_the_eager_result_bitwise(sdxl_model_dir):

@@ -21,8 +21,7 @@ from .schema import RequestLimits
 if TYPE_CHECKING:
     import torch
 
-#: Parameter ``dtype`` values besides ``auto`` (torch dtype names).
-DTYPES = ("float32", "float16", "bfloat16")
+    from .plan import Plan
 
 
 def disable_tf32() -> None:
@@ -36,87 +35,83 @@ def disable_tf32() -> None:
 
 @dataclass(frozen=True)
 class StageConfig:
-    """What one Triton model instance needs to know, resolved from ``config.pbtxt`` and the instance."""
+    """What one Triton model instance needs to know: its typed parameters and its :class:`~triton_backend.plan.Plan`,
+    resolved from ``config.pbtxt`` and the instance.
+    """
 
     model_name: str
     model_dir: Path
     device: torch.device
     dtype: torch.dtype
-    num_threads: int
+    plan: Plan
     limits: RequestLimits = field(default_factory=RequestLimits)
     #: Names of other stages this one calls over BLS (``unet_model`` → ``"unet"``).
     stages: dict[str, str] = field(default_factory=dict)
-    params: dict[str, str] = field(default_factory=dict)
+    #: Every parameter of the model, typed (:mod:`triton_backend.parameters`; absent ones at their default).
+    params: dict[str, Any] = field(default_factory=dict)
     #: The model repository this stage was loaded from (Triton's ``args["model_repository"]`` is the model's dir).
     repository: Path | None = None
-    #: Parameter ``cpu_gate`` (auto = on for the single CPU instance of a model; instances configured to share the
-    #: cores, e.g. two latent-parallel UNets, run side by side): compute takes turns with the other stages
-    #: (:mod:`triton_backend.cpu_gate`).
-    cpu_gate: bool = False
+
+    @property
+    def num_threads(self) -> int:
+        return self.plan.threads
 
     @classmethod
-    def from_triton_args(cls, args: dict[str, Any]) -> StageConfig:
-        """Parse Triton's ``initialize`` args: ``model_config`` JSON, instance kind and device id."""
+    def from_triton_args(cls, args: dict[str, Any], role: str) -> StageConfig:
+        """Parse Triton's ``initialize`` args (``model_config`` JSON, instance kind and device id) as a ``role``
+        model (its template name).
+        """
         config = json.loads(args["model_config"])
-        params = triton_params(config)
-        kind = args.get("model_instance_kind", "CPU")
-        device_id = int(args.get("model_instance_device_id", 0) or 0)
-        instance_count = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
-        cfg = cls.from_params(
-            config.get("name", "?"), params, kind=kind, device_id=device_id, instance_count=instance_count
-        )
         repo = args.get("model_repository")
-        return dataclasses.replace(cfg, repository=Path(repo).parent) if repo else cfg
+        return cls.from_params(
+            config.get("name", "?"),
+            triton_params(config),
+            kind=args.get("model_instance_kind", "CPU"),
+            device_id=int(args.get("model_instance_device_id", 0) or 0),
+            instance_count=instance_count(config),
+            role=role,
+            repository=Path(repo).parent if repo else None,
+        )
 
     @classmethod
     def from_params(
-        cls, model_name: str, params: dict[str, str], kind: str = "CPU", device_id: int = 0, instance_count: int = 1
+        cls,
+        model_name: str,
+        params: dict[str, str],
+        kind: str = "CPU",
+        device_id: int = 0,
+        instance_count: int = 1,
+        role: str | None = None,
+        repository: Path | None = None,
     ) -> StageConfig:
-        """Build from plain string parameters (what ``config.pbtxt`` holds); used directly by tests."""
+        """Build from plain string parameters (what ``config.pbtxt`` holds; ``role`` defaults to ``model_name``);
+        used directly by tests.
+        """
         import torch  # (here, not at the top: processes that run no model import this module without torch)
 
+        from . import parameters, plan
+
+        values = parameters.parse(model_name, role or model_name, params)
         if kind == "GPU":
             if not torch.cuda.is_available():
                 raise ConfigError(f"{model_name}: instance_group KIND_GPU but CUDA is not available")
             device = torch.device(f"cuda:{device_id}")
         else:
             device = torch.device("cpu")
-
-        dtype_name = params.get("dtype", "auto") or "auto"
-        if dtype_name == "auto":
-            dtype = torch.float16 if device.type == "cuda" else torch.float32
-        elif dtype_name in DTYPES:
-            dtype = getattr(torch, dtype_name)
-        else:
-            raise ConfigError(f"{model_name}: parameter dtype={dtype_name!r}; allowed: auto, {', '.join(DTYPES)}")
-
-        model_dir = resolve_model_dir(params.get("model_dir", ""))
-        threads = int_param(model_name, params, "num_threads", 0)
-        if threads <= 0:
-            threads = max(1, (os.cpu_count() or 1) // max(1, instance_count))
+        resolved = plan.resolve(model_name, role or model_name, values, device, instance_count, repository)
         limits = RequestLimits(
-            max_steps=int_param(model_name, params, "max_steps", RequestLimits.max_steps, minimum=1),
-            max_height=int_param(model_name, params, "max_height", RequestLimits.max_height, minimum=8),
-            max_width=int_param(model_name, params, "max_width", RequestLimits.max_width, minimum=8),
-            max_prompt_chars=int_param(
-                model_name, params, "max_prompt_chars", RequestLimits.max_prompt_chars, minimum=1
-            ),
-            max_prompt_bytes=int_param(
-                model_name, params, "max_prompt_bytes", RequestLimits.max_prompt_bytes, minimum=1
-            ),
-            max_hint_bytes=int_param(model_name, params, "max_hint_bytes", RequestLimits.max_hint_bytes, minimum=1),
+            **{f.name: values[f.name] for f in dataclasses.fields(RequestLimits) if f.name in values}
         )
-        stages = called_stages(params)
         return cls(
             model_name,
-            model_dir,
+            resolve_model_dir(values.get("model_dir", "")),
             device,
-            dtype,
-            threads,
+            getattr(torch, resolved.dtype),
+            resolved,
             limits,
-            stages,
-            dict(params),
-            cpu_gate=switch_on(model_name, params, "cpu_gate", auto=device.type == "cpu" and instance_count == 1),
+            called_stages(values),
+            values,
+            repository,
         )
 
     def apply_torch_settings(self) -> None:
@@ -136,7 +131,7 @@ class StageConfig:
         """Around one piece of compute (never around a wait for another stage): the CPU gate when ``cpu_gate``."""
         from .cpu_gate import cpu_gate
 
-        return cpu_gate().hold() if self.cpu_gate else contextlib.nullcontext()
+        return cpu_gate().hold() if self.plan.cpu_gate else contextlib.nullcontext()
 
     def stage(self, role: str) -> str:
         """Triton model name of the stage with ``role`` (config parameter ``{role}_model``), default ``role``."""
@@ -148,7 +143,7 @@ def triton_params(model_config: dict[str, Any]) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
 
 
-def called_stages(params: dict[str, str]) -> dict[str, str]:
+def called_stages(params: dict[str, Any]) -> dict[str, str]:
     """Role → Triton model name of the stages a model calls over BLS: its ``<role>_model`` parameters."""
     return {k[: -len("_model")]: v for k, v in params.items() if k.endswith("_model") and v}
 
@@ -163,56 +158,6 @@ def resolve_model_dir(value: str) -> Path:
             f"parameter or ${MODEL_DIR_ENV}, or run `swiftdiffusion default-model --out DIR`"
         )
     return path
-
-
-def int_param(model: str, params: dict[str, str], name: str, default: int, minimum: int | None = None) -> int:
-    raw = params.get(name, "")
-    if raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{model}: parameter {name}={raw!r} is not an integer") from None
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{model}: parameter {name}={value} must be >= {minimum}")
-    return value
-
-
-def switch_param(model: str, params: dict[str, str], name: str) -> str:
-    """``auto`` (also when empty), ``on`` or ``off``: the stage resolves ``auto`` from its device and layout;
-    anything else fails the load naming the parameter.
-    """
-    value = params.get(name, "") or "auto"
-    if value not in ("auto", "on", "off"):
-        raise ConfigError(f"{model}: parameter {name}={value!r}; allowed: auto, on, off")
-    return value
-
-
-def switch_on(model: str, params: dict[str, str], name: str, auto: bool) -> bool:
-    """A :func:`switch_param` as a bool: ``on``, ``off``, or ``auto`` = the stage's own rule for its device and
-    layout (``auto``).
-    """
-    value = switch_param(model, params, name)
-    return auto if value == "auto" else value == "on"
-
-
-def float_param(model: str, params: dict[str, str], name: str, default: float, minimum: float = 0.0) -> float:
-    """A number parameter (``default`` when empty); not a number or below ``minimum`` fails the load naming it."""
-    raw = params.get(name, "")
-    if raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{model}: parameter {name}={raw!r} is not a number") from None
-    if not value >= minimum:  # also refuses nan
-        raise ConfigError(f"{model}: parameter {name}={value} must be >= {minimum:g}")
-    return value
-
-
-def budget_param(model: str, params: dict[str, str], name: str, default_mb: float) -> int:
-    """A cache budget in MiB (``0`` disables the cache), as bytes."""
-    return int(float_param(model, params, name, default_mb) * (1 << 20))
 
 
 def read_model_config(config_pbtxt: Path) -> dict[str, Any]:

@@ -29,13 +29,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .config import StageConfig, switch_on
 from .model_info import ModelInfo
-
-
-def freeze_enabled(cfg: StageConfig) -> bool:
-    """Parameter ``freeze`` (``auto`` = on for a CPU instance; not measured on a GPU yet, so off there)."""
-    return switch_on(cfg.model_name, cfg.params, "freeze", auto=cfg.device.type == "cpu")
 
 
 def frozen_graph(module: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:

@@ -52,14 +52,17 @@ class LocalResult:
 class LocalPipeline:
     """``text_encoder`` → ``denoise`` (→ ``unet`` → ``controlnet``) → ``vae`` in this process."""
 
-    def __init__(self, model_dir: Path, params: dict[str, str] | None = None):
-        self.cfg = StageConfig.from_params("local", {"model_dir": str(model_dir), **(params or {})})
+    def __init__(self, model_dir: Path):
+        def cfg(role: str) -> StageConfig:  # (each stage as its model would load it, on this device)
+            return StageConfig.from_params(role, {"model_dir": str(model_dir)})
+
+        self.cfg = cfg("text_encoder")
         self.info = ModelInfo.read(self.cfg.model_dir)
         self.text_encoder = TextEncoder(self.cfg)
-        self.unet = UNetStep(self.cfg)
-        self.vae = VaeDecoder(self.cfg)
-        self.controlnets = ControlNetService(self.cfg)
-        skeletons = load_skeletons(self.cfg)  # separate from the served modules, as in the lora_manager process
+        self.unet = UNetStep(cfg("unet"))
+        self.vae = VaeDecoder(cfg("vae"))
+        self.controlnets = ControlNetService(cfg("controlnet"))
+        skeletons = load_skeletons(cfg("lora_manager"))  # separate from the served modules, as in lora_manager
         self._cache = tempfile.mkdtemp(prefix=CACHE_DIR_PREFIX + "local-")
         self.loras = LoraStore(
             root=lora_dir(self.cfg.params, self.cfg.model_dir),

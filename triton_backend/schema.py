@@ -71,6 +71,12 @@ class FieldSpec:
     required: bool = False
     #: A ``[m]`` vector rather than a ``[1]`` scalar.
     vector: bool = False
+    #: The tensor's dims in a model config, when not ``[1]`` (scalar) or ``[-1]`` (vector).
+    shape: tuple[int, ...] = ()
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return self.shape or ((-1,) if self.vector else (1,))
 
 
 FIELDS: tuple[FieldSpec, ...] = (
@@ -88,7 +94,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("LORA_SCALES", "lora_scales", "FP32", vector=True),
     FieldSpec("LORA_BOUND_K", "lora_bound_k", "INT32"),
     FieldSpec("CONTROLNET_NAMES", "controlnet_names", "BYTES", vector=True),
-    FieldSpec("CONTROLNET_IMAGES", "controlnet_images", "UINT8", vector=True),
+    FieldSpec("CONTROLNET_IMAGES", "controlnet_images", "UINT8", vector=True, shape=(-1, -1, -1, 3)),
     FieldSpec("CONTROLNET_SCALES", "controlnet_scales", "FP32", vector=True),
     FieldSpec("CONTROLNET_GUIDANCE_START", "controlnet_guidance_start", "FP32", vector=True),
     FieldSpec("CONTROLNET_GUIDANCE_END", "controlnet_guidance_end", "FP32", vector=True),

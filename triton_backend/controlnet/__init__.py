@@ -1,1 +1,1 @@
-"""ControlNet-as-a-Service (DESIGN.md §2): a shared ControlNet model that runs beside the UNet encoder half."""
+"""ControlNet-as-a-Service (docs/architecture.md): a shared ControlNet model that runs beside the UNet encoder half."""

@@ -23,6 +23,7 @@ class ControlNetModel(MetricsModel):
     ``ENCODER_HIDDEN_STATES`` → ``RESIDUALS [b, N]`` (every skip residual and the mid residual, packed).
     """
 
+    role = "controlnet"
     inputs = wire.INPUTS
 
     def build(self, cfg: StageConfig) -> ControlNetService:

@@ -20,7 +20,6 @@ import shutil
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ..cache import ByteLRU
-from ..config import StageConfig, budget_param, int_param
+from ..cache import ByteLRU, LRUStats
+from ..config import StageConfig
 from ..errors import InvalidRequestError, NotFoundError
 from ..model_info import ModelInfo
+from ..parameters import mib
 from ..paths import controlnet_dir, is_store_name
 from ..shm import STAGE_DIR_PREFIXES, save_tensors, stage_dir
 from .unet_split import pack_residuals
@@ -41,6 +41,12 @@ from .unet_split import pack_residuals
 HINT_DIR_PREFIX = STAGE_DIR_PREFIXES[1]
 #: File-name prefix of the hint-embedding cache's own files (a request's files are ``<controlnet>-<uuid>``).
 HINT_CACHE_PREFIX = "cache-"
+#: Hint embeddings (tensors) the steps read, kept in this process by hint file, so a request's file is read at its
+#: first step, not at each step. A count, not a byte budget (``hint_cache_mb`` is the separate shared-memory cache of
+#: hint files across requests): it need only hold the hints of the requests in flight, one file per request and
+#: ControlNet; 64 is four times the rows of the largest step batch (``max_batch_size: 16``), and a finished request's
+#: entry falls out behind newer ones. Each is ``[1, C, h/8, w/8]`` float32 (SD1 at 512 x 512: 320 channels, 5 MiB).
+HINT_TENSORS_KEPT = 64
 
 
 def controlnet_names(root: Path) -> list[str]:
@@ -48,14 +54,6 @@ def controlnet_names(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
-
-
-@dataclass
-class ControlNetStats:
-    hits: int = 0
-    misses: int = 0
-    loads: int = 0
-    load_seconds: float = 0.0
 
 
 @dataclass
@@ -90,11 +88,14 @@ class ControlRow:
 
 @dataclass
 class ControlNetService:
-    """Resident ControlNets (LRU of ``capacity``) for one model instance, checked against the base UNet."""
+    """Resident ControlNets (LRU of ``capacity``) for one model instance, checked against the base UNet.
+
+    ``stats``: the resident ControlNets' LRU (hits and misses per lookup, loads and their seconds).
+    """
 
     cfg: StageConfig
     capacity: int = 4
-    stats: ControlNetStats = field(default_factory=ControlNetStats)
+    stats: LRUStats = field(default_factory=LRUStats)
     #: The dtype residuals leave in (the config's ``RESIDUALS`` data type; the UNet casts to its own).
     residual_dtype: torch.dtype = torch.float32
     #: Byte budget of the hint-embedding cache (parameter ``hint_cache_mb``; 0 = off).
@@ -104,8 +105,12 @@ class ControlNetService:
         self.root = controlnet_dir(self.cfg.params, self.cfg.model_dir)
         self.unet_config = json.loads((self.cfg.model_dir / "unet" / "config.json").read_text())
         self.info = ModelInfo.read(self.cfg.model_dir)
-        self._models: OrderedDict[str, tuple[str, torch.nn.Module, torch.nn.Module]] = OrderedDict()
-        self._hints: OrderedDict[str, torch.Tensor] = OrderedDict()
+        #: Resident ControlNets: name → (signature, model, its cond embedding); ``capacity`` of them.
+        self._models: ByteLRU[tuple[str, torch.nn.Module, torch.nn.Module]] = ByteLRU(
+            self.capacity, size=lambda _: 1, stats=self.stats
+        )
+        #: Hint tensors by hint file (:data:`HINT_TENSORS_KEPT`).
+        self._hints: ByteLRU[torch.Tensor] = ByteLRU(HINT_TENSORS_KEPT, size=lambda _: 1)
         self._lock = threading.Lock()
         #: Hint embeddings of requests in flight; this process holds the directory's lock (:mod:`~triton_backend.shm`).
         self.hint_root, self._owner_fd = stage_dir(HINT_DIR_PREFIX)
@@ -120,8 +125,8 @@ class ControlNetService:
     def from_config(cls, cfg: StageConfig) -> ControlNetService:
         return cls(
             cfg,
-            int_param(cfg.model_name, cfg.params, "resident_capacity", 4, minimum=1),
-            hint_cache_bytes=budget_param(cfg.model_name, cfg.params, "hint_cache_mb", 256),
+            cfg.params["resident_capacity"],
+            hint_cache_bytes=mib(cfg.params["hint_cache_mb"]),
         )
 
     def names(self) -> list[str]:
@@ -159,6 +164,11 @@ class ControlNetService:
 
     def model(self, name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
         """``(controlnet, cond_embedding)`` for ``name``: resident (a hit) or loaded now (a miss, may evict)."""
+        _, model, embedding = self._resident(name)
+        return model, embedding
+
+    def _resident(self, name: str) -> tuple[str, torch.nn.Module, torch.nn.Module]:
+        """``(signature, controlnet, cond_embedding)`` of :meth:`model`."""
         from diffusers import ControlNetModel
 
         if not is_store_name(name):
@@ -168,12 +178,9 @@ class ControlNetService:
             raise NotFoundError("CONTROLNET_NAMES", name, self.names())
         signature = f"{(path / 'config.json').stat().st_mtime_ns}"
         with self._lock:
-            entry = self._models.get(name)
-            if entry is not None and entry[0] == signature:
-                self._models.move_to_end(name)
-                self.stats.hits += 1
-                return entry[1], entry[2]
-            self.stats.misses += 1
+            entry = self._models.get(name, valid=lambda e: e[0] == signature)
+            if entry is not None:
+                return entry
             try:
                 config = json.loads((path / "config.json").read_text())
             except ValueError as exc:
@@ -193,10 +200,9 @@ class ControlNetService:
             model.controlnet_cond_embedding = torch.nn.Identity()
             self.stats.loads += 1
             self.stats.load_seconds += time.perf_counter() - start
-            self._models[name] = (signature, model, embedding)
-            while len(self._models) > self.capacity:
-                self._models.popitem(last=False)
-            return model, embedding
+            entry = (signature, model, embedding)
+            self._models.put(name, entry)
+            return entry
 
     @torch.inference_mode()
     def prepare(self, name: str, image: np.ndarray) -> str:
@@ -205,10 +211,10 @@ class ControlNetService:
             raise InvalidRequestError(
                 "CONTROLNET_IMAGES", f"expected UINT8 [H, W, 3], got {image.dtype} {list(image.shape)}"
             )
-        _, embedding = self.model(name)
+        signature, _, embedding = self._resident(name)
         image = np.ascontiguousarray(image)
         # The content hash, shape and the ControlNet's signature: a changed image, size or ControlNet misses.
-        key = (name, self._models[name][0], hashlib.sha256(image.data).hexdigest(), image.shape)
+        key = (name, signature, hashlib.sha256(image.data).hexdigest(), image.shape)
         file = self.hint_root / f"{name}-{uuid.uuid4().hex}.safetensors"
         cached = self.hint_cache.get(key)
         if cached is not None:
@@ -235,16 +241,14 @@ class ControlNetService:
         path = Path(file)
         if path.suffix != ".safetensors" or not path.parent.name.startswith(HINT_DIR_PREFIX):
             raise InvalidRequestError("HINT_FILE", f"{file} is not a controlnet hint file")
-        if file in self._hints:
-            self._hints.move_to_end(file)
-            return self._hints[file]
+        emb = self._hints.get(file)
+        if emb is not None:
+            return emb
         try:
             emb = load_file(file)["embedding"]
         except (OSError, KeyError) as exc:
             raise InvalidRequestError("HINT_FILE", f"{file}: released or unreadable ({exc})") from None
-        self._hints[file] = emb
-        while len(self._hints) > 64:
-            self._hints.popitem(last=False)
+        self._hints.put(file, emb)
         return emb
 
     @torch.inference_mode()

@@ -1,1 +1,1 @@
-"""Bounded asynchronous LoRA loading (DESIGN.md §2): store, conversion, in-place patching, manager stage."""
+"""Bounded asynchronous LoRA loading (docs/architecture.md): store, conversion, in-place patching, manager stage."""

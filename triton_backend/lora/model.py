@@ -15,6 +15,8 @@ class LoraManagerModel(MetricsModel):
     ``LORA_TEXT_ENCODER [m]`` (BOOL); cache hits/misses/load seconds/bytes resident are Triton metrics.
     """
 
+    role = "lora_manager"
+
     inputs = ("LORA_NAMES",)
 
     def build(self, cfg: StageConfig) -> LoraManager:

@@ -13,14 +13,14 @@ import os
 import shutil
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from ..cache import ByteLRU, LRUStats
 from ..errors import InvalidRequestError, NotFoundError
 from ..paths import is_store_name
 from ..shm import STAGE_DIR_PREFIXES, save_tensors, stage_dir
@@ -69,42 +69,59 @@ class CacheEntry:
     has_text_encoder: bool
 
 
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    load_seconds: float = 0.0
-    bytes_resident: int = 0
-    evictions: int = 0
-
-
-@dataclass
 class LoraStore:
-    """Resolve names in ``root``; convert on a miss with ``convert(path) -> factors``; LRU within ``budget_bytes``."""
+    """Resolve names in ``root``; convert on a miss with ``convert(path) -> factors``; LRU within ``budget_bytes``.
 
-    root: Path
-    convert: Callable[[Path], dict[str, torch.Tensor]]
-    budget_bytes: int = 1 << 30
-    cache_root: Path | None = None
-    stats: CacheStats = field(default_factory=CacheStats)
-    #: EMULATION of network storage for benchmarks: each miss waits latency + size / bandwidth (0 = off).
-    emulate_latency_s: float = 0.0
-    emulate_bandwidth_bps: float = 0.0
+    The converted files are an LRU (:class:`~triton_backend.cache.ByteLRU`) that always keeps its newest entry, even
+    when that alone exceeds the budget (it is being served). Parameter ``lora_store`` of ``lora_manager`` names a
+    subclass to use instead (:func:`~triton_backend.lora.manager.make_store`), constructed with these arguments; it
+    may override :meth:`load` (one miss) and :meth:`get_many` (one request), e.g. for remote storage.
+    """
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        root: Path,
+        convert: Callable[[Path], dict[str, torch.Tensor]],
+        budget_bytes: int = 1 << 30,
+        cache_root: Path | None = None,
+    ):
+        self.root = root
+        self.convert = convert
+        self.cache_root = cache_root
+        #: Converted adapters by (name, file signature); ``stats`` are its counters (the stage's metrics).
+        self.cache: ByteLRU[CacheEntry] = ByteLRU(
+            budget_bytes, size=lambda e: e.nbytes, on_evict=lambda e: e.file.unlink(missing_ok=True), keep_newest=True
+        )
         #: Where converted factor files are written (``cache_root``, else a fresh shared-memory directory whose
         #: lock this process holds until :meth:`close`, so a crash leaves it to :func:`~triton_backend.shm.sweep`).
         self._owner_fd: int | None = None
-        if self.cache_root is not None:
-            self.cache_dir = Path(self.cache_root)
+        if cache_root is not None:
+            self.cache_dir = Path(cache_root)
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         else:
             self.cache_dir, self._owner_fd = stage_dir(CACHE_DIR_PREFIX)
-        self._entries: OrderedDict[tuple[str, str], CacheEntry] = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def stats(self) -> LRUStats:
+        return self.cache.stats
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.cache.budget_bytes
+
+    @budget_bytes.setter
+    def budget_bytes(self, value: int) -> None:
+        self.cache.budget_bytes = value
 
     def names(self) -> list[str]:
         return lora_names(self.root)
+
+    def get_many(self, names: Sequence[str]) -> list[CacheEntry]:
+        """The adapters of one request's ``names``, in order (:meth:`get` each; the manager calls this once per
+        request, so a store on remote storage can fetch a request's files together).
+        """
+        return [self.get(name) for name in names]
 
     def get(self, name: str) -> CacheEntry:
         """The converted adapter for ``name``: from the cache, or converted now (a miss)."""
@@ -115,15 +132,12 @@ class LoraStore:
             raise NotFoundError("LORA_NAMES", name, self.names()) from None
         key = (name, signature)
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry.file.is_file():
-                self._entries.move_to_end(key)
-                self.stats.hits += 1
+            entry = self.cache.get(key, valid=lambda e: e.file.is_file())
+            if entry is not None:
                 return entry
-            self.stats.misses += 1
+            self.cache.pop(key)  # its file is gone (a sweep): forget it before a file of that name is written again
             start = time.perf_counter()
-            self._emulate_slow_storage(path)
-            factors = self.convert(path)
+            factors = self.load(path)
             try:
                 changed = file_signature(path) != signature
             except FileNotFoundError:
@@ -135,41 +149,24 @@ class LoraStore:
             file = self.cache_dir / f"{name}-{signature}.safetensors"
             save_tensors(factors, file, "lora_manager", "free shared memory or lower its parameter cache_budget_mb")
             entry = CacheEntry(name, signature, file, file.stat().st_size, has_text_encoder_layers(path))
-            self._drop_stale(name, signature)
-            self._entries[key] = entry
-            self.stats.bytes_resident += entry.nbytes
+            for stale, kept in self.cache.items():  # an older version of the file: never served again
+                if kept.name == name and kept.signature != signature:
+                    self.cache.pop(stale)
+            self.stats.loads += 1
             self.stats.load_seconds += time.perf_counter() - start
-            self._evict()
+            self.cache.put(key, entry)
             return entry
 
-    def _emulate_slow_storage(self, path: Path) -> None:
-        """Benchmark-only emulation of remote storage (clearly not real I/O): sleep latency + size/bandwidth."""
-        delay = self.emulate_latency_s
-        if self.emulate_bandwidth_bps > 0:
-            delay += path.stat().st_size / self.emulate_bandwidth_bps
-        if delay > 0:
-            time.sleep(delay)
-
-    def _drop_stale(self, name: str, signature: str) -> None:
-        for key in [k for k in self._entries if k[0] == name and k[1] != signature]:
-            self._remove(key)
-
-    def _evict(self) -> None:
-        # Keep the newest entry even if it alone exceeds the budget (it is being served).
-        while self.stats.bytes_resident > self.budget_bytes and len(self._entries) > 1:
-            self._remove(next(iter(self._entries)))
-            self.stats.evictions += 1
-
-    def _remove(self, key: tuple[str, str]) -> None:
-        entry = self._entries.pop(key)
-        self.stats.bytes_resident -= entry.nbytes
-        entry.file.unlink(missing_ok=True)
+    def load(self, path: Path) -> dict[str, torch.Tensor]:
+        """Read and convert the file at ``path`` (a cache miss; under the store's lock, counted in ``load_seconds``).
+        A store on slower or remote storage overrides this (e.g. to fetch the file first).
+        """
+        return self.convert(path)
 
     def close(self) -> None:
         """Remove every converted file (called when the manager unloads)."""
         with self._lock:
-            self._entries.clear()
-            self.stats.bytes_resident = 0
+            self.cache.clear()
             shutil.rmtree(self.cache_dir, ignore_errors=True)
             if self._owner_fd is not None:
                 os.close(self._owner_fd)

@@ -90,9 +90,14 @@ def _server_from_args(args: argparse.Namespace):
         out = Path(tempfile.mkdtemp(prefix="swiftdiffusion-repo-"))
         atexit.register(shutil.rmtree, out, True)  # a few config files; gone when this command exits
         try:
+            layout = _layout(args)
+            if args.command == "serve":
+                auto = f" (auto: {_gpus_seen()})" if args.layout == "auto" else ""
+                print(f"layout {layout.name}{auto}: {LAYOUT_MODELS[layout.folded]}", flush=True)
             kwargs["model_repository"] = render(
                 out,
                 [Pipeline("txt2img", model_dir)],
+                layout,
                 stage_prefix="",
                 load_stages=False,
                 streaming=not getattr(args, "no_stream", False),
@@ -107,6 +112,26 @@ def _server_from_args(args: argparse.Namespace):
         kwargs["admin_key"] = args.admin_key
     kwargs["extra_args"] = list(getattr(args, "tritonserver_args", []))
     return TritonServer(**kwargs)
+
+
+def _gpu_count() -> int:
+    """CUDA devices this process sees (``CUDA_VISIBLE_DEVICES`` applies)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _gpus_seen() -> str:
+    n = _gpu_count()
+    return "no GPU" if n == 0 else f"{n} GPU{'s' if n > 1 else ''}"
+
+
+def _layout(args: argparse.Namespace):
+    """``--layout``: a name, or ``auto`` (``serve``): ``cpu`` without a GPU, else the GPU layout for the GPUs seen."""
+    from .repository import Layout
+
+    dtype = getattr(args, "dtype", "auto")
+    return Layout.auto(_gpu_count(), dtype) if args.layout == "auto" else Layout.named(args.layout, dtype)
 
 
 def _log_to_file(args: argparse.Namespace) -> None:
@@ -158,11 +183,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _repository(args: argparse.Namespace) -> int:
-    from .repository import Layout, Pipeline, render, rendered_names, stage_names
+    from .repository import Pipeline, render, rendered_names, stage_names
 
     try:
         pipelines = [Pipeline.parse(spec) for spec in args.pipeline]
-        layout = Layout.named(args.layout, args.dtype)
+        layout = _layout(args)
         if args.k8s:
             from .k8s import render_split
 
@@ -225,10 +250,24 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 NO_STREAM_HELP = "leave out the streaming model (NAME_stream): one process (~40 MB, no torch) less per pipeline"
-SET_HELP = "set a config parameter of a rendered model, e.g. unet.controlnet_inline=off (repeatable)"
+SET_HELP = (
+    "set a config parameter of a rendered model, e.g. denoise.lora_bound_k=0 (repeatable; docs/parameters.md); a "
+    "bad value stops before anything starts, naming it"
+)
+#: What ``serve`` says it runs: folded (the cpu layout) or not.
+LAYOUT_MODELS = {
+    True: "text_encoder, denoise (UNet, ControlNets), vae, lora_manager",
+    False: "text_encoder, denoise, unet, controlnet, vae, lora_manager",
+}
+LAYOUT_HELP = (
+    "cpu: denoise runs the UNet and the ControlNets (no unet or controlnet model); split: every stage its own "
+    "model, on CPU instances (the bundled repository); 1gpu, 2gpu, 2gpu+2c: the split on GPUs"
+)
 
 
 def _add_server_args(p: argparse.ArgumentParser, ports: bool = True) -> None:
+    from .repository import LAYOUT_NAMES
+
     p.add_argument(
         "--model-dir",
         default=None,
@@ -241,6 +280,13 @@ def _add_server_args(p: argparse.ArgumentParser, ports: bool = True) -> None:
     p.add_argument("--log-file", default=None, help="write Triton's log here (default ~/.cache/swiftdiffusion/logs/)")
     p.add_argument("--verbose", action="store_true", help="stream Triton's log to the terminal instead of a file")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for all models to load")
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", *LAYOUT_NAMES],
+        help=LAYOUT_HELP + "; auto (default): cpu without a GPU, else the GPU layout for the GPUs seen",
+    )
+    p.add_argument("--dtype", default="auto", help="dtype of the model stages on GPUs (auto = float16)")
     if ports:
         p.add_argument("--grpc-port", type=int, default=8001, help="0 = any free port")
         p.add_argument("--http-port", type=int, default=8000, help="0 = any free port")
@@ -251,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     from swiftdiffusion_client import cli as client_cli
 
     from ..tools.default_model import ARCHS, PRESETS, SDXL_PRESETS
-    from .repository import LAYOUTS
+    from .repository import LAYOUT_NAMES
     from .server import ADMIN_HEADER, DEFAULT_GRACE_S
 
     parser = argparse.ArgumentParser(prog="swiftdiffusion", description=__doc__)
@@ -306,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=MODEL_DIR",
         help="a pipeline: public model NAME, stages NAME_text_encoder, NAME_unet, ... (repeat for more)",
     )
-    p.add_argument("--layout", default="cpu", choices=["cpu", *LAYOUTS], help="device layout (default %(default)s)")
-    p.add_argument("--dtype", default="auto", help="dtype of the model stages on GPU (auto = float16)")
+    p.add_argument("--layout", default="split", choices=LAYOUT_NAMES, help=LAYOUT_HELP + " (default %(default)s)")
+    p.add_argument("--dtype", default="auto", help="dtype of the model stages on GPUs (auto = float16)")
     p.add_argument("--stage-prefix", default=None, help="stage name prefix (default NAME_; '' = no prefix)")
     p.add_argument(
         "--share-adapters",

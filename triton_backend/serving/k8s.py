@@ -4,7 +4,7 @@ description as the repositories.
 Two server roles, each a Deployment + Service running stock ``tritonserver`` on a rendered repository:
 
 - ``pipeline``: every pipeline's public model and stages except the ControlNet service, whose callers get
-  ``controlnet_url`` = the ``controlnet`` Service (README "Stages on another server");
+  ``controlnet_url`` = the ``controlnet`` Service (docs/operations.md "Stages on another server");
 - ``controlnet``: the pipelines' ControlNet services (``NAME_controlnet``), scaled on their own.
 
 Both mount the weights (a PersistentVolumeClaim, at the same path the repositories name) and the rendered

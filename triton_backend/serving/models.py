@@ -11,7 +11,6 @@ techniques' own model classes live with them: :class:`~triton_backend.controlnet
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import time
 from typing import Any
@@ -19,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import StageConfig, instance_count, read_model_config, switch_on, switch_param, triton_params
+from ..config import StageConfig
 from ..controlnet import wire as controlnet_wire
 from ..controlnet.service import ControlNetService, ControlRow
-from ..errors import ConfigError
 from ..lora import wire as lora_wire
 from ..lora.patch import AdapterRef
+from ..plan import IN_PROCESS
 from ..stages import baseline, denoise, preview, text_encoder, unet, vae
 from .events import trace
 from .io import (
@@ -68,9 +67,11 @@ class StageModel(ModelShell):
     freeze_after_load = True
 
     def initialize(self, args: dict[str, Any]) -> None:
-        self.cfg = StageConfig.from_triton_args(args)  # (first: a bad parameter fails the load before anything else)
+        # (first: a bad parameter fails the load before anything else)
+        self.cfg = StageConfig.from_triton_args(args, self.role)
         self.cfg.apply_torch_settings()
         super().initialize(args)
+        self.logger.log_info(self.cfg.plan.line())
         self.stage = self.build(self.cfg)
         if self.freeze_after_load:
             freeze_loaded_objects()
@@ -142,6 +143,8 @@ class TextEncoderModel(MetricsModel):
     cache (parameter ``prompt_cache_mb``; metrics ``swiftdiffusion_prompt_cache_*``).
     """
 
+    role = "text_encoder"
+
     inputs = text_encoder.INPUTS
 
     def build(self, cfg: StageConfig) -> text_encoder.TextEncoder:
@@ -162,6 +165,8 @@ class TextEncoderModel(MetricsModel):
 class VaeModel(StageModel):
     """``vae``: ``LATENTS [1, 4, h, w]`` FP32 → ``IMAGE [8h, 8w, 3]`` UINT8."""
 
+    role = "vae"
+
     inputs = ("LATENTS",)
 
     def build(self, cfg: StageConfig) -> vae.VaeDecoder:
@@ -169,36 +174,26 @@ class VaeModel(StageModel):
 
 
 class UNetHost:
-    """A UNet and the way its steps reach their ControlNets: the ``unet`` model's, and ``denoise``'s own with
-    ``unet_local`` (built from the ``unet`` model's config, so both read the same parameters).
-
-    Parameter ``controlnet_inline`` (``auto`` = on for a CPU instance, unless ``controlnet_url`` puts the service
-    on another server): run a step's ControlNets in this process after the encoder half, with its threads, instead
-    of sending them to the ``controlnet`` model (see :meth:`control`).
+    """A UNet and the way its steps reach their ControlNets, as the plan says (``cfg.plan.controlnets``): in this
+    process (``denoise`` in the cpu layout: after the encoder half, with this process's threads), or one request per
+    ControlNet to the ``controlnet`` service (``unet`` in the split layout: sent before the encoder half runs).
     """
 
-    def __init__(self, cfg: StageConfig, bls: Any, logger: Any):
+    def __init__(self, cfg: StageConfig, bls: Any):
         self.bls = bls
         self.controlnet_model = cfg.stage("controlnet")
-        inline = self.controlnets_inline(cfg)
-        self.inline = ControlNetService.from_config(cfg) if inline else None
-        logger.log_info(f"{cfg.model_name}: controlnet_inline={'on' if inline else 'off'}")
+        in_process = cfg.plan.controlnets == IN_PROCESS
+        #: The ControlNets of this process (cpu layout), which also embeds the hints; ``None``: the service.
+        self.controlnets = ControlNetService.from_config(cfg) if in_process else None
         self.unet = unet.UNetStep(cfg)
-
-    @staticmethod
-    def controlnets_inline(cfg: StageConfig) -> bool:
-        """``controlnet_inline`` resolved: ``auto`` = on for a CPU instance, unless ``controlnet_url`` is set."""
-        auto = cfg.device.type == "cpu" and not cfg.params.get("controlnet_url")
-        return switch_on(cfg.model_name, cfg.params, "controlnet_inline", auto=auto)
 
     def control(self, step: unet.StepInput) -> unet.ResidualsWait:
         """Start one ``controlnet`` *step* request per ControlNet of ``step`` (its rows); return a waiter.
 
-        Inline: no request; the waiter runs the ControlNets here, after the encoder half, with this process's
-        threads (on a CPU with few cores this beats a 1-thread service next to the UNet).
+        In process: no request; the waiter runs the ControlNets here, after the encoder half.
         """
-        if self.inline is not None:
-            service = self.inline
+        if self.controlnets is not None:
+            service = self.controlnets
             rows = [ControlRow.from_step(step, ref.name, ref.hint_file, ref.scale) for ref in step.controlnets]
             return lambda: service.step_many(rows)
         tensors = unet.step_tensors(step)
@@ -215,45 +210,26 @@ class UNetHost:
         return self.unet.forward_many(steps, self.control)
 
     def close(self) -> None:
-        if self.inline is not None:
-            self.inline.close()
-
-
-def local_unet_refusal(
-    cfg: StageConfig, unet_model: str, unet_config: dict[str, Any] | None, unet_cfg: StageConfig | None
-) -> str:
-    """Why ``denoise`` cannot run the UNet in its own process (``""`` when it can): a ``unet`` on another server;
-    more than one instance (latent parallelism, or instances meant to share the cores); a GPU instance (a second
-    copy of the weights on the device); ControlNets sent to the ``controlnet`` model (a pass on the loop's thread
-    cannot wait for a BLS call on that loop).
-    """
-    if cfg.params.get("unet_url"):
-        return "the unet model is on another server (unet_url)"
-    if unet_config is None or unet_cfg is None:
-        return f"this repository has no config of the unet model {unet_model!r}"
-    if instance_count(unet_config) != 1:
-        return f"the unet model has {instance_count(unet_config)} instances"
-    if any(g.get("kind") != "KIND_CPU" for g in unet_config.get("instance_group") or [{}]):
-        return "the unet model's instance is not KIND_CPU"
-    if not UNetHost.controlnets_inline(unet_cfg):
-        return "the unet model sends its ControlNets to the controlnet model (controlnet_inline)"
-    return ""
+        if self.controlnets is not None:
+            self.controlnets.close()
 
 
 class DenoiseModel(StageModel):
-    """``denoise``: request fields + ``PROMPT_EMBEDS`` → ``LATENTS``; one UNet pass per step, in this process
-    (``unet_local``, :meth:`build_local_unet`) or as a BLS call to ``unet``.
+    """``denoise``: request fields + ``PROMPT_EMBEDS`` → ``LATENTS``; one UNet pass per step, in this process (the
+    cpu layout: :class:`UNetHost` with its ControlNets, batched by :class:`~triton_backend.stages.unet.LocalSteps`)
+    or as a BLS call to ``unet`` (the split layout).
 
     One instance drives every generation: ``execute`` hands each request to a coroutine on the instance's BLS loop and
     returns; the coroutine waits for the step scheduler (:mod:`triton_backend.slo`) before each step and answers
     through the request's response sender when its latents are done (or with its error).
 
-    Parameter ``latent_parallel`` (``on``/``off``/``auto``): with guidance, send the two branches of each step as
-    two concurrent requests (two ``unet`` instances) instead of one batch-2 request; ``auto`` = on when the
-    ``unet`` model has at least two instances. The optional input ``LATENT_PARALLEL`` (BOOL) overrides it per
-    request (benchmarks, tests). ``PROGRESS_ADDRESS`` and ``PREVIEW_EVERY`` come with ``txt2img_stream``'s requests:
-    every step is reported to the stream (:meth:`answer`).
+    Latent parallelism (the plan's ``latent_parallel``, split layout): with guidance, send the two branches of each
+    step as two concurrent requests (two ``unet`` instances) instead of one batch-2 request. The optional input
+    ``LATENT_PARALLEL`` (BOOL) overrides it per request (benchmarks, tests). ``PROGRESS_ADDRESS`` and
+    ``PREVIEW_EVERY`` come with ``txt2img_stream``'s requests: every step is reported to the stream (:meth:`answer`).
     """
+
+    role = "denoise"
 
     inputs: tuple[str, ...] = (
         "PROMPT_EMBEDS",
@@ -266,60 +242,22 @@ class DenoiseModel(StageModel):
 
     def build(self, cfg: StageConfig) -> denoise.Denoiser:
         self.unet_model = cfg.stage("unet")
-        unet_config = self.called_config(cfg, self.unet_model)
-        unet_instances = instance_count(unet_config) if unet_config is not None else 1
-        #: ``unet_local``: the UNet runs in this process (:class:`~triton_backend.stages.unet.LocalSteps`).
-        self.local_unet = self.build_local_unet(cfg, unet_config)
-        try:  # (checked with the UNet in this process too: a bad value fails the load either way)
-            parallel = denoise.resolve_latent_parallel(cfg.params.get("latent_parallel", "auto"), unet_instances)
-        except ValueError as exc:
-            raise ConfigError(f"{cfg.model_name}: {exc}") from None
-        self.latent_parallel = parallel and self.local_unet is None
-        self.logger.log_info(
-            f"denoise: unet_local={'on' if self.local_unet else 'off'}, latent_parallel={self.latent_parallel} "
-            f"(unet instances: {unet_instances})"
-        )
         self.lora_manager = cfg.stage("lora_manager")
         self.controlnet_model = cfg.stage("controlnet")
-        return denoise.Denoiser(cfg)
-
-    @staticmethod
-    def called_config(cfg: StageConfig, model: str) -> dict[str, Any] | None:
-        """The config of a model this one calls, from the same repository (``None`` when it is not there)."""
-        path = cfg.repository / model / "config.pbtxt" if cfg.repository is not None else None
-        return read_model_config(path) if path is not None and path.is_file() else None
-
-    def build_local_unet(self, cfg: StageConfig, unet_config: dict[str, Any] | None) -> unet.LocalSteps | None:
-        """Parameter ``unet_local`` (``auto`` | ``on`` | ``off``): run the UNet here, with the ``unet`` model's
-        parameters and batching, instead of one BLS call to that model per step. ``auto`` = on wherever
-        :func:`local_unet_refusal` finds nothing against it: one CPU instance that runs its ControlNets inline. The
-        techniques then need no other process, and each step saves the hop (on 2 cores ~2 ms of a 30 ms step).
-        """
+        #: The plan's ``latent_parallel`` (the split layout's, with a unet of two instances or more).
+        self.latent_parallel = cfg.plan.latent_parallel
+        #: The cpu layout's UNet (and its ControlNets), run in this process; ``None``: the ``unet`` model's.
         self.unet_host: UNetHost | None = None
-        mode = switch_param(cfg.model_name, cfg.params, "unet_local")
-        if mode == "off":
-            return None
-        unet_cfg = None
-        if unet_config is not None:
-            unet_cfg = dataclasses.replace(
-                StageConfig.from_params(self.unet_model, triton_params(unet_config)), repository=cfg.repository
-            )
-        why_not = local_unet_refusal(cfg, self.unet_model, unet_config, unet_cfg)
-        if why_not:
-            if mode == "on":
-                raise ConfigError(f"{cfg.model_name}: parameter unet_local=on, but {why_not}")
-            self.logger.log_info(f"{cfg.model_name}: unet_local=off: {why_not}")
-            return None
-        assert unet_config is not None and unet_cfg is not None
-        unet_cfg.apply_torch_settings()  # (the UNet's threads: every core by default)
-        self.unet_host = UNetHost(unet_cfg, self.bls, self.logger)
-        if self.unet_host.unet.freeze:
-            # Traced now, not in the first request, and on the loop's thread, where the passes run (LocalSteps): the
-            # trace runs the model, which starts that thread's OpenMP team; a second team on this thread would
-            # halve the speed of every pass.
-            self.bls.call(self.unet_host.unet.frozen_halves)
-        rows = int(unet_config.get("max_batch_size", 0)) if "dynamic_batching" in unet_config else 0
-        return unet.LocalSteps(self.unet_host.forward_many, rows)
+        self.local_unet: unet.LocalSteps | None = None
+        if cfg.plan.unet_in_process:
+            self.unet_host = UNetHost(cfg, self.bls)
+            if self.unet_host.unet.freeze:
+                # Traced now, not in the first request, and on the loop's thread, where the passes run
+                # (LocalSteps): the trace runs the model, which starts that thread's OpenMP team; a second team on
+                # this thread would halve the speed of every pass.
+                self.bls.call(self.unet_host.unet.frozen_halves)
+            self.local_unet = unet.LocalSteps(self.unet_host.forward_many, cfg.params["max_rows"])
+        return denoise.Denoiser(cfg)
 
     def step_inputs(self, call: denoise.UNetCall) -> Tensors:
         """The ``unet`` request of one UNet call: the step's tensors, its LoRA set and its ControlNets."""
@@ -333,7 +271,11 @@ class DenoiseModel(StageModel):
         return inputs
 
     async def prepare_hints(self, hints: list[tuple[str, np.ndarray]]) -> list[str]:
-        """One ``controlnet`` *prepare* request per hint image, all at once; their hint-embedding files."""
+        """The hint-embedding file of each hint image: embedded in this process (cpu layout), or one ``controlnet``
+        *prepare* request per hint image, all at once.
+        """
+        if self.unet_host is not None and self.unet_host.controlnets is not None:
+            return [self.unet_host.controlnets.prepare(name, image) for name, image in hints]
         calls = [
             (self.controlnet_model, controlnet_wire.prepare_tensors(name, image), ["HINT_FILE"])
             for name, image in hints
@@ -417,10 +359,12 @@ class UNetModel(StageModel):
     run in one forward pass.
     """
 
+    role = "unet"
+
     inputs = (*unet.INPUTS, *unet.ADDED_INPUTS, "ADAPTERS", "CONTROLNETS")
 
     def build(self, cfg: StageConfig) -> unet.UNetStep:
-        self.host = UNetHost(cfg, self.bls, self.logger)
+        self.host = UNetHost(cfg, self.bls)
         return self.host.unet
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -441,6 +385,8 @@ class UNetModel(StageModel):
 
 class BaselineModel(StageModel):
     """Baseline ``txt2img`` (``baseline_repository/``): the stock diffusers pipeline, same contract as ours."""
+
+    role = "baseline"
 
     inputs = baseline.INPUTS
     #: Stock: the way diffusers is served in a Triton Python model without our tuning.

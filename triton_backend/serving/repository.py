@@ -7,25 +7,30 @@ stages carry the name as prefix (``NAME_text_encoder``, ``NAME_denoise``, ``NAME
 models. Every parameter a stage needs is
 written into its ``config.pbtxt``: the model directory, and the names of the stages it calls (ensemble steps and
 ``*_model`` parameters); the rendered repository depends on no environment variable of ours. The device layout
-(``KIND_CPU``/``KIND_GPU``, GPU ids, UNet instances, dtype) is applied per stage.
+(:class:`Layout`: ``cpu``, ``split`` or a GPU layout) decides which models are rendered at all (the cpu layout
+folds the UNet and the ControlNets into ``denoise``), and ``KIND_CPU``/``KIND_GPU``, GPU ids, UNet instances and
+dtype per stage.
 
 The templates are ``model_repository/`` (shipped inside the package as ``triton_backend/model_repository`` when
 installed from a wheel). ``swiftdiffusion serve`` renders its repository here too, with one pipeline named
-``txt2img`` and no prefix (the names the README documents).
+``txt2img`` and no prefix (the names the README documents), in ``--layout auto``: ``cpu`` without a GPU.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from .. import parameters
+from ..errors import ConfigError
 from ..model_info import ModelInfo
 from ..paths import is_store_name, model_repository_dir
+from . import contract
 
 #: The templates' public model, its streaming variant (``NAME_stream``), and the stages both are built from (all
 #: of them get the pipeline's prefix).
@@ -34,14 +39,18 @@ STREAM = "txt2img_stream"
 STAGES = ("text_encoder", "denoise", "unet", "vae", "controlnet", "lora_manager")
 #: Stages pipelines of one architecture may share (``share_adapters``).
 SHAREABLE = ("controlnet", "lora_manager")
-#: Stages that run a model (they move to the GPU in a GPU layout); denoise and lora_manager stay on the CPU.
-MODEL_STAGES = ("text_encoder", "unet", "vae", "controlnet")
-#: Named GPU layouts (README "Latent parallelism"): GPUs of text_encoder, unet instances, vae, controlnet.
+#: Named GPU layouts (docs/architecture.md "Layouts"): GPUs of text_encoder, unet instances, vae, controlnet
+#: (denoise and lora_manager stay on the CPU: scheduler math, LoRA conversion).
 LAYOUTS: dict[str, dict[str, list[int]]] = {
     "1gpu": {"text_encoder": [0], "unet": [0], "vae": [0], "controlnet": [0]},
     "2gpu": {"text_encoder": [0], "unet": [0, 1], "vae": [1], "controlnet": [0]},
     "2gpu+2c": {"text_encoder": [0], "unet": [0, 1], "vae": [1], "controlnet": [2, 3]},
 }
+#: Every layout: ``cpu`` (denoise holds the UNet, the ControlNets and the hint embedding), ``split`` (the bundled
+#: repository: every stage its own model, on CPU instances), and the GPU layouts (the split on GPUs).
+LAYOUT_NAMES = ("cpu", "split", *LAYOUTS)
+#: Models the cpu layout does not render: their work runs in ``denoise`` (parameters folded in).
+FOLDED_INTO_DENOISE = ("unet", "controlnet")
 
 
 @dataclass(frozen=True)
@@ -69,22 +78,33 @@ class Pipeline:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the stages run: ``gpus`` per model stage (empty: the CPU), and the stages' dtype."""
+    """Where the stages run. ``name``: one of :data:`LAYOUT_NAMES`; ``gpus`` per model stage (empty: the CPU);
+    ``dtype`` of the model stages on GPUs.
+    """
 
-    gpus: dict[str, list[int]]
+    name: str = "split"
+    gpus: dict[str, list[int]] = field(default_factory=dict)
     dtype: str = "auto"
 
-    @classmethod
-    def cpu(cls) -> Layout:
-        return cls({})
+    @property
+    def folded(self) -> bool:
+        """The cpu layout: no ``unet`` or ``controlnet`` model; ``denoise`` runs their work."""
+        return self.name == "cpu"
+
+    def renders(self, template: str) -> bool:
+        return not (self.folded and template in FOLDED_INTO_DENOISE)
 
     @classmethod
     def named(cls, name: str, dtype: str = "auto") -> Layout:
-        if name == "cpu":
-            return cls({}, dtype)
-        if name not in LAYOUTS:
-            raise ValueError(f"unknown layout {name!r}; choose from cpu, {', '.join(LAYOUTS)}")
-        return cls(LAYOUTS[name], dtype)
+        if name not in LAYOUT_NAMES:
+            raise ValueError(f"unknown layout {name!r}; choose from {', '.join(LAYOUT_NAMES)}")
+        return cls(name, LAYOUTS.get(name, {}), dtype)
+
+    @classmethod
+    def auto(cls, gpus: int, dtype: str = "auto") -> Layout:
+        """``serve --layout auto``: ``cpu`` without a GPU, else the GPU layout for the GPUs there are."""
+        name = "cpu" if gpus == 0 else "1gpu" if gpus == 1 else "2gpu" if gpus < 4 else "2gpu+2c"
+        return cls.named(name, dtype)
 
 
 def stage_names(pipeline: str, prefix: str | None = None) -> dict[str, str]:
@@ -108,23 +128,30 @@ def render(
     """Write the repository for ``pipelines`` under ``out`` (replacing it); returns ``out``.
 
     ``remote``: stages served by another server, role → ``HOST:PORT`` (e.g. ``{"controlnet": "cn:8001"}``): they
-    are left out here and their callers get ``<role>_url`` (README "Stages on another server").
+    are left out here and their callers get ``<role>_url`` (docs/operations.md "Stages on another server").
     ``share_adapters``: pipelines of one architecture share the first one's ControlNet service and LoRA manager
     (``NAME_controlnet``, ``NAME_lora_manager`` of the first pipeline of that architecture; never across
     architectures: a ControlNet or LoRA is made for one).
-    ``overrides``: config parameters to set, by template model name (``{"unet": {"controlnet_inline": "off"}}``,
-    the ``--set unet.controlnet_inline=off`` flag); a parameter the template does not have is an error.
+    ``overrides``: config parameters to set, by template model name (``{"denoise": {"lora_bound_k": "0"}}``, the
+    ``--set denoise.lora_bound_k=0`` flag); a parameter the model does not have in ``layout``, or a bad value
+    (:mod:`triton_backend.parameters`), is an error naming it.
     ``streaming``: render each pipeline's streaming model ``NAME_stream`` (one more process per pipeline).
     ``stage_prefix``: ``None`` = each pipeline's name + ``_``; ``""`` keeps the templates' names (one pipeline).
     ``load_stages``: stages load the stages they call over BLS when they load (parameter ``load_stages``), so that
     loading ``NAME`` in explicit model control brings up the whole pipeline; ``serve`` loads everything at start
     instead. Models already in ``out`` that are not ours are kept, so a fleet's repository can be rendered into.
     """
-    layout = layout or Layout.cpu()
+    layout = layout or Layout()
     templates = templates or model_repository_dir()
     names_seen: set[str] = set()
     if stage_prefix == "" and len(pipelines) > 1:
         raise ValueError("several pipelines need a stage prefix each")
+    for role in [*(remote or {}), *(overrides or {})]:
+        if not layout.renders(role):
+            raise ValueError(
+                f"layout {layout.name} renders no {role} model: its work runs in denoise (set denoise's parameters, "
+                f"or choose --layout split or a GPU layout for a {role} of its own)"
+            )
     out.mkdir(parents=True, exist_ok=True)
     owners: dict[str, dict[str, str]] = {}  # architecture → shared role → the model serving it
     for pipeline in pipelines:
@@ -144,6 +171,8 @@ def render(
                     shared[role] = names[role]
         for template, name in names.items():
             if template in (remote or {}) or template in borrowed or (template == STREAM and not streaming):
+                continue
+            if not layout.renders(template):
                 continue
             _render_model(
                 templates / template,
@@ -170,12 +199,22 @@ def _render_model(
     remote: dict[str, str],
     overrides: dict[str, str],
 ) -> None:
-    config = text_format.Parse((src / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    template = src.name
+    text = contract.refresh((src / "config.pbtxt").read_text(), template)
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
     config.name = name
+    if template == "denoise":
+        config.parameters["layout"].string_value = "cpu" if layout.folded else "split"
+    if template == "denoise" and layout.folded:
+        _fold_into_denoise(config)
     for key, value in overrides.items():
         if key not in config.parameters:
-            raise ValueError(f"--set {src.name}.{key}: {src.name} has no parameter {key!r}")
+            raise ValueError(f"--set {template}.{key}: {template} has no parameter {key!r} in layout {layout.name}")
         config.parameters[key].string_value = value
+    try:  # (a bad --set value fails here, by name, before any server starts)
+        parameters.parse(name, template, {k: v.string_value for k, v in config.parameters.items()})
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
     for step in config.ensemble_scheduling.step:
         step.model_name = names[step.model_name]
     if any(key.endswith("_model") for key in config.parameters):
@@ -190,7 +229,6 @@ def _render_model(
             value.string_value = names[value.string_value]
         elif key == "dtype" and layout.gpus:
             value.string_value = layout.dtype
-    template = src.name
     gpus = layout.gpus.get(template)
     if gpus:
         del config.instance_group[:]
@@ -213,14 +251,27 @@ def _render_model(
     (dest / "config.pbtxt").write_text(header + text_format.MessageToString(config))
 
 
+def _fold_into_denoise(config: model_config_pb2.ModelConfig) -> None:
+    """The cpu layout's ``denoise``: it calls no ``unet`` or ``controlnet`` model, and takes their parameters at
+    the defaults of :data:`triton_backend.parameters.CPU_DENOISE` (every core: it runs the UNet).
+    """
+    folded = parameters.model_params("denoise", "cpu")
+    for key in list(config.parameters):
+        if key not in folded:
+            del config.parameters[key]
+    for key in ("num_threads", *(k for k in folded if k not in config.parameters)):
+        if not key.endswith("_url") and key not in parameters.RENDERED:
+            config.parameters[key].string_value = folded[key]
+
+
 def parse_overrides(specs: list[str]) -> dict[str, dict[str, str]]:
-    """``["unet.controlnet_inline=off", ...]`` (the ``--set`` flags) → ``{"unet": {"controlnet_inline": "off"}}``."""
+    """``["denoise.lora_bound_k=0", ...]`` (the ``--set`` flags) → ``{"denoise": {"lora_bound_k": "0"}}``."""
     out: dict[str, dict[str, str]] = {}
     for spec in specs:
         target, sep, value = spec.partition("=")
         model, dot, key = target.partition(".")
         if not (sep and dot and model and key):
-            raise ValueError(f"--set {spec!r}: expected MODEL.PARAMETER=VALUE, e.g. unet.controlnet_inline=off")
+            raise ValueError(f"--set {spec!r}: expected MODEL.PARAMETER=VALUE, e.g. denoise.lora_bound_k=0")
         if model not in (STREAM, *STAGES):  # (the ensemble has no parameters)
             raise ValueError(f"--set {spec!r}: MODEL is one of {', '.join((STREAM, *STAGES))}")
         out.setdefault(model, {})[key] = value

@@ -1,11 +1,11 @@
 """Run the ``tritonserver`` bundled in ``nvidia-pytriton`` on our model repository.
 
-DESIGN.md §3: the Python backend stub for this interpreter is copied next to ``libtriton_python.so`` in a backend
-directory we own (under the cache dir; the installed package is never modified); ``nvidia_pytriton.libs`` and
-``libpython``'s directory go on ``LD_LIBRARY_PATH``; this interpreter's ``bin`` goes first on ``PATH`` so the stubs
+The Python backend stub for this interpreter is copied next to ``libtriton_python.so`` in a backend directory we
+own (under the cache dir; the installed package is never modified); ``nvidia_pytriton.libs`` and ``libpython``'s
+directory go on ``LD_LIBRARY_PATH``; this interpreter's ``bin`` goes first on ``PATH`` so the stubs
 import the same environment.
 
-Lifecycle (README "Operations"):
+Lifecycle (docs/operations.md):
 
 - each server gets its own shared-memory prefix and holds its lock (:mod:`~triton_backend.shm`); what it leaves
   under ``/dev/shm`` is removed when it stops, and by the next start if it was killed;

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import parameters
 from ..config import called_stages, triton_params
 from .io import BlsClient, RemoteStage
 
@@ -43,6 +44,9 @@ class ModelShell:
     BLS client per instance. Unload: the client stops and the stub exits without the interpreter's slow teardown.
     """
 
+    #: The template this model is rendered from (``model_repository/<role>``): which parameters it has.
+    role = ""
+
     def initialize(self, args: dict[str, Any]) -> None:
         import triton_python_backend_utils as pb_utils
 
@@ -51,7 +55,8 @@ class ModelShell:
         #: Triton's model config (JSON), e.g. for the data types of the outputs.
         self.model_config = json.loads(args["model_config"])
         self.model_name = str(self.model_config.get("name", "?"))
-        self.params = triton_params(self.model_config)
+        #: The model's parameters, typed (:mod:`triton_backend.parameters`; a bad one fails the load).
+        self.params = parameters.parse(self.model_name, self.role, triton_params(self.model_config))
         #: Role → model name of the stages this one calls (its ``*_model`` parameters).
         self.stages = called_stages(self.params)
         remotes = self.remote_stages()
@@ -67,12 +72,11 @@ class ModelShell:
         """Stages this one calls on another Triton server: parameter ``<role>_url`` (``HOST:PORT``) next to
         ``<role>_model``; each is checked at load (a clear error if it cannot be reached).
         """
-        timeout = float(self.params.get("remote_timeout_s", "") or 60)
         out = {}
         for role, name in self.stages.items():
             url = self.params.get(f"{role}_url", "")
             if url:
-                out[name] = RemoteStage(url, timeout)
+                out[name] = RemoteStage(url, self.params["remote_timeout_s"])
                 out[name].check(name)
         return out
 
@@ -82,7 +86,7 @@ class ModelShell:
         API. Triton loads an ensemble's steps with it but knows nothing of BLS targets, so this is what makes
         loading a pipeline's public model bring up the whole pipeline in ``--model-control-mode=explicit``.
         """
-        if self.params.get("load_stages", "off") != "on":
+        if self.params.get("load_stages") != "on":
             return
         for name in self.stages.values():
             if name not in skip and not self.pb.is_model_ready(model_name=name):

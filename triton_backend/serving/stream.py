@@ -32,6 +32,8 @@ class StreamModel(ModelShell):
     A request the client cancels (a closed stream) stops at the next step.
     """
 
+    role = "txt2img_stream"
+
     inputs = (*dict.fromkeys((*TEXT_ENCODER_INPUTS, *DENOISE_INPUTS)), "PREVIEW_EVERY")
 
     async def answer(self, request: Any, sender: Any) -> None:

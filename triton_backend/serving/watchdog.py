@@ -2,10 +2,10 @@
 
 The bundled 2.51 Python backend never restarts a dead stub (an OOM kill, a segfault in a native library): it answers
 every later request of that instance with "Stub process '<instance>' is not healthy" while the model still reports
-ready (DESIGN.md §5). The watchdog runs beside ``tritonserver`` (in ``TritonServer``, so in ``swiftdiffusion serve``
-and the tests): every ``interval`` it counts each model's live stub processes (children of the server, by the
-``model.py`` they run; zombies count as dead) and, when a model Triton reports ``READY`` has fewer than its
-``instance_group`` asks for, reloads that model through the model-control API (the server runs with
+ready (docs/operations.md). The watchdog runs beside ``tritonserver`` (in ``TritonServer``, so in
+``swiftdiffusion serve`` and the tests): every ``interval`` it counts each model's live stub processes (children of
+the server, by the ``model.py`` they run; zombies count as dead) and, when a model Triton reports ``READY`` has
+fewer than its ``instance_group`` asks for, reloads that model through the model-control API (the server runs with
 ``--model-control-mode=explicit``). Requests that were in flight on the dead stub fail with ``UNAVAILABLE`` naming
 the stage; the next ones are served by the new instances. A model an operator unloaded is not ``READY``, so it is
 left alone; one loaded later is watched from then on.

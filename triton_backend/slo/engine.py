@@ -11,17 +11,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from ..config import int_param
-from ..errors import ConfigError, DeadlineExceededError, StageUnavailableError
+from ..errors import DeadlineExceededError, StageUnavailableError
 from ..serving.events import trace
 from .policy import AdaptiveConcurrency, Job, StepPolicy
 
 T = TypeVar("T")
-
-#: ``late_policy`` values: a request that can no longer meet its deadline is still served, or refused at once.
-LATE_POLICIES = ("serve", "reject")
 
 
 @dataclass
@@ -37,20 +33,16 @@ class StepScheduler:
     _admitted: dict[Job, asyncio.Event] = field(default_factory=dict)
 
     @classmethod
-    def from_params(cls, model: str, params: dict[str, str]) -> StepScheduler:
-        """``denoise`` config parameters ``max_active`` (``auto`` or >= 1), ``max_pending``, ``default_deadline_ms``,
-        ``late_policy``; a bad value fails the load naming it.
+    def from_params(cls, params: dict[str, Any]) -> StepScheduler:
+        """From ``denoise``'s typed parameters (:mod:`triton_backend.parameters`): ``max_active`` (``auto`` or
+        >= 1), ``max_pending``, ``default_deadline_ms``, ``late_policy``.
         """
-        raw = params.get("max_active", "auto") or "auto"
-        fixed = None if raw == "auto" else int_param(model, params, "max_active", 1, minimum=1)
-        late = params.get("late_policy", "serve") or "serve"
-        if late not in LATE_POLICIES:
-            raise ConfigError(f"{model}: parameter late_policy={late!r}; allowed: {', '.join(LATE_POLICIES)}")
+        fixed = None if params["max_active"] == "auto" else int(params["max_active"])
         return cls(
             StepPolicy(AdaptiveConcurrency(fixed=fixed)),
-            max_pending=int_param(model, params, "max_pending", 64, minimum=1),
-            late_policy=late,
-            default_deadline_ms=int_param(model, params, "default_deadline_ms", 0, minimum=0),
+            max_pending=params["max_pending"],
+            late_policy=params["late_policy"],
+            default_deadline_ms=params["default_deadline_ms"],
         )
 
     def _wake(self, jobs: list[Job]) -> None:

@@ -2,7 +2,7 @@
 
 A generation is a chain of dependent steps. When more generations step at once than batching turns into
 throughput, every one of them slows down and all finish late (processor sharing): under a latency SLO that is worse
-than first-come-first-served. So (DESIGN.md §5):
+than first-come-first-served. So (docs/architecture.md "Scheduling under load"):
 
 * **Admission control.** At most ``limit`` generations are *active* (may have a step in flight); the rest wait with
   their state intact. ``limit`` is measured, not configured (:class:`AdaptiveConcurrency`): it grows while one more

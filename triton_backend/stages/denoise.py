@@ -60,18 +60,8 @@ class LoraLoad(Protocol):
     def result(self) -> Adapters: ...
 
 
-LATENT_PARALLEL_MODES = ("on", "off", "auto")
-
-
-def resolve_latent_parallel(mode: str, unet_instances: int) -> bool:
-    """``on``/``off``, or ``auto``: on when the UNet stage has at least two instances to run the branches on."""
-    if mode not in LATENT_PARALLEL_MODES:
-        raise ValueError(f"latent_parallel={mode!r}; allowed: {', '.join(LATENT_PARALLEL_MODES)}")
-    return mode == "on" or (mode == "auto" and unet_instances >= 2)
-
-
 def latent_parallel(unet_many: UNetManyFn) -> UNetFn:
-    """Latent parallelism (DESIGN.md §2, xDiT's "CFG parallel"): the unconditional and conditional rows of a
+    """Latent parallelism (xDiT's "CFG parallel"; ``docs/architecture.md``): the unconditional and conditional rows of a
     classifier-free-guidance step are independent, so they go out as two concurrent batch-1 UNet calls (two
     instances/devices) and only the two noise predictions come back; :func:`apply_step` then combines
     ``u + g·(c − u)`` exactly as for one batch-2 call. A batch-1 step (no guidance) is passed through.
@@ -368,7 +358,7 @@ class Denoiser:
         self.info = ModelInfo.read(cfg.model_dir)
         self.limits = dataclasses.replace(cfg.limits, size_multiple=self.info.vae_scale_factor)
         #: Admission and order of every generation of this instance (config max_active, max_pending, ...).
-        self.scheduler = StepScheduler.from_params(cfg.model_name, cfg.params)
+        self.scheduler = StepScheduler.from_params(cfg.params)
 
     def start(self, tensors: dict[str, np.ndarray]) -> DenoiseState:
         """Validate the request fields and ``PROMPT_EMBEDS``; returns the request's fresh state."""
@@ -420,5 +410,5 @@ class Denoiser:
 
     def default_bound_k(self, steps: int) -> int:
         """Config ``lora_bound_k``: an integer, or ``auto`` = 40% of the steps (the artifact's K = 20 of 50)."""
-        raw = self.cfg.params.get("lora_bound_k", "auto") or "auto"
-        return round(0.4 * steps) if raw == "auto" else int(raw)
+        bound = self.cfg.params["lora_bound_k"]
+        return round(0.4 * steps) if bound == "auto" else int(bound)

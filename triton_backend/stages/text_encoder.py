@@ -8,11 +8,12 @@ import numpy as np
 import torch
 
 from ..cache import ByteLRU
-from ..config import StageConfig, budget_param
+from ..config import StageConfig
 from ..errors import ConfigError
 from ..lora.patch import AdapterRef, WeightPatcher, adapter_key
 from ..lora.store import has_text_encoder_layers, resolve_lora_path
 from ..model_info import ModelInfo, load_part
+from ..parameters import mib
 from ..paths import lora_dir
 from ..schema import TEXT_ENCODER_INPUTS, GenerationRequest, parse_request, reject_sdxl_only
 
@@ -54,7 +55,7 @@ class TextEncoder:
         self.lora_dir = lora_dir(cfg.params, cfg.model_dir)
         #: Prompt embeddings of recent requests (parameter ``prompt_cache_mb``, 0 = off); see :meth:`cache_key`.
         self.cache: ByteLRU[dict[str, np.ndarray]] = ByteLRU(
-            budget_param(cfg.model_name, cfg.params, "prompt_cache_mb", 64),
+            mib(cfg.params["prompt_cache_mb"]),
             size=lambda out: sum(a.nbytes for a in out.values()),
         )
 

@@ -19,7 +19,7 @@ from ..config import StageConfig
 from ..controlnet.unet_split import FrozenHalves, decoder_half, encoder_half, unpack_residuals
 from ..controlnet.wire import ControlRef, decode_controlnets
 from ..errors import InvalidRequestError
-from ..frozen import example_step, freeze_enabled
+from ..frozen import example_step
 from ..lora.patch import AdapterRef, WeightPatcher, adapter_key
 from ..lora.wire import decode_adapters
 from ..model_info import ModelInfo, load_part
@@ -96,7 +96,7 @@ class UNetStep:
         #: One patched LoRA set at a time per instance; restored from a pristine copy when the set changes.
         self.patcher = WeightPatcher(self.model, "unet")
         #: Parameter ``freeze``: the halves as frozen TorchScript graphs (:meth:`frozen_halves`).
-        self.freeze = freeze_enabled(cfg)
+        self.freeze = cfg.plan.freeze
         self.frozen: FrozenHalves | None = None
 
     def frozen_halves(self) -> FrozenHalves:
@@ -144,21 +144,6 @@ class UNetStep:
             down, mid = unpack_residuals(torch.cat(flats).to(dev, dt), shapes)
             return decoder(state, down, mid).float().cpu()
 
-    @torch.inference_mode()
-    def forward(self, step: StepInput) -> torch.Tensor:
-        """One forward pass with ``step.adapters`` patched in; returns the noise prediction ``[b, C, h, w]`` float32."""
-        dev, dt = self.cfg.device, self.cfg.dtype
-        with self.cfg.compute():
-            self.patcher.ensure(step.adapters)
-            out = self.model(
-                step.sample.to(dev, dt),
-                step.timestep.reshape(-1).to(dev),
-                encoder_hidden_states=step.encoder_hidden_states.to(dev, dt),
-                added_cond_kwargs=step.added_cond_kwargs(dev, dt),
-                return_dict=False,
-            )[0]
-            return out.float().cpu()
-
     def forward_many(self, steps: list[StepInput], control: ControlFn | None = None) -> list[torch.Tensor]:
         """Run several requests' rows together where their shapes allow; one output per input, in order.
 
@@ -187,7 +172,7 @@ Queued = tuple[StepInput, "asyncio.Future[torch.Tensor]"]
 
 
 class LocalSteps:
-    """The UNet in the process that drives the step loop (``denoise``'s ``unet_local``): no process hop per step.
+    """The UNet in the process that drives the step loop (``denoise`` in the cpu layout): no process hop per step.
 
     Step requests of every generation on the event loop are batched as the ``unet`` model's dynamic batcher does
     with ``max_queue_delay_microseconds: 0``: a request that finds the UNet idle starts a pass at the loop's next

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import StageConfig, switch_on
+from ..config import StageConfig
 from ..errors import InvalidRequestError
 from ..model_info import ModelInfo, load_part
 
@@ -20,18 +20,13 @@ class VaeDecoder:
         from diffusers import AutoencoderKL  # (here, not at the top: every stage process imports this module)
 
         self.model = load_part(AutoencoderKL, cfg.model_dir, "vae", cfg.device, self.dtype)
-        if self.channels_last(cfg):
+        if cfg.plan.channels_last:
+            # The decoder's weights in NHWC order, so its convolutions (the decode's time, at full image size near
+            # the end) run oneDNN's channels-last kernels and their outputs stay NHWC. Measured on 2 cores: a
+            # 128x128 decode 20.9 -> 14.3 ms (SD1 ``cpu`` preset), SDXL 22.3 -> 15.8 ms, 512x512 464 -> 331 ms; the
+            # same image within float rounding (at most 1 uint8 level). Not measured on a GPU yet, so the plan's
+            # ``auto`` leaves it off there.
             self.model.to(memory_format=torch.channels_last)
-
-    @staticmethod
-    def channels_last(cfg: StageConfig) -> bool:
-        """Parameter ``channels_last`` (``auto`` = on for a CPU instance): the decoder's weights in NHWC order, so
-        its convolutions (the decode's time, at full image size near the end) run oneDNN's channels-last kernels and
-        their outputs stay NHWC. Measured on 2 cores: a 128x128 decode 20.9 -> 14.3 ms (SD1 ``cpu`` preset), SDXL
-        22.3 -> 15.8 ms, 512x512 464 -> 331 ms; the same image within float rounding (at most 1 uint8 level). Not
-        measured on a GPU yet, so ``auto`` leaves it off there.
-        """
-        return switch_on(cfg.model_name, cfg.params, "channels_last", auto=cfg.device.type == "cpu")
 
     @staticmethod
     def decode_dtype(info: ModelInfo, dtype: torch.dtype) -> torch.dtype:
