@@ -75,6 +75,7 @@ def test_typed_values_defaults_and_unknown_parameters():
     with pytest.raises(ConfigError, match=r"denoise: no parameter 'freeze' in a denoise model of layout split"):
         parameters.parse("denoise", "denoise", {"freeze": "on"})  # (the split's denoise runs no UNet)
     assert parameters.parse("denoise", "denoise", {"layout": "cpu", "freeze": "off"})["freeze"] == "off"
+    assert parameters.RELOAD not in parameters.parse("vae", "vae", {parameters.RELOAD: "3"})  # (the watchdog's)
     with pytest.raises(ConfigError, match="no parameter 'unet_model' in a denoise model of layout cpu"):
         parameters.parse("denoise", "denoise", {"layout": "cpu", "unet_model": "unet"})
 

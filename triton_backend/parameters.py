@@ -284,6 +284,9 @@ CPU_DENOISE: dict[str, str | None] = {
 #: Parameters the renderer may add to any model that calls stages: where they are (``<role>_url``), how long a
 #: remote call may take, whether to load them with this model.
 RENDERED = ("load_stages", "remote_timeout_s")
+#: Written by the watchdog into the config of a stage it reloads (the reload's number: a changed config makes Triton
+#: create new instances); any model may carry it, nothing reads it.
+RELOAD = "swiftdiffusion_reload"
 
 
 def mib(value: float) -> int:
@@ -311,7 +314,7 @@ def parse(model: str, role: str, raw: Mapping[str, str]) -> dict[str, Any]:
     """
     layout = PARAMS["layout"].parse(model, raw.get("layout", "")) if role == "denoise" else "split"
     defaults = model_params(role, layout)
-    unknown = sorted(set(raw) - set(defaults))
+    unknown = sorted(set(raw) - set(defaults) - {RELOAD})
     if unknown:
         raise ConfigError(
             f"{model}: no parameter {unknown[0]!r} in a {role} model"

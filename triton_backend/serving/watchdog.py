@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import instance_count
+from ..parameters import RELOAD
 
 
 def stub_processes(server_pid: int) -> dict[str, list[int]]:
@@ -145,7 +146,7 @@ class StageWatchdog:
             # A load of an unchanged, loaded model is a no-op: its own config with one parameter changed (this
             # reload's number) makes Triton create new instances, then retire the old ones.
             config = client.get_model_config(model, as_json=True)["config"]
-            config.setdefault("parameters", {})["swiftdiffusion_reload"] = {"string_value": str(len(self.reloads) + 1)}
+            config.setdefault("parameters", {})[RELOAD] = {"string_value": str(len(self.reloads) + 1)}
             client.load_model(model, config=json.dumps(config), headers=self.headers)
         except Exception as exc:  # noqa: BLE001 - reported, retried at the next interval
             error = f"{type(exc).__name__}: {exc}"
