@@ -42,8 +42,9 @@ LORAS = [("ink_kohya", 0.8), ("glow_kohya", 0.6)]  # for the patch/restore cycle
 def cycles(model_dir: Path, n: int) -> dict[str, float]:
     from triton_backend.stages.unet import UNetStep
 
-    cfg = StageConfig.from_params("bench", {"model_dir": str(model_dir)})
-    unet, skeletons = UNetStep(cfg), load_skeletons(cfg)
+    params = {"model_dir": str(model_dir)}
+    unet = UNetStep(StageConfig.from_params("unet", params))
+    skeletons = load_skeletons(StageConfig.from_params("lora_manager", params))
     store = LoraStore(root=model_dir / "loras", convert=lambda p: convert_lora_file(p, skeletons))
     start = time.perf_counter()
     refs = tuple(AdapterRef(name, str(store.get(name).file), s) for name, s in LORAS)

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 from swiftdiffusion_client import Client, GenerationRequest
 
-from triton_backend.paths import baseline_repository_dir, default_model_dir, model_repository_dir
+from triton_backend.paths import baseline_repository_dir, default_model_dir
+from triton_backend.serving.repository import Layout, Pipeline, render
 from triton_backend.serving.server import TritonServer, gpu_repository
 from triton_backend.tools.bench import machine, summary, timed, write_results
 from triton_backend.tools.default_model import write_default_model
@@ -228,9 +229,12 @@ def main() -> int:
     # Every trace draws from the same adapter names (Zipf over a fixed set): materialize them all up front.
     materialize_adapters(model_dir, generate_trace(TraceSpec(rate=1.0, max_requests=2000)))
     try:
-        ours, base = model_repository_dir(), baseline_repository_dir()
+        # Ours: the repository serve renders here (--layout auto: cpu without a GPU, 1gpu on one).
+        layout = Layout.named("1gpu", args.dtype) if args.device == "cuda" else Layout.named("cpu")
+        ours = render(work / "ours", [Pipeline("txt2img", model_dir)], layout, stage_prefix="", load_stages=False)
+        base = baseline_repository_dir()
         if args.device == "cuda":
-            ours, base = gpu_repository(ours, args.dtype), gpu_repository(base, args.dtype)
+            base = gpu_repository(base, args.dtype)
         results, rates = measure({"baseline": base, "swiftdiffusion": ours}, model_dir, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)

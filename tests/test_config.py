@@ -46,69 +46,50 @@ def test_every_config_parses_and_has_a_model_py():
             assert (REPO / name / "1" / "model.py").is_file()
 
 
-def test_the_stream_model_takes_txt2img_inputs_and_calls_the_ensembles_stages():
-    stream, txt2img, denoise = (_load_config(n) for n in ("txt2img_stream", "txt2img", "denoise"))
+def test_the_public_models_take_the_request_and_call_the_same_stages():
+    stream, txt2img = (_load_config(n) for n in ("txt2img_stream", "txt2img"))
     assert stream.model_transaction_policy.decoupled and not txt2img.model_transaction_policy.decoupled
     assert [(i.name, i.data_type, list(i.dims)) for i in stream.input] == [
         *((i.name, i.data_type, list(i.dims)) for i in txt2img.input),
         ("PREVIEW_EVERY", model_config_pb2.TYPE_INT32, [1]),
     ]
     assert {o.name for o in txt2img.output} < {o.name for o in stream.output}
-    calls = {k: v.string_value for k, v in stream.parameters.items()}
-    assert calls == {f"{s.model_name}_model": s.model_name for s in txt2img.ensemble_scheduling.step}
-    assert {"PROGRESS_ADDRESS", "PREVIEW_EVERY"} <= {i.name for i in denoise.input if i.optional}
+    assert {k: v.string_value for k, v in stream.parameters.items()} == {
+        k: v.string_value for k, v in txt2img.parameters.items()
+    }
 
 
-def test_ensemble_wiring_matches_stage_inputs_and_outputs():
-    ensemble = _load_config("txt2img")
-    public = {i.name for i in ensemble.input}
-    produced = set(public)
-    for step in ensemble.ensemble_scheduling.step:
-        stage = _load_config(step.model_name)
-        stage_inputs = {i.name: i for i in stage.input}
-        assert set(step.input_map) <= set(stage_inputs), step.model_name
-        for key, value in step.input_map.items():
-            assert value in produced, f"{step.model_name}.{key} reads {value} before it is produced"
-        required = {n for n, i in stage_inputs.items() if not i.optional}
-        assert required <= set(step.input_map), f"{step.model_name} misses {required - set(step.input_map)}"
-        assert set(step.output_map) <= {o.name for o in stage.output}
-        produced |= set(step.output_map.values())
-    assert {o.name for o in ensemble.output} <= produced
+def test_each_stage_declares_what_the_public_models_send_it_and_returns_what_they_read():
+    from triton_backend.schema import DENOISE_INPUTS, FIELDS, TEXT_ENCODER_INPUTS
+    from triton_backend.serving.public import PublicModel
+
+    def names(model, kind="input"):
+        return {t.name for t in getattr(_load_config(model), kind)}
+
+    assert set(PublicModel.inputs) == {f.name for f in FIELDS} == names("txt2img")
+    assert set(TEXT_ENCODER_INPUTS) <= names("text_encoder")
+    assert {"PROMPT_EMBEDS", "POOLED_EMBEDS"} <= names("text_encoder", "output")
+    sent = {*DENOISE_INPUTS, "PROMPT_EMBEDS", "POOLED_EMBEDS", "PREVIEW_EVERY", "PROGRESS_ADDRESS"}
+    assert sent <= names("denoise") and {"LATENTS", "LORA_LANDED_STEP"} <= names("denoise", "output")
+    assert names("vae") == {"LATENTS"} and names("vae", "output") == {"IMAGE"}
+    required = {i.name for m in ("text_encoder", "denoise", "vae") for i in _load_config(m).input if not i.optional}
+    assert required <= sent | {"LATENTS"}
 
 
 def test_public_contract_names_and_types():
-    ensemble = _load_config("txt2img")
-    types = {i.name: (i.data_type, i.optional) for i in ensemble.input}
-    from tritonclient.grpc import model_config_pb2 as pb
+    """The public inputs are the schema's fields, all declared optional (a missing PROMPT gets our error naming it)."""
+    from triton_backend.schema import FIELDS
+    from triton_backend.serving.contract import TYPES
 
+    txt2img = _load_config("txt2img")
+    types = {i.name: (i.data_type, list(i.dims), i.optional) for i in txt2img.input}
     assert types == {
-        "PROMPT": (pb.TYPE_STRING, True),  # required, enforced by text_encoder (see config.pbtxt)
-        "NEGATIVE_PROMPT": (pb.TYPE_STRING, True),
-        "PROMPT_2": (pb.TYPE_STRING, True),  # SDXL only
-        "NEGATIVE_PROMPT_2": (pb.TYPE_STRING, True),
-        "SEED": (pb.TYPE_INT64, True),
-        "STEPS": (pb.TYPE_INT32, True),
-        "GUIDANCE_SCALE": (pb.TYPE_FP32, True),
-        "HEIGHT": (pb.TYPE_INT32, True),
-        "WIDTH": (pb.TYPE_INT32, True),
-        "SCHEDULER": (pb.TYPE_STRING, True),
-        "LORA_NAMES": (pb.TYPE_STRING, True),
-        "LORA_SCALES": (pb.TYPE_FP32, True),
-        "LORA_BOUND_K": (pb.TYPE_INT32, True),
-        "CONTROLNET_NAMES": (pb.TYPE_STRING, True),
-        "CONTROLNET_IMAGES": (pb.TYPE_UINT8, True),
-        "CONTROLNET_SCALES": (pb.TYPE_FP32, True),
-        "CONTROLNET_GUIDANCE_START": (pb.TYPE_FP32, True),
-        "CONTROLNET_GUIDANCE_END": (pb.TYPE_FP32, True),
-        "ORIGINAL_SIZE": (pb.TYPE_INT32, True),  # SDXL only
-        "CROPS_COORDS_TOP_LEFT": (pb.TYPE_INT32, True),
-        "TARGET_SIZE": (pb.TYPE_INT32, True),
-        "DEADLINE_MS": (pb.TYPE_INT32, True),  # the step scheduler's deadline
+        f.name: (model_config_pb2.DataType.Value(TYPES[f.triton_dtype]), list(f.dims), True) for f in FIELDS
     }
-    outputs = {o.name: o for o in ensemble.output}
+    outputs = {o.name: o for o in txt2img.output}
     image = outputs["IMAGE"]
-    assert image.data_type == pb.TYPE_UINT8 and list(image.dims) == [-1, -1, 3]
-    assert outputs["LORA_LANDED_STEP"].data_type == pb.TYPE_INT32
+    assert image.data_type == model_config_pb2.TYPE_UINT8 and list(image.dims) == [-1, -1, 3]
+    assert outputs["LORA_LANDED_STEP"].data_type == model_config_pb2.TYPE_INT32
 
 
 def test_stage_config_from_params(model_dir):

@@ -143,7 +143,7 @@ def test_unknown_mismatched_and_corrupt_controlnets(local, model_dir, tmp_path):
     (root / "wrong_arch" / "config.json").write_text(json.dumps(config))
     shutil.copytree(model_dir / "controlnets" / "edges", root / "corrupt")
     (root / "corrupt" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
-    cfg = StageConfig.from_params("cn", {"model_dir": str(model_dir), "controlnet_dir": str(root)})
+    cfg = StageConfig.from_params("controlnet", {"model_dir": str(model_dir), "controlnet_dir": str(root)})
     service = ControlNetService(cfg, capacity=1)
     try:
         with pytest.raises(NotFoundError) as info:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from swiftdiffusion_client import Client, GenerationRequest
 
-from triton_backend.serving.server import gpu_repository
+from triton_backend.serving.repository import Layout, Pipeline, render
 
 from .helpers import pixel_diff, start_server
 
@@ -45,7 +45,8 @@ def test_fp16_equals_diffusers_fp16_within_its_own_noise_floor(model_dir, tmp_pa
     alone = [diffusers_images([r])[0] for r in REQUESTS]
     batched = diffusers_images(REQUESTS)
     floor = max(pixel_diff(a, b)[1] for a, b in zip(alone, batched, strict=True))
-    srv = start_server(model_dir, tmp_path, model_repository=gpu_repository(dtype="float16"))
+    repo = render(tmp_path / "repo", [Pipeline("txt2img", model_dir)], Layout.named("1gpu", "float16"), stage_prefix="")
+    srv = start_server(model_dir, tmp_path, model_repository=repo)
     try:
         with Client(srv.grpc_url, timeout_s=120) as c:
             ours = [c.generate(r) for r in REQUESTS]

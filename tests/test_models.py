@@ -57,12 +57,12 @@ def test_model_py_files_are_thin_shells():
         assert code.count("\n") < 12 and "class TritonPythonModel(" in code, f"{repo.name}/{name}"
 
 
-def test_gpu_repository_layout():
+def test_the_1gpu_layout(model_dir, tmp_path):
     """One UNet instance on GPU 0; in fp16 the ControlNet residuals cross processes in fp16, in fp32 in fp32."""
-    from triton_backend.serving.server import gpu_repository
+    from triton_backend.serving.repository import Layout, Pipeline, render
 
     for dtype, residuals in (("float16", "TYPE_FP16"), ("auto", "TYPE_FP16"), ("float32", "TYPE_FP32")):
-        repo = gpu_repository(dtype=dtype)
+        repo = render(tmp_path / dtype, [Pipeline("txt2img", model_dir)], Layout.named("1gpu", dtype), stage_prefix="")
         unet = text_format.Parse((repo / "unet" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
         gpu = model_config_pb2.ModelInstanceGroup.KIND_GPU
         assert [(g.count, g.kind, list(g.gpus)) for g in unet.instance_group] == [(1, gpu, [0])]
@@ -73,9 +73,11 @@ def test_gpu_repository_layout():
         assert model_config_pb2.DataType.Name(out.data_type) == residuals
 
 
-def test_the_stream_model_imports_no_torch():
-    """``txt2img_stream`` runs no model: its process must not pay for torch (~220 MB) or diffusers."""
-    model_py = model_repository_dir() / "txt2img_stream" / "1" / "model.py"
+@pytest.mark.parametrize("public", ["txt2img", "txt2img_stream"])
+def test_the_public_models_import_no_torch(public):
+    """``txt2img`` and ``txt2img_stream`` run no model: their processes must not pay for torch (~220 MB) or
+    diffusers."""
+    model_py = model_repository_dir() / public / "1" / "model.py"
     imported = "sorted(n for n in ('torch', 'diffusers', 'transformers') if n in sys.modules)"
     assert load_model_py(model_py, imported) == "[]"
 

@@ -9,7 +9,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from triton_backend import parameters, plan
-from triton_backend.config import StageConfig, triton_params
+from triton_backend.config import StageConfig
 from triton_backend.errors import ConfigError
 from triton_backend.paths import baseline_repository_dir, model_repository_dir
 from triton_backend.serving import contract
@@ -178,14 +178,3 @@ def test_the_request_contract_is_written_from_the_schema(template):
     """
     path = contract.checked_in(ROOT)[template]
     assert contract.refresh(path.read_text(), template) == path.read_text()
-
-
-def test_the_ensemble_feeds_each_stage_what_it_declares():
-    txt2img = _config(REPO / "txt2img" / "config.pbtxt")
-    for step in txt2img.ensemble_scheduling.step:
-        declared = {i.name for i in _config(REPO / step.model_name / "config.pbtxt").input}
-        assert set(step.input_map) <= declared, step.model_name
-    assert {f"{s.model_name}_model" for s in txt2img.ensemble_scheduling.step} == set(
-        triton_params({"parameters": {k: {"string_value": v} for k, v in _params(
-            _config(REPO / "txt2img_stream" / "config.pbtxt")).items()}})
-    )  # fmt: skip

@@ -1,5 +1,6 @@
-"""Stage crash recovery on the real server: kill -9 each stage's stub process under traffic; in-flight requests fail
-with an error naming the stage, and the service is back to correct images within 30 s without an operator.
+"""Stage crash recovery on the real server: kill -9 each stage's stub process under traffic; the service is back to
+correct images within 30 s without an operator, and a request in flight at the kill gets its own image once the
+stage is back (its call retried). Chaos under load, every stage in turn: ``test_chaos_integration.py``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from swiftdiffusion_client import Client, ClientError, GenerationRequest, Progress
@@ -81,13 +83,14 @@ def test_a_killed_stage_is_reloaded_and_serves_correct_images_within_30_s(watche
     assert old not in stub_processes(watched.process.pid).get(stage, [])
 
 
-def test_a_request_in_flight_on_a_killed_unet_fails_naming_the_stage(watched):
+def test_a_request_in_flight_on_a_killed_unet_is_retried_and_gets_its_image(watched):
     outcome: list[object] = []
+    slow = GenerationRequest(prompt="a slow one", steps=150, height=256, width=256)
 
     def long_request() -> None:  # 150 steps at 256x256: several seconds, even on the tiny model
         with Client(watched.grpc_url, timeout_s=120) as c:
             try:
-                outcome.append(c.generate(GenerationRequest(prompt="a slow one", steps=150, height=256, width=256)))
+                outcome.append(c.generate(slow))
             except ClientError as exc:
                 outcome.append(exc)
 
@@ -99,27 +102,31 @@ def test_a_request_in_flight_on_a_killed_unet_fails_naming_the_stage(watched):
         time.sleep(0.05)  # kill only once its steps are running: it is in flight, not finished
     assert not outcome, "the request finished before the kill"
     kill_stub(watched, "unet")
+    killed_at = time.monotonic()
     thread.join(120)
-    assert outcome and isinstance(outcome[0], ClientError), outcome
-    assert "unet" in outcome[0].message and outcome[0].status == "StatusCode.UNAVAILABLE", outcome[0]
-    image, _ = served_again_within(watched.grpc_url, GenerationRequest(prompt="after", steps=2), 30)
-    assert image.shape[2] == 3
+    assert outcome and isinstance(outcome[0], np.ndarray), outcome  # not an error: the generation was retried
+    assert time.monotonic() - killed_at < 30
+    with Client(watched.grpc_url, timeout_s=120) as c:
+        assert_same_image(outcome[0], c.generate(slow))  # the image it would have had
 
 
-def test_the_default_layout_s_step_process_killed_in_flight_fails_naming_it_and_comes_back(model_dir, tmp_path):
-    """The cpu layout runs the UNet in ``denoise``'s process: killed under a request (its
-    steps under way, as the stream shows), the request fails naming ``denoise`` and the next is served.
+def test_the_cpu_layout_s_step_process_killed_in_flight_is_retried_and_the_stream_gets_its_image(model_dir, tmp_path):
+    """The cpu layout runs the UNet in ``denoise``'s process: killed under a streamed request (its steps under way),
+    the stream's steps start again from 1 once ``denoise`` is back, and it ends with the request's own image.
     """
     srv = start_server(model_dir, tmp_path, watch_interval=0.5)
+    slow = GenerationRequest(prompt="a slow one", steps=150, height=256, width=256)
     try:
         with Client(srv.grpc_url, timeout_s=120) as c:
-            events = c.stream(GenerationRequest(prompt="a slow one", steps=150, height=256, width=256))
-            with pytest.raises(ClientError) as info:
-                for event in events:
-                    if isinstance(event, Progress) and event.step == 3:
+            steps, result = [], None
+            for event in c.stream(slow):
+                if isinstance(event, Progress):
+                    steps.append(event.step)
+                    if event.step == 3 and steps.count(3) == 1:
                         kill_stub(srv, "denoise")
-        assert "denoise" in info.value.message and info.value.status == "StatusCode.UNAVAILABLE", info.value
-        image, _ = served_again_within(srv.grpc_url, GenerationRequest(prompt="after", steps=2), 30)
-        assert image.shape[2] == 3
+                else:
+                    result = event
+            assert result is not None and steps.count(1) == 2, steps[:10]  # (the retried generation's steps)
+            assert_same_image(result.image, c.generate(slow))
     finally:
         srv.stop()

@@ -217,7 +217,7 @@ def test_sd_lora_on_sdxl_and_sdxl_lora_on_sd_are_refused_naming_both(model_dir, 
 def test_controlnet_of_the_other_architecture_is_refused(model_dir, sdxl_model_dir, tmp_path, direction):
     base, other = (sdxl_model_dir, model_dir) if direction == "sd_on_sdxl" else (model_dir, sdxl_model_dir)
     shutil.copytree(other / "controlnets" / "edges", tmp_path / "foreign")
-    cfg = StageConfig.from_params("cn", {"model_dir": str(base), "controlnet_dir": str(tmp_path)})
+    cfg = StageConfig.from_params("controlnet", {"model_dir": str(base), "controlnet_dir": str(tmp_path)})
     service = ControlNetService(cfg)
     try:
         with pytest.raises(InvalidRequestError, match=r"foreign: an SD.*ControlNet.*this model is") as info:

@@ -140,6 +140,15 @@ PARAMS: dict[str, Param] = {
             choices=("on", "off"),
         ),
         Param("remote_timeout_s", "float", "60", "Seconds a call to a stage on another server may take.", 0.001),
+        Param(
+            "retry_window_s",
+            "float",
+            "25",
+            "Seconds a request waits for a stage that died to come back (then "
+            "its call is retried: the same image) before it fails with UNAVAILABLE naming the stage; a request "
+            "with DEADLINE_MS waits until its deadline instead. 0: fail at once.",
+            0,
+        ),
         _switch(
             "freeze",
             "Run the UNet's passes as frozen TorchScript graphs of its two halves (bitwise the same "
@@ -267,8 +276,8 @@ MODELS: dict[str, dict[str, str | None]] = {
         "dtype": "float32",
         "lora_store": None,
     },
-    "txt2img": {},  # (the ensemble)
-    "txt2img_stream": {"text_encoder_model": None, "denoise_model": None, "vae_model": None},
+    "txt2img": {"text_encoder_model": None, "denoise_model": None, "vae_model": None, "retry_window_s": None},
+    "txt2img_stream": {"text_encoder_model": None, "denoise_model": None, "vae_model": None, "retry_window_s": None},
     "baseline": {"model_dir": None, "dtype": None, "num_threads": None},
 }
 #: The ``cpu`` layout's denoise: the split one without the stages it no longer calls, with the UNet's and the
@@ -339,6 +348,8 @@ def markdown() -> str:
     roles = [
         ("denoise (layout cpu)", "denoise", "cpu") if r == "denoise@cpu" else (r, r, "split")
         for r in (
+            "txt2img",
+            "txt2img_stream",
             "text_encoder",
             "denoise",
             "denoise@cpu",
@@ -346,7 +357,6 @@ def markdown() -> str:
             "vae",
             "controlnet",
             "lora_manager",
-            "txt2img_stream",
             "baseline",
         )
     ]

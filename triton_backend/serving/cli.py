@@ -114,24 +114,19 @@ def _server_from_args(args: argparse.Namespace):
     return TritonServer(**kwargs)
 
 
-def _gpu_count() -> int:
-    """CUDA devices this process sees (``CUDA_VISIBLE_DEVICES`` applies)."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def _gpus_seen() -> str:
-    n = _gpu_count()
+    from .repository import visible_gpus
+
+    n = visible_gpus()
     return "no GPU" if n == 0 else f"{n} GPU{'s' if n > 1 else ''}"
 
 
 def _layout(args: argparse.Namespace):
     """``--layout``: a name, or ``auto`` (``serve``): ``cpu`` without a GPU, else the GPU layout for the GPUs seen."""
-    from .repository import Layout
+    from .repository import Layout, visible_gpus
 
     dtype = getattr(args, "dtype", "auto")
-    return Layout.auto(_gpu_count(), dtype) if args.layout == "auto" else Layout.named(args.layout, dtype)
+    return Layout.auto(visible_gpus(), dtype) if args.layout == "auto" else Layout.named(args.layout, dtype)
 
 
 def _log_to_file(args: argparse.Namespace) -> None:
@@ -256,8 +251,8 @@ SET_HELP = (
 )
 #: What ``serve`` says it runs: folded (the cpu layout) or not.
 LAYOUT_MODELS = {
-    True: "text_encoder, denoise (UNet, ControlNets), vae, lora_manager",
-    False: "text_encoder, denoise, unet, controlnet, vae, lora_manager",
+    True: "txt2img -> text_encoder, denoise (UNet, ControlNets), vae; lora_manager",
+    False: "txt2img -> text_encoder, denoise -> unet -> controlnet, vae; lora_manager",
 }
 LAYOUT_HELP = (
     "cpu: denoise runs the UNet and the ControlNets (no unet or controlnet model); split: every stage its own "

@@ -1,6 +1,6 @@
 """The ``input``/``output`` blocks of the models that carry the request, written from :data:`schema.FIELDS`.
 
-``txt2img`` (the ensemble and its steps' mappings), ``txt2img_stream``, ``text_encoder``, ``denoise`` and the
+``txt2img``, ``txt2img_stream``, ``text_encoder``, ``denoise`` and the
 baseline's ``txt2img`` take the request's fields; their config blocks are generated here, so adding a field to the
 request is one edit in ``triton_backend/schema.py`` plus its use. The renderer applies :func:`refresh` to every
 template it renders; the checked-in configs are kept refreshed too (a test), with
@@ -24,8 +24,8 @@ Tensor = tuple[str, str, tuple[int, ...], bool]
 
 
 def _fields(names: tuple[str, ...] | None = None) -> list[Tensor]:
-    """Request fields as config inputs, all optional: a missing ``PROMPT`` gets our error naming it from the first
-    stage (Triton's ensemble answers a missing required input with an opaque "unexpected deadlock").
+    """Request fields as config inputs, all optional: a missing ``PROMPT`` gets our error naming it (``INVALID_ARG``)
+    from the stage that reads it, the same from every public model and stage.
     """
     specs = FIELDS if names is None else [FIELDS_BY_NAME[n] for n in names]
     return [(f.name, f.triton_dtype, f.dims, True) for f in specs]
@@ -77,36 +77,6 @@ def _block(kind: str, tensors: list[Tensor]) -> str:
     return f"{kind} [\n" + ",\n".join(_tensor_line(t) for t in tensors) + "\n]\n"
 
 
-def _map(kind: str, key: str, value: str) -> str:
-    return f'      {kind}_map {{ key: "{key}" value: "{value}" }}\n'
-
-
-def ensemble_block() -> str:
-    """``txt2img``'s steps: ``text_encoder`` → ``denoise`` → ``vae``, each fed the request fields it reads."""
-    steps = [
-        (
-            "text_encoder",
-            [(n, n) for n in TEXT_ENCODER_INPUTS],
-            [("PROMPT_EMBEDS", "_prompt_embeds"), ("POOLED_EMBEDS", "_pooled_embeds")],
-        ),
-        (
-            "denoise",
-            [
-                ("PROMPT_EMBEDS", "_prompt_embeds"),
-                ("POOLED_EMBEDS", "_pooled_embeds"),
-                *((n, n) for n in DENOISE_INPUTS),
-            ],
-            [("LATENTS", "_latents"), ("LORA_LANDED_STEP", "LORA_LANDED_STEP")],
-        ),
-        ("vae", [("LATENTS", "_latents")], [("IMAGE", "IMAGE")]),
-    ]
-    parts = []
-    for model, inputs, outputs in steps:
-        body = "".join(_map("input", k, v) for k, v in inputs) + "".join(_map("output", k, v) for k, v in outputs)
-        parts.append(f'    {{\n      model_name: "{model}"\n      model_version: -1\n{body}    }}')
-    return "ensemble_scheduling {\n  step [\n" + ",\n".join(parts) + "\n  ]\n}\n"
-
-
 def _replace(text: str, pattern: str, block: str, what: str) -> str:
     new, n = re.subn(pattern, lambda _: block, text, count=1, flags=re.MULTILINE | re.DOTALL)
     if n != 1:
@@ -121,8 +91,6 @@ def refresh(text: str, template: str) -> str:
     inputs, outputs = MODELS[template]
     text = _replace(text, r"^input \[\n.*?^\]\n", _block("input", inputs), "input")
     text = _replace(text, r"^output \[\n.*?^\]\n", _block("output", outputs), "output")
-    if template == "txt2img":
-        text = _replace(text, r"^ensemble_scheduling \{\n.*?^\}\n", ensemble_block(), "ensemble_scheduling")
     return text
 
 

@@ -4,8 +4,8 @@
 load and names it), then :class:`~triton_backend.serving.shell.ModelShell` sets up what every model has (``pb_utils``,
 the stages it calls, its BLS client); ``execute`` converts tensors and calls one function of the stage. The
 techniques' own model classes live with them: :class:`~triton_backend.controlnet.model.ControlNetModel`,
-:class:`~triton_backend.lora.model.LoraManagerModel`; ``txt2img_stream``, which runs no model, is
-:class:`~triton_backend.serving.stream.StreamModel`.
+:class:`~triton_backend.lora.model.LoraManagerModel`; the public models ``txt2img`` and ``txt2img_stream``, which
+run no model, are in :mod:`triton_backend.serving.public`.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
-"""The progress of one streamed generation, from ``denoise`` to ``txt2img_stream``: one Unix socket per request.
+"""The progress of one generation, from ``denoise`` to the public model: one Unix socket per request.
 
-``txt2img_stream`` (:mod:`triton_backend.serving.stream`) runs no model: it calls ``text_encoder``, ``denoise`` and
-``vae`` over BLS like the ``txt2img`` ensemble does, so streamed and plain generations share one step scheduler.
-For its per-step responses it listens on a socket in Linux's abstract namespace (no file; it goes away with its
-listener or its process) and names it in ``denoise``'s optional input ``PROGRESS_ADDRESS``. ``denoise`` connects,
-writes one frame per step (:data:`FRAME`: step, total steps, preview height and width, then the preview's RGB
-bytes) and closes after the last step (or a failure), with a closing frame (:data:`END_STEP`), before it answers;
-a socket that ends without that frame ended with ``denoise``'s process. Closing the socket from the stream side
-(the client closed its stream) is how ``denoise`` learns that the generation is cancelled: it stops at its next
-step.
+``txt2img`` and ``txt2img_stream`` (:mod:`triton_backend.serving.public`) run no model: they call ``text_encoder``,
+``denoise`` and ``vae`` over BLS, so streamed and plain generations share one step scheduler. For the per-step
+responses of a stream, and to notice a ``denoise`` that died under a request, the public model listens on a socket
+in Linux's abstract namespace (no file; it goes away with its listener or its process) and names it in
+``denoise``'s optional input ``PROGRESS_ADDRESS``. ``denoise`` connects, writes one frame per step (:data:`FRAME`:
+step, total steps, preview height and width, then the preview's RGB bytes) and closes after the last step (or a
+failure), with a closing frame (:data:`END_STEP`), before it answers; a socket that ends without that frame ended
+with ``denoise``'s process. Closing the socket from the public model's side (the client cancelled) is how
+``denoise`` learns that the generation is cancelled: it stops at its next step.
 """
 
 from __future__ import annotations

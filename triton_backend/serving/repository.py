@@ -107,6 +107,13 @@ class Layout:
         return cls.named(name, dtype)
 
 
+def visible_gpus() -> int:
+    """CUDA devices this process sees (``CUDA_VISIBLE_DEVICES`` applies): what ``--layout auto`` counts."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def stage_names(pipeline: str, prefix: str | None = None) -> dict[str, str]:
     """Template model name → rendered name (``prefix`` defaults to ``<pipeline>_``)."""
     prefix = f"{pipeline}_" if prefix is None else prefix

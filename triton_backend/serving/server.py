@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import shm
-from ..paths import MODEL_DIR_ENV, cache_dir, model_repository_dir
+from ..paths import MODEL_DIR_ENV, cache_dir, default_model_dir, model_repository_dir
 from .watchdog import StageWatchdog, public_models, stub_processes
 
 #: Seconds ``stop`` lets requests in flight finish before it stops the server (``serve --grace``).
@@ -135,7 +135,9 @@ class TritonServer:
     """A ``tritonserver`` child process; use as a context manager (``with TritonServer(...) as s:``)."""
 
     model_dir: Path | None = None
-    model_repository: Path = field(default_factory=model_repository_dir)
+    #: The repository to serve; ``None``: the one ``swiftdiffusion serve`` renders for ``model_dir`` on this machine
+    #: (``--layout auto``: the cpu layout without a GPU), written to a temporary directory at :meth:`start`.
+    model_repository: Path | None = None
     host: str = "127.0.0.1"
     grpc_port: int = 0
     http_port: int = 0
@@ -224,6 +226,8 @@ class TritonServer:
 
     def start(self, timeout: float = 300.0) -> TritonServer:
         """Start the server and block until it is ready (all models loaded) or raise ``ServerError``."""
+        if self.model_repository is None:
+            self.model_repository = self._render_for_this_machine()
         for name in ("grpc_port", "http_port", "metrics_port"):
             if not getattr(self, name):
                 setattr(self, name, free_port(self._client_host))
@@ -325,6 +329,20 @@ class TritonServer:
             return []
         finally:
             client.close()
+
+    def _render_for_this_machine(self) -> Path:
+        import atexit
+        import tempfile
+
+        from ..tools.default_model import write_default_model
+        from .repository import Layout, Pipeline, render, visible_gpus
+
+        model_dir = Path(self.model_dir) if self.model_dir else write_default_model(Path(default_model_dir()))
+        out = Path(tempfile.mkdtemp(prefix="swiftdiffusion-repo-"))
+        atexit.register(shutil.rmtree, out, True)
+        return render(
+            out, [Pipeline("txt2img", model_dir)], Layout.auto(visible_gpus()), stage_prefix="", load_stages=False
+        )
 
     def memory(self, kind: str = "Rss") -> dict[str, int]:
         """Memory in bytes of ``tritonserver`` itself and of each model's stub processes (summed per model).

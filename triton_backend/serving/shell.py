@@ -1,7 +1,7 @@
 """What every Triton model class of ours does at load and unload, without torch: the stub's ``pb_utils``, the
 model config and its parameters, the stages it calls (over BLS, or gRPC for a stage on another server) and its BLS
 client. :class:`~triton_backend.serving.models.StageModel` adds a stage's model; ``txt2img_stream``, which runs no
-model, is this shell alone (:mod:`triton_backend.serving.stream`).
+model, are this shell alone (:mod:`triton_backend.serving.public`).
 """
 
 from __future__ import annotations

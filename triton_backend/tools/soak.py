@@ -8,12 +8,19 @@ that loads every adapter once) and at the end, and re-runs a sample of the reque
 equals its solo result (requests whose LoRAs may land after step 0 are checked against their bound instead: where
 they land depends on load timing, by design). ``scripts/soak.py`` runs it; a short run is a CI test
 (``tests/test_soak_integration.py``).
+
+With ``chaos_every_s`` (``scripts/soak.py --chaos N``) a thread also kills (SIGKILL) the process of a random stage
+every N seconds; the report then counts, of the requests in flight at a kill, how many still got their image,
+the errors by kind (a stage that stayed down too long is ``UNAVAILABLE`` naming it), and the longest time from a
+kill to the end of a request that was in flight at it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import signal
 import threading
 import time
 from collections import Counter
@@ -125,6 +132,38 @@ class SoakReport:
     end: Snapshot | None = None
     checked: int = 0
     mismatched: list[int] = field(default_factory=list)
+    #: Chaos mode: (time, stage) of each kill, and (start, end, outcome) of every request.
+    kills: list[tuple[float, str]] = field(default_factory=list)
+    spans: list[tuple[float, float, str]] = field(default_factory=list)
+
+    def chaos_lines(self) -> list[str]:
+        """Of the requests in flight at a kill: outcomes, and the longest time from a kill to their end."""
+        hit = self.in_flight_at_kills()
+        kinds = Counter(o for _, o in hit)
+        stages = Counter(stage for _, stage in self.kills)
+        worst = max((delay for delay, _ in hit), default=0.0)
+        return [
+            f"kills: {len(self.kills)} ({', '.join(f'{s} {n}' for s, n in sorted(stages.items()))})",
+            f"requests in flight at a kill: {len(hit)}; "
+            + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+            + f"; got their image: {self.recovered_fraction * 100:.1f} % (target >= 95 %)",
+            f"longest time from a kill to the end of a request in flight at it: {worst:.1f} s (target < 30 s)",
+        ]
+
+    def in_flight_at_kills(self) -> list[tuple[float, str]]:
+        """(seconds from the last kill it saw to its end, outcome) of each request in flight at a kill."""
+        out = []
+        for start, end, outcome in self.spans:
+            kills = [k for k, _ in self.kills if start < k < end]
+            if kills:
+                out.append((end - max(kills), outcome))
+        return out
+
+    @property
+    def recovered_fraction(self) -> float:
+        """Of the requests in flight at a kill (not those the client cancelled itself): the share that got its image."""
+        hit = [o for _, o in self.in_flight_at_kills() if o != "cancelled"]
+        return sum(o == "ok" for o in hit) / max(1, len(hit))
 
     @property
     def rss_growth(self) -> float:
@@ -160,6 +199,7 @@ def run_soak(
     seed: int = 0,
     sample_every: int = 20,
     progress: Callable[[int, int], None] | None = None,
+    chaos_every_s: float = 0.0,
 ) -> SoakReport:
     """Drive ``server`` with ``n`` mixed jobs from ``concurrency`` threads; see the module docstring."""
     from swiftdiffusion_client import Client, ClientError
@@ -174,6 +214,7 @@ def run_soak(
     lock = threading.Lock()
 
     def one(job: Job) -> None:
+        began = time.monotonic()
         with Client(server.grpc_url, timeout_s=job.timeout_s or 120) as c:
             try:
                 result = c.run(job.request)
@@ -187,6 +228,7 @@ def run_soak(
             except ClientError as exc:
                 outcome, error = _error_kind(exc, job), str(exc)
         with lock:
+            report.spans.append((began, time.monotonic(), outcome))
             report.outcomes[outcome] += 1
             if outcome == "unexpected":
                 report.unexpected.append(f"#{job.number} expected {job.expect}: {error[:300]}")
@@ -195,9 +237,17 @@ def run_soak(
             progress(done, n)
 
     start = time.perf_counter()
+    done = threading.Event()
+    killer = threading.Thread(target=_chaos, args=(server, chaos_every_s, seed, report, done), daemon=True)
+    if chaos_every_s > 0:
+        killer.start()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, jobs))
+    done.set()
     report.seconds = time.perf_counter() - start
+    if chaos_every_s > 0:
+        killer.join()
+        _wait_all_up(server)
     time.sleep(2.0)  # cancelled generations finish dropping their state
     report.end = Snapshot.take(server)
     with Client(server.grpc_url, timeout_s=120) as solo:
@@ -209,6 +259,37 @@ def run_soak(
     return report
 
 
+#: The processes chaos kills: every stage (the public models hold the requests themselves).
+CHAOS_SPARED = ("txt2img", "txt2img_stream")
+
+
+def _chaos(server: TritonServer, every_s: float, seed: int, report: SoakReport, done: threading.Event) -> None:
+    """Kill the process of a random stage every ``every_s`` until ``done``."""
+    rng = random.Random(seed)
+    assert server.process is not None
+    while not done.wait(every_s):
+        stages = {m: p for m, p in stub_processes(server.process.pid).items() if m not in CHAOS_SPARED and p}
+        if not stages:
+            continue
+        stage = rng.choice(sorted(stages))
+        with contextlib.suppress(OSError):
+            os.kill(stages[stage][0], signal.SIGKILL)
+            report.kills.append((time.monotonic(), stage))
+
+
+def _wait_all_up(server: TritonServer, timeout_s: float = 60.0) -> None:
+    """Until every stage killed last is back (the solo re-runs and the end snapshot need them)."""
+    from swiftdiffusion_client import Client
+
+    deadline = time.monotonic() + timeout_s
+    with Client(server.grpc_url, timeout_s=60) as c:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                c.generate(GenerationRequest(prompt="up?", steps=1, height=64, width=64))
+                return
+            time.sleep(0.5)
+
+
 def deterministic(request: GenerationRequest) -> bool:
     """Whether the image depends on the request alone: with LoRAs bounded at k > 0 the step they land at depends
     on how fast they load (by design: bounded asynchronous loading), so only the bound is checked for those.
@@ -217,9 +298,13 @@ def deterministic(request: GenerationRequest) -> bool:
 
 
 def _error_kind(exc: Any, job: Job) -> str:
-    """``refused <FIELD>`` / ``cancelled`` when the error is the one the job asks for, else ``unexpected``."""
+    """``refused <FIELD>`` / ``cancelled`` when the error is the one the job asks for, ``unavailable <stage>`` for a
+    stage that stayed down too long (chaos), else ``unexpected``.
+    """
     if job.expect == "cancel" and exc.status in ("StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED"):
         return "cancelled"
+    if exc.status == "StatusCode.UNAVAILABLE" and "retrying the request is safe" in exc.message:
+        return f"unavailable {exc.message.split(':')[0]}"
     refused = exc.status in ("StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND")
     if job.expect not in ("ok", "cancel") and refused and job.expect in exc.message:
         return f"refused {job.expect}"

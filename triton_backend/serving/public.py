@@ -1,0 +1,222 @@
+"""The public models ``txt2img`` (unary) and ``txt2img_stream`` (decoupled): one generation, its stages over BLS.
+
+Both run no model and import no torch: the stub, numpy and a BLS client (~40 MB RSS). A request is three calls,
+``text_encoder`` → ``denoise`` → ``vae`` (parameters ``text_encoder_model``, ``denoise_model``, ``vae_model``), so
+every request shares ``denoise``'s step scheduler. ``denoise`` reports each step over a per-request socket
+(:mod:`triton_backend.serving.progress`); the stream relays the steps, the unary model only watches the socket.
+
+No request is lost when a stage dies (docs/operations.md "Crashes and recovery"):
+
+* **Nothing hangs.** ``denoise`` answers through its response sender after ``execute`` returned, so when its
+  process dies Triton never answers the call. Its socket then ends without the closing frame, and the call is
+  given up at once (:meth:`PublicModel.denoise`). A dead stage that was called (``text_encoder``, ``vae``, and
+  what those call: ``lora_manager``, ``unet``, ``controlnet``) fails its calls with "Stub process ... is not
+  healthy", and a stage being reloaded with "unknown model" or "not ready".
+* **The request, not only the stage, recovers.** Each of the three calls is retried on such a failure
+  (:func:`is_stage_down`) until it succeeds or the request's :class:`RetryWindow` closes: the text encoding, the
+  generation from its first step (deterministic: seed, steps, adapters; LoRA state is per request, never kept
+  between attempts), or the VAE decode of the latents already held. The image is the one the request would have
+  had. The watchdog of ``swiftdiffusion serve`` reloads a dead stage within ~10 s.
+* **Otherwise a retryable error.** When the window closes first, the request fails with ``UNAVAILABLE`` naming the
+  stage and saying that a retry is safe (every request is idempotent); never ``INTERNAL``.
+
+An ensemble could not do this: Triton's ensemble scheduler waits for a step that a dead stub never answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ..errors import StageUnavailableError
+from ..schema import DENOISE_INPUTS, MAX_DEADLINE_MS, TEXT_ENCODER_INPUTS
+from .events import trace
+from .io import Tensors, cancellation_check, failure_response, make_response, read_tensors, send_final
+from .progress import ProgressListener, preview_every
+from .shell import ModelShell
+
+T = TypeVar("T")
+
+#: How long an answer of ``denoise`` may still take once its socket ended without its closing frame.
+ANSWER_AFTER_HANGUP_S = 2.0
+#: Pause between attempts at a stage that is down (it fails fast until it is reloaded).
+RETRY_PAUSE_S = 0.5
+#: What a call to a stage that is down answers: its stub died (Triton's python backend), its socket ended
+#: (:meth:`PublicModel.denoise`), or it is being reloaded (unloaded, loading).
+STAGE_DOWN = ("is not healthy", "its process ended", "unknown model", "is not ready", "no available versions")
+
+
+def is_stage_down(exc: BaseException) -> bool:
+    """Whether ``exc`` is a call to a stage whose process died or is being reloaded (worth a retry), as opposed
+    to a refusal of the request itself (a bad field, an unknown LoRA, a full queue, a missed deadline).
+    """
+    return isinstance(exc, StageUnavailableError) and any(s in str(exc) for s in STAGE_DOWN)
+
+
+@dataclass
+class RetryWindow:
+    """Until when a request retries a stage that is down: its deadline (``DEADLINE_MS`` after arrival) when it has
+    one, else ``retry_window_s`` after the stage was first found down.
+    """
+
+    arrival: float
+    retry_window_s: float
+    deadline_ms: int | None = None
+    down_since: float | None = None
+
+    def end(self) -> float:
+        if self.deadline_ms:
+            return self.arrival + self.deadline_ms / 1000
+        return (self.down_since or time.monotonic()) + self.retry_window_s
+
+    def note_down(self, now: float) -> bool:
+        """A stage was found down at ``now``: whether a retry can still start in the window."""
+        if self.down_since is None:
+            self.down_since = now
+        return now + RETRY_PAUSE_S < self.end()
+
+
+async def with_retries(stage: str, window: RetryWindow, attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()`` until it succeeds, retrying while the stage is down and the window is open; then
+    ``UNAVAILABLE`` naming the stage (the last error's cause kept in the message).
+    """
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            result = await attempt()
+        except Exception as exc:
+            if not is_stage_down(exc):
+                raise
+            if window.note_down(time.monotonic()):
+                trace("stage_retry", stage=stage, attempt=tries)
+                await asyncio.sleep(RETRY_PAUSE_S)
+                continue
+            raise StageUnavailableError(
+                f"{stage}: down and not back within the retry window ({tries} attempt{'s' * (tries > 1)}; {exc}); "
+                "the server restarts a dead stage: retrying the request is safe"
+            ) from None
+        if tries > 1:
+            trace("stage_recovered", stage=stage, attempts=tries)
+        return result
+
+
+class PublicModel(ModelShell):
+    """``txt2img``'s request: encode, denoise (watching its socket), decode, each with retries (see the module).
+    Subclasses decide what a step and the end are answered with.
+    """
+
+    inputs: tuple[str, ...] = tuple(dict.fromkeys((*TEXT_ENCODER_INPUTS, *DENOISE_INPUTS)))
+
+    async def generate(
+        self,
+        tensors: Tensors,
+        request: Any,
+        sender: Any,
+        arrival: float,
+        on_step: Callable[[Tensors], None] | None = None,
+        every: int = 0,
+    ) -> Tensors:
+        """``IMAGE`` and ``LORA_LANDED_STEP`` of the request; each step of ``denoise`` goes to ``on_step``. The
+        client cancelling (``request`` or its ``sender``) stops the generation at its next step.
+        """
+        deadline = tensors.get("DEADLINE_MS")
+        deadline_ms = int(np.asarray(deadline).reshape(-1)[0]) if deadline is not None else None
+        window = RetryWindow(arrival, self.params["retry_window_s"], deadline_ms)
+        if deadline_ms is not None and not 0 < deadline_ms <= MAX_DEADLINE_MS:
+            window.deadline_ms = None  # (denoise refuses it by name; no retry for a refused request)
+        cancelled = cancellation_check(request, sender)
+        prompts = {k: v for k, v in tensors.items() if k in TEXT_ENCODER_INPUTS}
+        encoder_call = (self.called("text_encoder"), prompts, ["PROMPT_EMBEDS", "POOLED_EMBEDS"])
+        (encoded,) = await with_retries(self.called("text_encoder"), window, lambda: self.bls.infer([encoder_call]))
+        fields = {k: v for k, v in tensors.items() if k in DENOISE_INPUTS} | encoded
+        result = await with_retries(
+            self.called("denoise"), window, lambda: self.denoise(fields, cancelled, on_step, every)
+        )
+        vae_call = (self.called("vae"), {"LATENTS": result["LATENTS"]}, ["IMAGE"])
+        (decoded,) = await with_retries(self.called("vae"), window, lambda: self.bls.infer([vae_call]))
+        return {"IMAGE": decoded["IMAGE"], "LORA_LANDED_STEP": result["LORA_LANDED_STEP"]}
+
+    async def denoise(
+        self, fields: Tensors, cancelled: Callable[[], bool], on_step: Callable[[Tensors], None] | None, every: int
+    ) -> Tensors:
+        """One ``denoise`` call with its progress socket. When the socket ended without its closing frame (and
+        this side did not hang up), the stage's process ended: Triton never answers a request that a stub answers
+        through its response sender once that stub is gone, so the call is given up now, naming the stage.
+        (:data:`ANSWER_AFTER_HANGUP_S` lets an answer already on its way arrive.)
+        """
+        async with ProgressListener() as progress:
+            inputs = fields | {
+                "PREVIEW_EVERY": np.array([every], np.int32),
+                "PROGRESS_ADDRESS": np.array([progress.address.encode()], np.object_),
+            }
+            call = (self.called("denoise"), inputs, ["LATENTS", "LORA_LANDED_STEP"])
+            denoised = asyncio.ensure_future(self.bls.infer([call]))
+            last = None
+            async for last in progress.events(denoised, cancelled):
+                if on_step is not None:
+                    on_step(last)
+            if progress.ended or progress.hung_up or not progress.connected or denoised.done():
+                return (await denoised)[0]
+            try:
+                return (await asyncio.wait_for(asyncio.shield(denoised), ANSWER_AFTER_HANGUP_S))[0]
+            except TimeoutError:
+                denoised.cancel()
+                at = f" at step {int(last['STEP'][0])} of {int(last['TOTAL_STEPS'][0])}" if last is not None else ""
+                raise StageUnavailableError(f"{self.called('denoise')}: its process ended{at}") from None
+
+    async def answer(self, request: Any, sender: Any, arrival: float) -> None:
+        raise NotImplementedError
+
+    def execute(self, requests: list[Any]) -> None:
+        arrival = time.monotonic()
+        for request in requests:
+            self.bls.submit(self.answer(request, request.get_response_sender(), arrival))
+
+
+class Txt2ImgModel(PublicModel):
+    """``txt2img`` (unary, what perf_analyzer and ``tritonclient`` call): the request's fields → ``IMAGE``
+    (UINT8 [H, W, 3]) and ``LORA_LANDED_STEP`` (INT32 [1]); answered through the response sender when done.
+    """
+
+    role = "txt2img"
+
+    async def answer(self, request: Any, sender: Any, arrival: float) -> None:
+        try:
+            tensors = read_tensors(request, self.inputs, self.pb)
+            response = make_response(await self.generate(tensors, request, sender, arrival), self.pb)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
+            response = failure_response(exc, self.pb, self.logger)
+        send_final(sender, response, self.pb)
+
+
+class StreamModel(PublicModel):
+    """``txt2img_stream`` (decoupled): ``txt2img``'s inputs plus ``PREVIEW_EVERY`` (INT32 [1], 0 = no previews) →
+    one response per step with ``STEP`` and ``TOTAL_STEPS`` (INT32 [1]) and, every ``PREVIEW_EVERY`` steps,
+    ``PREVIEW`` (UINT8 [h, w, 3] at the latent resolution, :func:`~triton_backend.stages.preview.latent_rgb`), then
+    the final response with ``IMAGE`` and ``LORA_LANDED_STEP``, equal to ``txt2img``'s for the same request. A
+    request the client cancels (a closed stream) stops at the next step. A generation retried after its ``denoise``
+    died starts its steps again from 1.
+    """
+
+    role = "txt2img_stream"
+    inputs = (*PublicModel.inputs, "PREVIEW_EVERY")
+
+    async def answer(self, request: Any, sender: Any, arrival: float) -> None:
+        try:
+            tensors = read_tensors(request, self.inputs, self.pb)
+            every = preview_every(tensors.pop("PREVIEW_EVERY", None))
+            response = make_response(
+                await self.generate(
+                    tensors, request, sender, arrival, lambda step: sender.send(make_response(step, self.pb)), every
+                ),
+                self.pb,
+            )
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
+            response = failure_response(exc, self.pb, self.logger)
+        send_final(sender, response, self.pb)
