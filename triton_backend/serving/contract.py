@@ -60,6 +60,7 @@ MODELS: dict[str, tuple[list[Tensor], list[Tensor]]] = {
             *_fields(DENOISE_INPUTS),
             ("LATENT_PARALLEL", "BOOL", (1,), True),
             ("PROGRESS_ADDRESS", "BYTES", (1,), True),
+            ("PROGRESS_STEPS", "BOOL", (1,), True),
             PREVIEW_EVERY,
         ],
         [LATENTS, LANDED],

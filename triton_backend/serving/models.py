@@ -225,8 +225,8 @@ class DenoiseModel(StageModel):
 
     Latent parallelism (the plan's ``latent_parallel``, split layout): with guidance, send the two branches of each
     step as two concurrent requests (two ``unet`` instances) instead of one batch-2 request. The optional input
-    ``LATENT_PARALLEL`` (BOOL) overrides it per request (benchmarks, tests). ``PROGRESS_ADDRESS`` and
-    ``PREVIEW_EVERY`` come with ``txt2img_stream``'s requests: every step is reported to the stream (:meth:`answer`).
+    ``LATENT_PARALLEL`` (BOOL) overrides it per request (benchmarks, tests). ``PROGRESS_ADDRESS``,
+    ``PROGRESS_STEPS`` and ``PREVIEW_EVERY`` come from the public models: the socket they watch (:meth:`answer`).
     """
 
     role = "denoise"
@@ -237,6 +237,7 @@ class DenoiseModel(StageModel):
         *denoise.INPUTS,
         "LATENT_PARALLEL",
         "PROGRESS_ADDRESS",
+        "PROGRESS_STEPS",
         "PREVIEW_EVERY",
     )
 
@@ -292,10 +293,16 @@ class DenoiseModel(StageModel):
         return lora_wire.adapter_refs(loras, (await self.bls.infer([lora_call(self.lora_manager, loras)]))[0])
 
     async def generate(
-        self, tensors: Tensors, request: Any, arrival: float, progress: ProgressSender | None = None, every: int = 0
+        self,
+        tensors: Tensors,
+        request: Any,
+        arrival: float,
+        progress: ProgressSender | None = None,
+        every: int = 0,
+        steps: bool = True,
     ) -> Tensors:
-        """The request's ``LATENTS`` and ``LORA_LANDED_STEP`` from its fields and ``PROMPT_EMBEDS``; each step is
-        reported to ``progress`` (with a preview every ``every`` steps) when there is one.
+        """The request's ``LATENTS`` and ``LORA_LANDED_STEP`` from its fields and ``PROMPT_EMBEDS``; with ``steps``,
+        each step is reported to ``progress`` (with a preview every ``every`` steps) when there is one.
         """
         parallel = self.latent_parallel
         if "LATENT_PARALLEL" in tensors:
@@ -319,23 +326,26 @@ class DenoiseModel(StageModel):
             load_loras=lambda loras: asyncio.ensure_future(self.load_adapters(loras)),
             is_cancelled=lambda: cancelled() or (progress is not None and progress.closed),
             prepare_hints=self.prepare_hints,
-            on_step=on_step if progress is not None else None,
+            on_step=on_step if progress is not None and steps else None,
         )
 
     async def answer(self, request: Any, sender: Any, arrival: float) -> None:
         """Generate, then send the request's one response (its error if anything failed).
 
-        With ``PROGRESS_ADDRESS`` (from ``txt2img_stream``): every step goes to that socket as it is done, with a
-        preview every ``PREVIEW_EVERY`` steps (:mod:`triton_backend.serving.progress`); the stream hanging up
-        cancels the generation.
+        With ``PROGRESS_ADDRESS`` (from the public models): this generation's socket, closed with its closing frame
+        before the response; the public model hanging up cancels the generation. With ``PROGRESS_STEPS`` (default
+        true; ``txt2img_stream``), every step goes to it as it is done, with a preview every ``PREVIEW_EVERY`` steps
+        (:mod:`triton_backend.serving.progress`); ``txt2img`` sends false: it only watches for a ``denoise`` that died.
         """
         progress = None
         try:
             tensors = read_tensors(request, self.inputs, self.pb)
             every = preview_every(tensors.pop("PREVIEW_EVERY", None))
+            steps = bool(np.asarray(tensors.pop("PROGRESS_STEPS", True)).reshape(-1)[0])
             if "PROGRESS_ADDRESS" in tensors:
                 progress = await ProgressSender.connect(progress_address(tensors.pop("PROGRESS_ADDRESS")))
-            response = make_response(await self.generate(tensors, request, arrival, progress, every), self.pb)
+            result = await self.generate(tensors, request, arrival, progress, every, steps)
+            response = make_response(result, self.pb)
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
             response = failure_response(exc, self.pb, self.logger)
         if progress is not None:

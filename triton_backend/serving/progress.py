@@ -132,11 +132,11 @@ class ProgressListener:
             writer.close()
 
     async def events(
-        self, call: asyncio.Future[Any], cancelled: Callable[[], bool], linger_s: float = 10.0
+        self, call: asyncio.Future[Any], cancelled: Callable[[], bool], linger_s: float = 10.0, poll_s: float = POLL_S
     ) -> AsyncIterator[dict[str, np.ndarray]]:
-        """The frames until the sender closes. Ends early when ``cancelled()`` (and hangs up), or when ``call``
-        (the ``denoise`` request) failed without connecting; after ``call`` succeeded it waits ``linger_s`` at most
-        for the frames still on their way.
+        """The frames until the sender closes. Ends early when ``cancelled()`` (asked every ``poll_s`` while no frame
+        arrives; then it hangs up), or when ``call`` (the ``denoise`` request) failed without connecting; after
+        ``call`` succeeded it waits ``linger_s`` at most for the frames still on their way.
         """
         finished_at: float | None = None
         loop = asyncio.get_running_loop()
@@ -147,7 +147,8 @@ class ProgressListener:
                     self.close()
                     return
                 getter = getter or asyncio.ensure_future(self._frames.get())
-                done, _ = await asyncio.wait({getter}, timeout=POLL_S)
+                done, _ = await asyncio.wait({getter, call} if not call.done() else {getter}, timeout=poll_s)
+                done.discard(call)
                 if not done:
                     if call.done():
                         if call.exception() is not None and not self.connected:

@@ -37,13 +37,15 @@ from ..errors import StageUnavailableError
 from ..schema import DENOISE_INPUTS, MAX_DEADLINE_MS, TEXT_ENCODER_INPUTS
 from .events import trace
 from .io import Tensors, cancellation_check, failure_response, make_response, read_tensors, send_final
-from .progress import ProgressListener, preview_every
+from .progress import POLL_S, ProgressListener, preview_every
 from .shell import ModelShell
 
 T = TypeVar("T")
 
 #: How long an answer of ``denoise`` may still take once its socket ended without its closing frame.
 ANSWER_AFTER_HANGUP_S = 2.0
+#: How often ``txt2img`` (no step frames) asks whether its client cancelled, while it waits for ``denoise``.
+WATCH_POLL_S = 0.25
 #: Pause between attempts at a stage that is down (it fails fast until it is reloaded).
 RETRY_PAUSE_S = 0.5
 #: What a call to a stage that is down answers: its stub died (Triton's python backend), its socket ended
@@ -154,11 +156,14 @@ class PublicModel(ModelShell):
             inputs = fields | {
                 "PREVIEW_EVERY": np.array([every], np.int32),
                 "PROGRESS_ADDRESS": np.array([progress.address.encode()], np.object_),
+                # txt2img only watches the socket: no frame per step (each would wake this process under a pass).
+                "PROGRESS_STEPS": np.array([on_step is not None]),
             }
             call = (self.called("denoise"), inputs, ["LATENTS", "LORA_LANDED_STEP"])
             denoised = asyncio.ensure_future(self.bls.infer([call]))
             last = None
-            async for last in progress.events(denoised, cancelled):
+            poll_s = POLL_S if on_step is not None else WATCH_POLL_S
+            async for last in progress.events(denoised, cancelled, poll_s=poll_s):
                 if on_step is not None:
                     on_step(last)
             if progress.ended or progress.hung_up or not progress.connected or denoised.done():
