@@ -132,11 +132,17 @@ class ProgressListener:
             writer.close()
 
     async def events(
-        self, call: asyncio.Future[Any], cancelled: Callable[[], bool], linger_s: float = 10.0, poll_s: float = POLL_S
+        self,
+        call: asyncio.Future[Any],
+        cancelled: Callable[[], bool],
+        linger_s: float = 10.0,
+        poll_s: float = POLL_S,
+        gone: Callable[[], bool] | None = None,
     ) -> AsyncIterator[dict[str, np.ndarray]]:
         """The frames until the sender closes. Ends early when ``cancelled()`` (asked every ``poll_s`` while no frame
-        arrives; then it hangs up), or when ``call`` (the ``denoise`` request) failed without connecting; after
-        ``call`` succeeded it waits ``linger_s`` at most for the frames still on their way.
+        arrives; then it hangs up), when ``gone()`` (the sender's process ended before it connected: a request still
+        queued in a ``denoise`` that died), or when ``call`` (the ``denoise`` request) failed without connecting;
+        after ``call`` succeeded it waits ``linger_s`` at most for the frames still on their way.
         """
         finished_at: float | None = None
         loop = asyncio.get_running_loop()
@@ -150,6 +156,8 @@ class ProgressListener:
                 done, _ = await asyncio.wait({getter, call} if not call.done() else {getter}, timeout=poll_s)
                 done.discard(call)
                 if not done:
+                    if gone is not None and not call.done() and gone():
+                        return
                     if call.done():
                         if call.exception() is not None and not self.connected:
                             return

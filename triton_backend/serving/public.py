@@ -8,8 +8,9 @@ every request shares ``denoise``'s step scheduler. ``denoise`` reports each step
 No request is lost when a stage dies (docs/operations.md "Crashes and recovery"):
 
 * **Nothing hangs.** ``denoise`` answers through its response sender after ``execute`` returned, so when its
-  process dies Triton never answers the call. Its socket then ends without the closing frame, and the call is
-  given up at once (:meth:`PublicModel.denoise`). A dead stage that was called (``text_encoder``, ``vae``, and
+  process dies Triton never answers the call. Its socket then ends without the closing frame (or, for a request
+  still queued there, the process is gone before it connected), and the call is given up at once
+  (:meth:`PublicModel.denoise`). A dead stage that was called (``text_encoder``, ``vae``, and
   what those call: ``lora_manager``, ``unet``, ``controlnet``) fails its calls with "Stub process ... is not
   healthy", and a stage being reloaded with "unknown model" or "not ready".
 * **The request, not only the stage, recovers.** Each of the three calls is retried on such a failure
@@ -26,9 +27,11 @@ An ensemble could not do this: Triton's ensemble scheduler waits for a step that
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -36,14 +39,18 @@ import numpy as np
 from ..errors import StageUnavailableError
 from ..schema import DENOISE_INPUTS, MAX_DEADLINE_MS, TEXT_ENCODER_INPUTS
 from .events import trace
-from .io import Tensors, cancellation_check, failure_response, make_response, read_tensors, send_final
+from .io import BlsCall, Tensors, cancellation_check, failure_response, make_response, read_tensors, send_final
 from .progress import POLL_S, ProgressListener, preview_every
 from .shell import ModelShell
+from .watchdog import stub_processes
 
 T = TypeVar("T")
 
 #: How long an answer of ``denoise`` may still take once its socket ended without its closing frame.
 ANSWER_AFTER_HANGUP_S = 2.0
+#: ``denoise`` connects to a request's socket as soon as its loop takes the request (at most one UNet pass later):
+#: a request not connected after this long was lost with a process that died (it never reached one that runs).
+CONNECT_TIMEOUT_S = 20.0
 #: How often ``txt2img`` (no step frames) asks whether its client cancelled, while it waits for ``denoise``.
 WATCH_POLL_S = 0.25
 #: Pause between attempts at a stage that is down (it fails fast until it is reloaded).
@@ -51,6 +58,26 @@ RETRY_PAUSE_S = 0.5
 #: What a call to a stage that is down answers: its stub died (Triton's python backend), its socket ended
 #: (:meth:`PublicModel.denoise`), or it is being reloaded (unloaded, loading).
 STAGE_DOWN = ("is not healthy", "its process ended", "unknown model", "is not ready", "no available versions")
+
+
+def stage_alive(model: str) -> Callable[[], bool]:
+    """Whether any stub process that runs ``model`` now (a sibling of this stub: a child of the same
+    ``tritonserver``) is still alive when asked. Always true where none is seen (outside a Triton stub; a stage on
+    another server).
+    """
+    pids = stub_processes(os.getppid()).get(model, [])
+
+    def alive() -> bool:
+        return not pids or any(_running(pid) for pid in pids)
+
+    return alive
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
 
 
 def is_stage_down(exc: BaseException) -> bool:
@@ -135,21 +162,38 @@ class PublicModel(ModelShell):
         cancelled = cancellation_check(request, sender)
         prompts = {k: v for k, v in tensors.items() if k in TEXT_ENCODER_INPUTS}
         encoder_call = (self.called("text_encoder"), prompts, ["PROMPT_EMBEDS", "POOLED_EMBEDS"])
-        (encoded,) = await with_retries(self.called("text_encoder"), window, lambda: self.bls.infer([encoder_call]))
+        encoded = await with_retries(self.called("text_encoder"), window, lambda: self.watched(encoder_call))
         fields = {k: v for k, v in tensors.items() if k in DENOISE_INPUTS} | encoded
         result = await with_retries(
             self.called("denoise"), window, lambda: self.denoise(fields, cancelled, on_step, every)
         )
         vae_call = (self.called("vae"), {"LATENTS": result["LATENTS"]}, ["IMAGE"])
-        (decoded,) = await with_retries(self.called("vae"), window, lambda: self.bls.infer([vae_call]))
+        decoded = await with_retries(self.called("vae"), window, lambda: self.watched(vae_call))
         return {"IMAGE": decoded["IMAGE"], "LORA_LANDED_STEP": result["LORA_LANDED_STEP"]}
+
+    async def watched(self, call: BlsCall) -> Tensors:
+        """One BLS call, given up (naming the stage) when every process of the stage that ran at the call ended
+        before it answered: a stage that dies with a request inside does not always answer it.
+        """
+        alive = stage_alive(call[0])
+        task = asyncio.ensure_future(self.bls.infer([call]))
+        while not task.done():
+            await asyncio.wait({task}, timeout=WATCH_POLL_S)
+            if not task.done() and not alive():
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), ANSWER_AFTER_HANGUP_S)
+                except TimeoutError:
+                    task.cancel()
+                    raise StageUnavailableError(f"{call[0]}: its process ended under the request") from None
+        return task.result()[0]
 
     async def denoise(
         self, fields: Tensors, cancelled: Callable[[], bool], on_step: Callable[[Tensors], None] | None, every: int
     ) -> Tensors:
         """One ``denoise`` call with its progress socket. When the socket ended without its closing frame (and
-        this side did not hang up), the stage's process ended: Triton never answers a request that a stub answers
-        through its response sender once that stub is gone, so the call is given up now, naming the stage.
+        this side did not hang up), or the ``denoise`` processes that ran at the call all ended before it connected
+        (the request was still queued there), the stage's process ended: Triton never answers a request that a stub
+        answers through its response sender once that stub is gone, so the call is given up now, naming the stage.
         (:data:`ANSWER_AFTER_HANGUP_S` lets an answer already on its way arrive.)
         """
         async with ProgressListener() as progress:
@@ -163,10 +207,17 @@ class PublicModel(ModelShell):
             denoised = asyncio.ensure_future(self.bls.infer([call]))
             last = None
             poll_s = POLL_S if on_step is not None else WATCH_POLL_S
-            async for last in progress.events(denoised, cancelled, poll_s=poll_s):
+            alive = stage_alive(self.called("denoise"))
+            called_at = time.monotonic()
+
+            def gone() -> bool:  # (its processes ended, or the request never reached one that runs: never connected)
+                silent = not progress.connected and time.monotonic() - called_at > CONNECT_TIMEOUT_S
+                return silent or not alive()
+
+            async for last in progress.events(denoised, cancelled, poll_s=poll_s, gone=gone):
                 if on_step is not None:
                     on_step(last)
-            if progress.ended or progress.hung_up or not progress.connected or denoised.done():
+            if progress.ended or progress.hung_up or denoised.done():
                 return (await denoised)[0]
             try:
                 return (await asyncio.wait_for(asyncio.shield(denoised), ANSWER_AFTER_HANGUP_S))[0]
