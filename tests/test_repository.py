@@ -28,11 +28,12 @@ def test_two_pipelines_are_namespaced_and_self_contained(model_dir, sdxl_model_d
     assert set(rendered_names(tmp_path)) == {*pipeline_models("sd"), *pipeline_models("xl")}
     for name, model in (("sd", model_dir), ("xl", sdxl_model_dir)):
         public = config(tmp_path, name)
-        assert public.name == name and [s.model_name for s in public.ensemble_scheduling.step] == [
-            f"{name}_text_encoder",
-            f"{name}_denoise",
-            f"{name}_vae",
-        ]
+        stages = {k: v.string_value for k, v in public.parameters.items() if k.endswith("_model")}
+        assert public.name == name and stages == {
+            "text_encoder_model": f"{name}_text_encoder",
+            "denoise_model": f"{name}_denoise",
+            "vae_model": f"{name}_vae",
+        }
         for stage in pipeline_models(name)[1:]:
             c = config(tmp_path, stage)
             assert c.name == stage and (tmp_path / stage / "1" / "model.py").is_file()
