@@ -31,7 +31,6 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -42,7 +41,7 @@ from .events import trace
 from .io import BlsCall, Tensors, cancellation_check, failure_response, make_response, read_tensors, send_final
 from .progress import POLL_S, ProgressListener, preview_every
 from .shell import ModelShell
-from .watchdog import stub_processes
+from .watchdog import is_running, stub_processes
 
 T = TypeVar("T")
 
@@ -68,16 +67,20 @@ def stage_alive(model: str) -> Callable[[], bool]:
     pids = stub_processes(os.getppid()).get(model, [])
 
     def alive() -> bool:
-        return not pids or any(_running(pid) for pid in pids)
+        return not pids or any(is_running(pid) for pid in pids)
 
     return alive
 
 
-def _running(pid: int) -> bool:
+async def answer_or_give_up(call: asyncio.Future[T], gone: str) -> T:
+    """The answer of ``call`` to a stage whose process ended, if it is already on its way
+    (:data:`ANSWER_AFTER_HANGUP_S`); else the call is given up: ``UNAVAILABLE`` with the message ``gone``.
+    """
     try:
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
+        return await asyncio.wait_for(asyncio.shield(call), ANSWER_AFTER_HANGUP_S)
+    except TimeoutError:
+        call.cancel()
+        raise StageUnavailableError(gone) from None
 
 
 def is_stage_down(exc: BaseException) -> bool:
@@ -180,11 +183,7 @@ class PublicModel(ModelShell):
         while not task.done():
             await asyncio.wait({task}, timeout=WATCH_POLL_S)
             if not task.done() and not alive():
-                try:
-                    await asyncio.wait_for(asyncio.shield(task), ANSWER_AFTER_HANGUP_S)
-                except TimeoutError:
-                    task.cancel()
-                    raise StageUnavailableError(f"{call[0]}: its process ended under the request") from None
+                return (await answer_or_give_up(task, f"{call[0]}: its process ended under the request"))[0]
         return task.result()[0]
 
     async def denoise(
@@ -219,12 +218,8 @@ class PublicModel(ModelShell):
                     on_step(last)
             if progress.ended or progress.hung_up or denoised.done():
                 return (await denoised)[0]
-            try:
-                return (await asyncio.wait_for(asyncio.shield(denoised), ANSWER_AFTER_HANGUP_S))[0]
-            except TimeoutError:
-                denoised.cancel()
-                at = f" at step {int(last['STEP'][0])} of {int(last['TOTAL_STEPS'][0])}" if last is not None else ""
-                raise StageUnavailableError(f"{self.called('denoise')}: its process ended{at}") from None
+            at = f" at step {int(last['STEP'][0])} of {int(last['TOTAL_STEPS'][0])}" if last is not None else ""
+            return (await answer_or_give_up(denoised, f"{self.called('denoise')}: its process ended{at}"))[0]
 
     async def answer(self, request: Any, sender: Any, arrival: float) -> None:
         raise NotImplementedError

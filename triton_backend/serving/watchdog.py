@@ -27,6 +27,14 @@ from ..config import instance_count
 from ..parameters import RELOAD
 
 
+def is_running(pid: int) -> bool:
+    """Whether ``pid`` is alive and not a zombie (Linux ``/proc``)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
 def stub_processes(server_pid: int) -> dict[str, list[int]]:
     """Live Python stub processes of ``server_pid`` by model name (Linux ``/proc``; zombies are left out)."""
     out: dict[str, list[int]] = {}
@@ -34,9 +42,9 @@ def stub_processes(server_pid: int) -> dict[str, list[int]]:
     if not children.exists():
         return out
     for pid in (int(p) for p in children.read_text().split()):
+        if not is_running(pid):
+            continue
         with contextlib.suppress(OSError):
-            if "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text():
-                continue
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             model_py = next((Path(a.decode()) for a in args if a.endswith(b"model.py")), None)
             if model_py is not None:
