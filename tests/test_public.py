@@ -72,3 +72,27 @@ def test_a_refusal_is_not_retried():
     with pytest.raises(InvalidRequestError):
         asyncio.run(with_retries("denoise", RetryWindow(0.0, 25.0), attempt))
     assert calls == [1]
+
+
+def test_a_call_whose_stage_died_is_given_up_unless_its_answer_is_on_its_way(monkeypatch):
+    """The closing frame of ``denoise`` comes before its answer: a death in between must not leave the call
+    waiting forever (Triton never answers it), and an answer that does come still counts.
+    """
+    monkeypatch.setattr(public, "WATCH_POLL_S", 0.01)
+    monkeypatch.setattr(public, "ANSWER_AFTER_HANGUP_S", 0.05)
+    alive = [True, True, False]
+
+    async def never_answered():
+        call = asyncio.get_running_loop().create_future()
+        return await public.until_answered(call, lambda: alive.pop(0) if alive else False, "denoise: it ended")
+
+    with pytest.raises(StageUnavailableError, match="denoise: it ended"):
+        asyncio.run(never_answered())
+    assert is_stage_down(StageUnavailableError("denoise: its process ended after its last step"))
+
+    async def answered_late():
+        call = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.03, call.set_result, "latents")
+        return await public.until_answered(call, lambda: False, "denoise: it ended")
+
+    assert asyncio.run(answered_late()) == "latents"

@@ -61,15 +61,30 @@ STAGE_DOWN = ("is not healthy", "its process ended", "unknown model", "is not re
 
 def stage_alive(model: str) -> Callable[[], bool]:
     """Whether any stub process that runs ``model`` now (a sibling of this stub: a child of the same
-    ``tritonserver``) is still alive when asked. Always true where none is seen (outside a Triton stub; a stage on
-    another server).
+    ``tritonserver``) is still alive when asked. While none is seen (the stage is being reloaded) it is looked for
+    again at each question, and true; always true outside a Triton stub or for a stage on another server.
     """
     pids = stub_processes(os.getppid()).get(model, [])
 
     def alive() -> bool:
-        return not pids or any(is_running(pid) for pid in pids)
+        nonlocal pids
+        if not pids:
+            pids = stub_processes(os.getppid()).get(model, [])
+            return True
+        return any(is_running(pid) for pid in pids)
 
     return alive
+
+
+async def until_answered(call: asyncio.Future[T], alive: Callable[[], bool], gone: str) -> T:
+    """The answer of ``call``, or ``UNAVAILABLE`` with the message ``gone`` once the stage's processes ended
+    (``alive()``, asked every :data:`WATCH_POLL_S`) and no answer is on its way (:func:`answer_or_give_up`).
+    """
+    while not call.done():
+        await asyncio.wait({call}, timeout=WATCH_POLL_S)
+        if not call.done() and not alive():
+            return await answer_or_give_up(call, gone)
+    return call.result()
 
 
 async def answer_or_give_up(call: asyncio.Future[T], gone: str) -> T:
@@ -180,11 +195,7 @@ class PublicModel(ModelShell):
         """
         alive = stage_alive(call[0])
         task = asyncio.ensure_future(self.bls.infer([call]))
-        while not task.done():
-            await asyncio.wait({task}, timeout=WATCH_POLL_S)
-            if not task.done() and not alive():
-                return (await answer_or_give_up(task, f"{call[0]}: its process ended under the request"))[0]
-        return task.result()[0]
+        return (await until_answered(task, alive, f"{call[0]}: its process ended under the request"))[0]
 
     async def denoise(
         self, fields: Tensors, cancelled: Callable[[], bool], on_step: Callable[[Tensors], None] | None, every: int
@@ -217,7 +228,9 @@ class PublicModel(ModelShell):
                 if on_step is not None:
                     on_step(last)
             if progress.ended or progress.hung_up or denoised.done():
-                return (await denoised)[0]
+                # (its process may still die between the closing frame and its answer)
+                gone_msg = f"{self.called('denoise')}: its process ended after its last step"
+                return (await until_answered(denoised, alive, gone_msg))[0]
             at = f" at step {int(last['STEP'][0])} of {int(last['TOTAL_STEPS'][0])}" if last is not None else ""
             return (await answer_or_give_up(denoised, f"{self.called('denoise')}: its process ended{at}"))[0]
 
