@@ -139,12 +139,12 @@ def test_vae_channels_last_decodes_the_same_image(model_dir, local):
     """``channels_last`` (on by default on a CPU; ``local`` has it on) vs the decoder as diffusers loads it."""
     from triton_backend.config import StageConfig
     from triton_backend.errors import ConfigError
-    from triton_backend.stages.vae import VaeDecoder
+    from triton_backend.stages.vae import Vae
 
-    plain = VaeDecoder(StageConfig.from_params("vae", {"model_dir": str(model_dir), "channels_last": "off"}))
+    plain = Vae(StageConfig.from_params("vae", {"model_dir": str(model_dir), "channels_last": "off"}))
     assert local.vae.model.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert plain.model.decoder.conv_in.weight.is_contiguous()
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).numpy()
     assert_same_image(local.vae.decode(latents), plain.decode(latents))
     with pytest.raises(ConfigError, match="channels_last"):
-        VaeDecoder(StageConfig.from_params("vae", {"model_dir": str(model_dir), "channels_last": "yes"}))
+        Vae(StageConfig.from_params("vae", {"model_dir": str(model_dir), "channels_last": "yes"}))

@@ -41,6 +41,10 @@ def test_every_field_has_a_dtype_and_attribute():
     names = {f.name for f in FIELDS}
     assert names == {
         "DEADLINE_MS",
+        "NUM_IMAGES",
+        "INIT_IMAGE",
+        "MASK_IMAGE",
+        "STRENGTH",
         "PROMPT",
         "NEGATIVE_PROMPT",
         "PROMPT_2",
@@ -250,3 +254,37 @@ def test_bad_deadline_names_the_field(value, needle):
 def test_deadline_round_trips():
     req = GenerationRequest(prompt="x", deadline_ms=2500)
     assert req.to_tensors()["DEADLINE_MS"].dtype == np.int32 and parse_request(req.to_tensors()) == req
+
+
+def _img2img(**fields):
+    base = {"PROMPT": np.array([b"x"], dtype=object), "INIT_IMAGE": np.zeros((64, 32, 3), np.uint8)}
+    return {**base, **fields}
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "reason"),
+    [
+        ({"STRENGTH": np.array([0.0], np.float32)}, "STRENGTH", "out of range"),
+        ({"STRENGTH": np.array([1.5], np.float32)}, "STRENGTH", "out of range"),
+        ({"STRENGTH": np.array([np.nan], np.float32)}, "STRENGTH", "out of range"),
+        ({"NUM_IMAGES": np.array([0], np.int32)}, "NUM_IMAGES", "allowed 1 .. 8"),
+        ({"NUM_IMAGES": np.array([9], np.int32)}, "NUM_IMAGES", "max_images"),
+        ({"INIT_IMAGE": np.zeros((64, 32), np.uint8)}, "INIT_IMAGE", "expected UINT8 [H, W, 3]"),
+        ({"INIT_IMAGE": np.zeros((60, 32, 3), np.uint8)}, "INIT_IMAGE", "multiple of 8"),
+        ({"INIT_IMAGE": np.zeros((4096, 4096, 3), np.uint8)}, "INIT_IMAGE", "max_image_bytes"),
+        ({"HEIGHT": np.array([32], np.int32)}, "HEIGHT", "differs from INIT_IMAGE's 64"),
+        ({"MASK_IMAGE": np.zeros((32, 64), np.uint8)}, "MASK_IMAGE", "differs from INIT_IMAGE's [64, 32]"),
+        ({"MASK_IMAGE": np.zeros((64, 32, 3), np.uint8)}, "MASK_IMAGE", "expected UINT8 [H, W]"),
+        ({"INIT_IMAGE": None, "MASK_IMAGE": np.zeros((64, 32), np.uint8)}, "MASK_IMAGE", "needs INIT_IMAGE"),
+    ],
+)
+def test_image_fields_are_refused_naming_the_field(fields, field, reason):
+    with pytest.raises(InvalidRequestError) as info:
+        parse_request(_img2img(**fields))
+    assert info.value.field == field and reason in str(info.value)
+
+
+def test_image_fields_round_trip():
+    req = parse_request(_img2img(STRENGTH=np.array([0.5], np.float32), NUM_IMAGES=np.array([3], np.int32)))
+    assert (req.strength, req.num_images, req.init_image.shape) == (0.5, 3, (64, 32, 3))
+    assert parse_request(req.to_tensors()) == req

@@ -265,12 +265,12 @@ def test_bad_micro_conditioning_is_invalid(field, value, needle):
 
 def test_sdxl_vae_decodes_in_float32_when_the_stages_run_in_float16(model_dir, sdxl_model_dir):
     from triton_backend.model_info import ModelInfo
-    from triton_backend.stages.vae import VaeDecoder
+    from triton_backend.stages.vae import Vae
 
     sd, xl = ModelInfo.read(model_dir), ModelInfo.read(sdxl_model_dir)
-    assert VaeDecoder.decode_dtype(xl, torch.float16) == torch.float32  # diffusers' force_upcast
-    assert VaeDecoder.decode_dtype(xl, torch.bfloat16) == torch.bfloat16
-    assert VaeDecoder.decode_dtype(sd, torch.float16) == torch.float16  # the SD pipeline never upcasts
+    assert Vae.decode_dtype(xl, torch.float16) == torch.float32  # diffusers' force_upcast
+    assert Vae.decode_dtype(xl, torch.bfloat16) == torch.bfloat16
+    assert Vae.decode_dtype(sd, torch.float16) == torch.float16  # the SD pipeline never upcasts
 
 
 def test_sgm_style_kohya_lora_equals_diffusers(xl, sdxl_reference, sdxl_model_dir):

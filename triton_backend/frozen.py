@@ -50,7 +50,7 @@ def example_step(info: ModelInfo, device: torch.device, dtype: torch.dtype) -> t
     """
     side = info.native_size // info.vae_scale_factor
     step = (
-        torch.zeros(2, info.latent_channels, side, side, device=device, dtype=dtype),
+        torch.zeros(2, info.unet_in_channels, side, side, device=device, dtype=dtype),
         torch.full((2,), 500.0, device=device),
         torch.zeros(2, 77, info.cross_attention_dim, device=device, dtype=dtype),
     )

@@ -42,6 +42,13 @@ class ModelInfo:
     latents_std: tuple[float, ...] | None = None
     #: VAE config ``force_upcast`` (diffusers' default True): SDXL pipelines decode in float32 instead of float16.
     vae_force_upcast: bool = True
+    #: The UNet's input channels: ``latent_channels``, or ``2 * latent_channels + 1`` for an inpainting UNet (the
+    #: latents, the mask and the masked image's latents, concatenated).
+    unet_in_channels: int = 4
+
+    @property
+    def inpainting_unet(self) -> bool:
+        return self.unet_in_channels != self.latent_channels
 
     @property
     def is_sdxl(self) -> bool:
@@ -83,7 +90,8 @@ class ModelInfo:
         return cls(
             model_dir=model_dir,
             vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
-            latent_channels=int(unet["in_channels"]),
+            latent_channels=int(vae.get("latent_channels", 4)),
+            unet_in_channels=_unet_in_channels(model_dir, unet, int(vae.get("latent_channels", 4))),
             sample_size=int(sample if isinstance(sample, int) else sample[0]),
             cross_attention_dim=int(unet["cross_attention_dim"]),
             scaling_factor=float(vae.get("scaling_factor", 0.18215)),
@@ -95,6 +103,17 @@ class ModelInfo:
             latents_std=tuple(std) if mean is not None and std is not None else None,
             vae_force_upcast=bool(vae.get("force_upcast", True)),
         )
+
+
+def _unet_in_channels(model_dir: Path, unet: dict[str, Any], latent_channels: int) -> int:
+    """The UNet's ``in_channels``: the VAE's latent channels, or those of an inpainting UNet; else ``ConfigError``."""
+    channels = int(unet["in_channels"])
+    if channels not in (latent_channels, 2 * latent_channels + 1):
+        raise ConfigError(
+            f"{model_dir}: UNet in_channels={channels}; expected {latent_channels} (the VAE's latent channels) or "
+            f"{2 * latent_channels + 1} (an inpainting UNet)"
+        )
+    return channels
 
 
 def _architecture(model_dir: Path, unet: dict[str, Any]) -> tuple[str, int, bool]:

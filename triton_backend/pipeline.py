@@ -26,7 +26,7 @@ from .schema import GenerationRequest
 from .stages import denoise
 from .stages.text_encoder import TextEncoder
 from .stages.unet import StepInput, UNetStep
-from .stages.vae import VaeDecoder
+from .stages.vae import Vae
 
 
 class ReadyLoad:
@@ -60,7 +60,7 @@ class LocalPipeline:
         self.info = ModelInfo.read(self.cfg.model_dir)
         self.text_encoder = TextEncoder(self.cfg)
         self.unet = UNetStep(cfg("unet"))
-        self.vae = VaeDecoder(cfg("vae"))
+        self.vae = Vae(cfg("vae"))
         self.controlnets = ControlNetService(cfg("controlnet"))
         skeletons = load_skeletons(cfg("lora_manager"))  # separate from the served modules, as in lora_manager
         self._cache = tempfile.mkdtemp(prefix=CACHE_DIR_PREFIX + "local-")

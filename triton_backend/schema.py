@@ -40,6 +40,19 @@ SDXL only (an SD model rejects them by name)::
     CROPS_COORDS_TOP_LEFT  INT32 [2]  optional, (top, left), default (0, 0)
     TARGET_SIZE            INT32 [2]  optional, (height, width), default the output size
 
+Images (``img2img``: ``INIT_IMAGE`` required; ``txt2img`` has only ``NUM_IMAGES``)::
+
+    NUM_IMAGES     INT32 [1]        optional, default 1; 1 .. max_images images, image i seeded SEED + i (A1111's
+                                    batch), stepped together as rows of one UNet batch; outputs ``IMAGES [n, H, W, 3]``
+    INIT_IMAGE     UINT8 [H, W, 3]  the image to start from; the output has its size (HEIGHT/WIDTH, when given, must
+                                    match); at most max_image_bytes
+    STRENGTH       FP32  [1]        optional, in (0, 1]; how much of the image is repainted: the last
+                                    int(STEPS * STRENGTH) of the STEPS timesteps run; default the diffusers pipeline's
+                                    (SD img2img 0.8, SD inpainting 1.0, SDXL img2img 0.3, SDXL inpainting 0.9999)
+    MASK_IMAGE     UINT8 [H, W]     optional (inpainting): 255 = repaint, 0 = keep (binarized at 128 as diffusers'
+                                    mask processor); a 4-channel UNet blends latents, a 9-channel inpainting UNet takes
+                                    the mask and the masked image's latents
+
 Serving::
 
     DEADLINE_MS            INT32 [1]  optional, default the deployment's ``default_deadline_ms`` (0 = none);
@@ -102,6 +115,10 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("CROPS_COORDS_TOP_LEFT", "crops_coords_top_left", "INT32", vector=True),
     FieldSpec("TARGET_SIZE", "target_size", "INT32", vector=True),
     FieldSpec("DEADLINE_MS", "deadline_ms", "INT32"),
+    FieldSpec("NUM_IMAGES", "num_images", "INT32"),
+    FieldSpec("INIT_IMAGE", "init_image", "UINT8", vector=True, shape=(-1, -1, 3)),
+    FieldSpec("MASK_IMAGE", "mask_image", "UINT8", vector=True, shape=(-1, -1)),
+    FieldSpec("STRENGTH", "strength", "FP32"),
 )
 #: The SDXL micro-conditioning fields (pairs).
 SDXL_FIELDS = ("ORIGINAL_SIZE", "CROPS_COORDS_TOP_LEFT", "TARGET_SIZE")
@@ -122,8 +139,15 @@ TEXT_ENCODER_INPUTS = (
     "LORA_NAMES",
     "LORA_SCALES",
 )
-#: The request fields ``denoise`` consumes: all but the prompts (besides ``PROMPT_EMBEDS`` from ``text_encoder``).
-DENOISE_INPUTS = tuple(f.name for f in FIELDS if not f.name.startswith(("PROMPT", "NEGATIVE_PROMPT")))
+#: The images of ``img2img`` that ``vae`` encodes (``denoise`` gets their latent distributions instead).
+IMAGE_INPUTS = ("INIT_IMAGE", "MASK_IMAGE")
+#: The fields only ``img2img`` takes.
+IMG2IMG_ONLY = (*IMAGE_INPUTS, "STRENGTH")
+#: The request fields ``denoise`` consumes: all but the prompts and the images (besides ``PROMPT_EMBEDS`` from
+#: ``text_encoder`` and the images' latent distributions from ``vae``).
+DENOISE_INPUTS = tuple(
+    f.name for f in FIELDS if not f.name.startswith(("PROMPT", "NEGATIVE_PROMPT")) and f.name not in IMAGE_INPUTS
+)
 #: The longest ``DEADLINE_MS`` accepted: one hour.
 MAX_DEADLINE_MS = 3_600_000
 NUMPY_DTYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "UINT8": np.uint8}
@@ -160,6 +184,12 @@ class GenerationRequest:
     #: Milliseconds from arrival by which the image should be ready (``None``: the deployment's default). The step
     #: scheduler favours requests that can still meet theirs (see ``triton_backend/slo``).
     deadline_ms: int | None = None
+    num_images: int = 1
+    #: ``img2img``: ``[H, W, 3]`` and ``[H, W]`` uint8 (not compared, as the hints).
+    init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    mask_image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: ``None``: the default of the diffusers pipeline in use (:func:`default_strength`).
+    strength: float | None = None
 
     def add_time_ids(self, height: int, width: int) -> list[int]:
         """SDXL ``original_size + crops_coords_top_left + target_size`` with diffusers' defaults filled in."""
@@ -222,6 +252,9 @@ class RequestLimits:
     max_prompt_bytes: int = 4 * 8192
     #: Bytes of ``CONTROLNET_IMAGES`` in one request (default: four hints at 2048 x 2048).
     max_hint_bytes: int = 4 * 2048 * 2048 * 3
+    #: Bytes of ``INIT_IMAGE`` (and of ``MASK_IMAGE``) in one request (default: one image at 2048 x 2048).
+    max_image_bytes: int = 2048 * 2048 * 3
+    max_images: int = 8
     max_loras: int = 8
     size_multiple: int = 8
 
@@ -267,11 +300,14 @@ def _check_sizes(tensors: Mapping[str, Any], limits: RequestLimits, names: tuple
                 size = len(item) if isinstance(item, (bytes, np.bytes_)) else len(str(item).encode())
                 if size > limits.max_prompt_bytes:
                     raise InvalidRequestError(name, f"{size} bytes; at most {limits.max_prompt_bytes}")
-    images = tensors.get("CONTROLNET_IMAGES") if "CONTROLNET_IMAGES" in names else None
-    if images is not None and np.asarray(images).nbytes > limits.max_hint_bytes:
-        raise InvalidRequestError(
-            "CONTROLNET_IMAGES", f"{np.asarray(images).nbytes} bytes; at most {limits.max_hint_bytes}"
-        )
+    for name, limit, parameter in (
+        ("CONTROLNET_IMAGES", limits.max_hint_bytes, "max_hint_bytes"),
+        ("INIT_IMAGE", limits.max_image_bytes, "max_image_bytes"),
+        ("MASK_IMAGE", limits.max_image_bytes, "max_image_bytes"),
+    ):
+        images = tensors.get(name) if name in names else None
+        if images is not None and np.asarray(images).nbytes > limit:
+            raise InvalidRequestError(name, f"{np.asarray(images).nbytes} bytes; at most {limit} ({parameter})")
 
 
 def _scalar(name: str, value: Any, triton_dtype: str) -> Any:
@@ -302,10 +338,13 @@ def parse_names(tensors: Mapping[str, Any], name: str) -> tuple[str, ...]:
 
 
 def _vector(name: str, value: Any, triton_dtype: str) -> Any:
-    if triton_dtype == "UINT8":  # hint images: [n, H, W, 3]
-        images = np.asarray(value)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-            raise InvalidRequestError(name, f"expected UINT8 [n, H, W, 3], got {images.dtype} {list(images.shape)}")
+    if triton_dtype == "UINT8":  # images: hints [n, H, W, 3], INIT_IMAGE [H, W, 3], MASK_IMAGE [H, W]
+        images, dims = np.asarray(value), FIELDS_BY_NAME[name].dims
+        if images.dtype != np.uint8 or images.ndim != len(dims) or (dims[-1] > 0 and images.shape[-1] != dims[-1]):
+            shape = {"INIT_IMAGE": "[H, W, 3]", "MASK_IMAGE": "[H, W]"}.get(name, "[n, H, W, 3]")
+            raise InvalidRequestError(name, f"expected UINT8 {shape}, got {images.dtype} {list(images.shape)}")
+        if name in IMAGE_INPUTS and 0 in images.shape:
+            raise InvalidRequestError(name, f"is empty: {list(images.shape)}")
         return images
     arr = np.asarray(value).reshape(-1)
     if triton_dtype == "BYTES":
@@ -390,6 +429,43 @@ def _check_sdxl(req: GenerationRequest, limits: RequestLimits, names: set[str]) 
             raise InvalidRequestError(name, f"{list(values)}: each value must be in {low} .. {high}")
 
 
+def _check_images(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> None:
+    if "NUM_IMAGES" in names and not 1 <= req.num_images <= limits.max_images:
+        raise InvalidRequestError(
+            "NUM_IMAGES", f"{req.num_images} is out of range; allowed 1 .. {limits.max_images} (max_images)"
+        )
+    if "STRENGTH" in names and req.strength is not None and not 0.0 < req.strength <= 1.0:
+        raise InvalidRequestError("STRENGTH", f"{req.strength} is out of range; allowed (0, 1]")
+    if "INIT_IMAGE" not in names:
+        return
+    if req.init_image is None:
+        if req.mask_image is not None:
+            raise InvalidRequestError("MASK_IMAGE", "needs INIT_IMAGE (the image to inpaint)")
+        return
+    height, width = req.init_image.shape[:2]
+    for name, value, maximum, given in (
+        ("HEIGHT", height, limits.max_height, req.height),
+        ("WIDTH", width, limits.max_width, req.width),
+    ):
+        if value % limits.size_multiple or value > maximum:
+            raise InvalidRequestError(
+                "INIT_IMAGE", f"{name.lower()} {value} must be a multiple of {limits.size_multiple} up to {maximum}"
+            )
+        if given and given != value:
+            raise InvalidRequestError(name, f"{given} differs from INIT_IMAGE's {value}; omit it or make them equal")
+    if req.mask_image is not None and req.mask_image.shape != (height, width):
+        raise InvalidRequestError(
+            "MASK_IMAGE", f"{list(req.mask_image.shape)} differs from INIT_IMAGE's [{height}, {width}]"
+        )
+
+
+def default_strength(is_sdxl: bool, inpainting: bool) -> float:
+    """The ``strength`` default of the diffusers pipeline a request stands for (their ``__call__`` signatures)."""
+    if is_sdxl:
+        return 0.9999 if inpainting else 0.3
+    return 1.0 if inpainting else 0.8
+
+
 def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> None:
     if "PROMPT" in names:
         if not req.prompt.strip():
@@ -416,6 +492,7 @@ def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> No
     _check_loras(req, limits, names)
     _check_controlnets(req, names)
     _check_sdxl(req, limits, names)
+    _check_images(req, limits, names)
     if req.deadline_ms is not None and not 1 <= req.deadline_ms <= MAX_DEADLINE_MS:
         raise InvalidRequestError(
             "DEADLINE_MS", f"{req.deadline_ms} is out of range; allowed 1 .. {MAX_DEADLINE_MS} (milliseconds)"

@@ -169,8 +169,8 @@ class VaeModel(StageModel):
 
     inputs = ("LATENTS",)
 
-    def build(self, cfg: StageConfig) -> vae.VaeDecoder:
-        return vae.VaeDecoder(cfg)
+    def build(self, cfg: StageConfig) -> vae.Vae:
+        return vae.Vae(cfg)
 
 
 class UNetHost:

@@ -28,7 +28,7 @@ from ..errors import CancelledError, InvalidRequestError
 from ..lora.patch import AdapterRef
 from ..model_info import ModelInfo
 from ..schedulers import make_scheduler
-from ..schema import DENOISE_INPUTS, SDXL_FIELDS, GenerationRequest, parse_request, reject_sdxl_only
+from ..schema import DENOISE_INPUTS, SDXL_FIELDS, GenerationRequest, default_strength, parse_request, reject_sdxl_only
 from ..slo.engine import StepScheduler
 from ..slo.policy import Job, deadline_from
 
@@ -105,16 +105,36 @@ def _then(value: Any, fn: Callable[[Any], Any]) -> Any:
 
 
 @dataclass
+class Inpainting:
+    """What an inpainting request steps with, one row per image: the mask at the latent size ``[1, 1, h, w]``
+    (1 = repaint); for a 4-channel UNet the image's latents and the initial noise (blended back after each step);
+    for a 9-channel inpainting UNet the masked image's latents (concatenated to its input).
+    """
+
+    mask: torch.Tensor
+    image_latents: torch.Tensor | None
+    noise: torch.Tensor
+    masked_latents: torch.Tensor | None
+
+
+@dataclass
 class DenoiseState:
-    """Everything one generation request owns during denoising (never stored on a shared object)."""
+    """Everything one generation request owns during denoising (never stored on a shared object).
+
+    Its ``NUM_IMAGES`` images are rows of ``latents``, each with its own scheduler and generator (image i is seeded
+    ``SEED + i``, so it equals the request for that seed alone); they step together in one UNet batch.
+    """
 
     request: GenerationRequest
-    scheduler: SchedulerMixin
-    generator: torch.Generator
+    schedulers: list[SchedulerMixin]
+    generators: list[torch.Generator]
     latents: torch.Tensor
     prompt_embeds: torch.Tensor
     timesteps: torch.Tensor
     extra_step_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: The scheduler's ``step`` draws noise (stochastic samplers): each image's generator is passed to it.
+    step_takes_generator: bool = False
+    inpainting: Inpainting | None = None
     #: SDXL: pooled text embeddings and time ids, one row per UNet row (empty for SD 1.x/2.x).
     added: Added = field(default_factory=dict)
     step_index: int = 0
@@ -130,9 +150,19 @@ class DenoiseState:
     def done(self) -> bool:
         return self.step_index >= len(self.timesteps)
 
+    @property
+    def scheduler(self) -> SchedulerMixin:
+        """The first image's scheduler (every image's has the same timesteps)."""
+        return self.schedulers[0]
 
-def resolve_size(request: GenerationRequest, info: ModelInfo) -> tuple[int, int]:
-    """Height and width in pixels; 0 means the model's native size; must be a multiple of the VAE factor."""
+
+def resolve_size(request: GenerationRequest, info: ModelInfo, images: Images | None = None) -> tuple[int, int]:
+    """Height and width in pixels: the init image's, else the request's; 0 means the model's native size; must be
+    a multiple of the VAE factor.
+    """
+    if images is not None:
+        _, _, h, w = images["INIT_MOMENTS"].shape
+        return h * info.vae_scale_factor, w * info.vae_scale_factor
     height = request.height or info.native_size
     width = request.width or info.native_size
     for name, value in (("HEIGHT", height), ("WIDTH", width)):
@@ -161,10 +191,23 @@ def added_conditioning(
     return {"text_embeds": pooled_embeds.float(), "time_ids": time_ids}
 
 
+#: ``img2img``: the images' latent distributions from ``vae`` (``INIT_MOMENTS``; with a mask ``MASKED_MOMENTS`` and
+#: ``LATENT_MASK``), as tensors.
+Images = dict[str, torch.Tensor]
+IMAGE_TENSORS = ("INIT_MOMENTS", "MASKED_MOMENTS", "LATENT_MASK")
+
+
 def prepare(
-    request: GenerationRequest, prompt_embeds: torch.Tensor, info: ModelInfo, pooled_embeds: torch.Tensor | None = None
+    request: GenerationRequest,
+    prompt_embeds: torch.Tensor,
+    info: ModelInfo,
+    pooled_embeds: torch.Tensor | None = None,
+    images: Images | None = None,
 ) -> DenoiseState:
-    """Timesteps, initial noise and per-request scheduler, in diffusers' order (timesteps before noise)."""
+    """Timesteps, initial latents and per-image schedulers and generators, in diffusers' order (timesteps before
+    noise; img2img: after ``STRENGTH``, the image's latents before the noise; inpainting: the masked image's latents
+    after them), each image as its request alone would (:func:`first_latents`).
+    """
     expected = 2 if request.do_classifier_free_guidance else 1
     if (
         prompt_embeds.ndim != 3
@@ -176,33 +219,126 @@ def prepare(
             f"expected [{expected}, S, {info.cross_attention_dim}] for guidance_scale={request.guidance_scale}, "
             f"got {list(prompt_embeds.shape)}",
         )
-    height, width = resolve_size(request, info)
+    if images is None and request.strength is not None:
+        raise InvalidRequestError("STRENGTH", "applies to img2img only (with INIT_IMAGE)")
+    if images is None and info.inpainting_unet:
+        raise InvalidRequestError("INIT_IMAGE", "this model's UNet is an inpainting UNet: send INIT_IMAGE and MASK_IMAGE")
+    if images is not None and info.inpainting_unet and "MASKED_MOMENTS" not in images:
+        raise InvalidRequestError("MASK_IMAGE", "this model's UNet is an inpainting UNet: a mask is required")
+    height, width = resolve_size(request, info, images)
     added = added_conditioning(request, pooled_embeds, info, expected, (height, width))
-    scheduler = make_scheduler(request.scheduler, info.scheduler_config, seed=request.seed)
+    n = request.num_images
+    schedulers = [make_scheduler(request.scheduler, info.scheduler_config, seed=request.seed + i) for i in range(n)]
     try:
-        scheduler.set_timesteps(request.steps, device="cpu")
+        for scheduler in schedulers:
+            scheduler.set_timesteps(request.steps, device="cpu")
     except ValueError as exc:  # e.g. PNDM's Runge-Kutta warm-up needs >= 4 steps (diffusers fails the same way)
         raise InvalidRequestError(
-            "STEPS", f"{request.steps} steps are too few for the {type(scheduler).__name__} scheduler ({exc})"
+            "STEPS", f"{request.steps} steps are too few for the {type(schedulers[0]).__name__} scheduler ({exc})"
         ) from None
-    generator = torch.Generator("cpu").manual_seed(request.seed)
+    timesteps, strength = schedulers[0].timesteps, None
+    if images is not None:
+        strength = request.strength
+        if strength is None:
+            strength = default_strength(info.is_sdxl, "LATENT_MASK" in images)
+        timesteps = strength_timesteps(request.steps, strength, schedulers)
+    generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(n)]
     shape = (1, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
-    latents = torch.randn(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
-    params = set(inspect.signature(scheduler.step).parameters)
-    extra: dict[str, Any] = {}
-    if "eta" in params:
-        extra["eta"] = 0.0
-    if "generator" in params:
-        extra["generator"] = generator
+    rows = [first_latents(s, g, shape, timesteps, info, strength, images) for s, g in zip(schedulers, generators)]
+    latents = torch.cat([r[0] for r in rows])
+    inpainting = None
+    if images is not None and "LATENT_MASK" in images:
+        noise = torch.cat([r[1] for r in rows])
+        if info.inpainting_unet:
+            inpainting = Inpainting(images["LATENT_MASK"].float(), None, noise, torch.cat([r[3] for r in rows]))
+        else:
+            inpainting = Inpainting(images["LATENT_MASK"].float(), torch.cat([r[2] for r in rows]), noise, None)
+    params = set(inspect.signature(schedulers[0].step).parameters)
+    extra: dict[str, Any] = {"eta": 0.0} if "eta" in params else {}
+    if n > 1:  # diffusers' num_images_per_prompt order: every unconditional row, then every conditional one
+        prompt_embeds = prompt_embeds.repeat_interleave(n, dim=0)
+        added = {k: v.repeat_interleave(n, dim=0) for k, v in added.items()}
     return DenoiseState(
-        request, scheduler, generator, latents, prompt_embeds.float(), scheduler.timesteps, extra, added=added
+        request,
+        schedulers,
+        generators,
+        latents,
+        prompt_embeds.float(),
+        timesteps,
+        extra,
+        step_takes_generator="generator" in params,
+        inpainting=inpainting,
+        added=added,
     )
 
 
+def strength_timesteps(steps: int, strength: float, schedulers: list[SchedulerMixin]) -> torch.Tensor:
+    """The timesteps ``STRENGTH`` leaves (the img2img pipelines' ``get_timesteps``): the last
+    ``int(STEPS * STRENGTH)`` steps' worth; each scheduler starts there (``set_begin_index``).
+    """
+    t_start = steps - min(int(steps * strength), steps)
+    if steps - t_start < 1:
+        raise InvalidRequestError(
+            "STRENGTH", f"{strength} of {steps} STEPS leaves no step to run; raise STRENGTH or STEPS"
+        )
+    for scheduler in schedulers:
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+    return schedulers[0].timesteps[t_start * schedulers[0].order :]
+
+
+def first_latents(
+    scheduler: SchedulerMixin,
+    generator: torch.Generator,
+    shape: tuple[int, ...],
+    timesteps: torch.Tensor,
+    info: ModelInfo,
+    strength: float | None,
+    images: Images | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One image's ``(latents, noise, image latents, masked image latents)`` as its diffusers pipeline draws them
+    with its generator: txt2img noise; img2img the image's latents (sampled), then noise added at the first
+    timestep; inpainting as ``StableDiffusion(XL)InpaintPipeline``: the image's latents (unless a 9-channel UNet at
+    strength 1), the noise, then the masked image's latents.
+    """
+    if images is None:
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        return noise * scheduler.init_noise_sigma, noise, None, None
+    inpainting = "LATENT_MASK" in images
+    pure_noise = inpainting and strength == 1.0
+    image_latents = None
+    if not (pure_noise and info.inpainting_unet):
+        image_latents = sample_latents(images["INIT_MOMENTS"], generator, info, normalize=not inpainting)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if pure_noise:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        latents = scheduler.add_noise(image_latents, noise, timesteps[:1])
+    masked = sample_latents(images["MASKED_MOMENTS"], generator, info, normalize=False) if inpainting else None
+    return latents, noise, image_latents, masked
+
+
+def sample_latents(moments: torch.Tensor, generator: torch.Generator, info: ModelInfo, normalize: bool) -> torch.Tensor:
+    """A draw from the VAE's latent distribution (diffusers' ``retrieve_latents``, mode ``sample``), scaled as the
+    pipelines do: by ``scaling_factor``; SDXL img2img with a VAE that has ``latents_mean``/``latents_std``
+    (``normalize``) also normalizes with them.
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    latents = DiagonalGaussianDistribution(moments.float()).sample(generator)
+    if normalize and info.is_sdxl and info.latents_mean is not None and info.latents_std is not None:
+        mean = torch.tensor(info.latents_mean).view(1, -1, 1, 1)
+        std = torch.tensor(info.latents_std).view(1, -1, 1, 1)
+        return (latents - mean) * info.scaling_factor / std
+    return info.scaling_factor * latents
+
+
 def prepare_encoded(request: GenerationRequest, encoded: dict[str, np.ndarray], info: ModelInfo) -> DenoiseState:
-    """:func:`prepare` from ``text_encoder``'s outputs: ``PROMPT_EMBEDS`` and (SDXL) ``POOLED_EMBEDS``, FP32."""
+    """:func:`prepare` from ``text_encoder``'s outputs: ``PROMPT_EMBEDS`` and (SDXL) ``POOLED_EMBEDS``, FP32; and
+    for ``img2img`` from ``vae``'s (:data:`IMAGE_TENSORS`).
+    """
     tensors = {}
-    for name in ("PROMPT_EMBEDS", "POOLED_EMBEDS"):
+    for name in ("PROMPT_EMBEDS", "POOLED_EMBEDS", *IMAGE_TENSORS):
         value = encoded.get(name)
         if value is None:
             if name == "PROMPT_EMBEDS":
@@ -211,7 +347,24 @@ def prepare_encoded(request: GenerationRequest, encoded: dict[str, np.ndarray], 
         if value.dtype != np.float32:
             raise InvalidRequestError(name, f"expected FP32, got {value.dtype}")
         tensors[name] = torch.from_numpy(np.array(value))
-    return prepare(request, tensors["PROMPT_EMBEDS"], info, tensors.get("POOLED_EMBEDS"))
+    images = {k: tensors[k] for k in IMAGE_TENSORS if k in tensors} or None
+    if images is not None:
+        check_images(images, info)
+    return prepare(request, tensors["PROMPT_EMBEDS"], info, tensors.get("POOLED_EMBEDS"), images)
+
+
+def check_images(images: Images, info: ModelInfo) -> None:
+    """``INIT_MOMENTS [1, 2C, h, w]``, and with a mask ``MASKED_MOMENTS`` (the same) and ``LATENT_MASK [1, 1, h, w]``."""
+    moments = images.get("INIT_MOMENTS")
+    if moments is None or moments.ndim != 4 or moments.shape[:2] != (1, 2 * info.latent_channels):
+        got = None if moments is None else list(moments.shape)
+        raise InvalidRequestError("INIT_MOMENTS", f"expected [1, {2 * info.latent_channels}, h, w], got {got}")
+    h, w = moments.shape[2:]
+    if ("MASKED_MOMENTS" in images) != ("LATENT_MASK" in images):
+        raise InvalidRequestError("LATENT_MASK", "MASKED_MOMENTS and LATENT_MASK come together (a mask's)")
+    for name, shape in (("MASKED_MOMENTS", tuple(moments.shape)), ("LATENT_MASK", (1, 1, h, w))):
+        if name in images and tuple(images[name].shape) != shape:
+            raise InvalidRequestError(name, f"expected {list(shape)}, got {list(images[name].shape)}")
 
 
 def attach_loras(state: DenoiseState, load: LoraLoad, bound_k: int) -> None:
@@ -225,7 +378,8 @@ def attach_loras(state: DenoiseState, load: LoraLoad, bound_k: int) -> None:
 def controlnet_hints(state: DenoiseState, info: ModelInfo) -> list[tuple[str, np.ndarray]]:
     """``(name, hint image)`` per ControlNet of the request, the images checked against the output size."""
     request = state.request
-    height, width = resolve_size(request, info)
+    _, _, h, w = state.latents.shape
+    height, width = h * info.vae_scale_factor, w * info.vae_scale_factor
     images = request.controlnet_images
     if images is None or images.shape[1:] != (height, width, 3):
         got = None if images is None else list(images.shape[1:])
@@ -283,11 +437,18 @@ def step_controlnets(state: DenoiseState) -> Controls:
 
 
 def model_input(state: DenoiseState) -> UNetCall:
-    """The UNet inputs of the current step: batch 2 (uncond, cond) with guidance, else batch 1."""
+    """The UNet inputs of the current step: its n images' rows, twice (every unconditional row, then every
+    conditional one) with guidance; a 9-channel inpainting UNet also gets the mask and the masked image's latents.
+    """
     t = state.timesteps[state.step_index]
-    cfg = state.request.do_classifier_free_guidance
-    sample = torch.cat([state.latents] * 2) if cfg else state.latents
-    sample = state.scheduler.scale_model_input(sample, t)
+    rows = [s.scale_model_input(state.latents[i : i + 1], t) for i, s in enumerate(state.schedulers)]
+    sample = torch.cat(rows) if len(rows) > 1 else rows[0]
+    inpainting = state.inpainting
+    if inpainting is not None and inpainting.masked_latents is not None:
+        mask = inpainting.mask.expand(sample.shape[0], -1, -1, -1)
+        sample = torch.cat([sample, mask, inpainting.masked_latents], dim=1)
+    if state.request.do_classifier_free_guidance:
+        sample = torch.cat([sample] * 2)
     timestep = t.reshape(1).float().expand(sample.shape[0]).contiguous()
     return sample, timestep, state.prompt_embeds, state.adapters, step_controlnets(state), state.added
 
@@ -298,8 +459,29 @@ def apply_step(state: DenoiseState, noise_pred: torch.Tensor) -> None:
         uncond, cond = noise_pred.chunk(2)
         noise_pred = uncond + state.request.guidance_scale * (cond - uncond)
     t = state.timesteps[state.step_index]
-    state.latents = state.scheduler.step(noise_pred, t, state.latents, **state.extra_step_kwargs, return_dict=False)[0]
+    rows = []
+    for i, (scheduler, generator) in enumerate(zip(state.schedulers, state.generators, strict=True)):
+        kwargs = state.extra_step_kwargs | ({"generator": generator} if state.step_takes_generator else {})
+        rows.append(scheduler.step(noise_pred[i : i + 1], t, state.latents[i : i + 1], **kwargs, return_dict=False)[0])
+    state.latents = torch.cat(rows) if len(rows) > 1 else rows[0]
+    if state.inpainting is not None and state.inpainting.image_latents is not None:
+        blend_known(state)
     state.step_index += 1
+
+
+def blend_known(state: DenoiseState) -> None:
+    """Inpainting on a 4-channel UNet, after each step (``StableDiffusionInpaintPipeline``): the part to keep is the
+    image's latents noised to the next timestep (the last step: the image's latents), the masked part the step's.
+    """
+    inpainting = state.inpainting
+    assert inpainting is not None and inpainting.image_latents is not None
+    known = inpainting.image_latents
+    if state.step_index < len(state.timesteps) - 1:
+        after = state.timesteps[state.step_index + 1 : state.step_index + 2]
+        known = torch.cat(
+            [s.add_noise(known[i : i + 1], inpainting.noise[i : i + 1], after) for i, s in enumerate(state.schedulers)]
+        )
+    state.latents = (1 - inpainting.mask) * known + inpainting.mask * state.latents
 
 
 async def run_async(
@@ -345,7 +527,7 @@ async def wait_for_loras(state: DenoiseState, wait: Callable[[Awaitable[Any]], A
 
 def step_cost(state: DenoiseState) -> float:
     """Relative cost of one step, for the step scheduler: UNet rows x latent pixels x (1 + ControlNets)."""
-    rows = 2 if state.request.do_classifier_free_guidance else 1
+    rows = (2 if state.request.do_classifier_free_guidance else 1) * state.latents.shape[0]
     _, _, h, w = state.latents.shape
     return float(rows * h * w * (1 + len(state.request.controlnet_names)))
 

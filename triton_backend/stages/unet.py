@@ -63,9 +63,9 @@ class StepInput:
     def validate(self, info: ModelInfo) -> None:
         """Shape/dtype checks naming the tensor; run per request so one bad request fails alone."""
         b = self.sample.shape[0] if self.sample.ndim == 4 else -1
-        if self.sample.ndim != 4 or self.sample.shape[1] != info.latent_channels:
+        if self.sample.ndim != 4 or self.sample.shape[1] != info.unet_in_channels:
             raise InvalidRequestError(
-                "SAMPLE", f"expected [b, {info.latent_channels}, h, w], got {list(self.sample.shape)}"
+                "SAMPLE", f"expected [b, {info.unet_in_channels}, h, w], got {list(self.sample.shape)}"
             )
         if self.timestep.numel() != b:
             raise InvalidRequestError("TIMESTEP", f"expected {b} values (one per row), got {list(self.timestep.shape)}")

@@ -146,7 +146,7 @@ class SoakReport:
             f"kills: {len(self.kills)} ({', '.join(f'{s} {n}' for s, n in sorted(stages.items()))})",
             f"requests in flight at a kill: {len(hit)}; "
             + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
-            + f"; got their image: {self.recovered_fraction * 100:.1f} % (target >= 95 %)",
+            + f"; of those to be served, got their image: {self.recovered_fraction * 100:.1f} % (target >= 95 %)",
             f"longest time from a kill to the end of a request in flight at it: {worst:.1f} s (target < 30 s)",
         ]
 
@@ -161,8 +161,10 @@ class SoakReport:
 
     @property
     def recovered_fraction(self) -> float:
-        """Of the requests in flight at a kill (not those the client cancelled itself): the share that got its image."""
-        hit = [o for _, o in self.in_flight_at_kills() if o != "cancelled"]
+        """Of the requests in flight at a kill that were to be served (not those the client cancelled itself, nor
+        those refused as their inputs asked: they got their answer), the share that got its image.
+        """
+        hit = [o for _, o in self.in_flight_at_kills() if o != "cancelled" and not o.startswith("refused")]
         return sum(o == "ok" for o in hit) / max(1, len(hit))
 
     @property
