@@ -36,14 +36,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "swiftdiffusion"
 
 
-def default_model_dir(arch: str = "sd1", preset: str = "tiny") -> Path:
+def default_model_dir(arch: str = "sd1", preset: str = "tiny", inpainting: bool = False) -> Path:
     """Where the generated default model of ``arch``/``preset`` lives (``serve`` uses the tiny ones):
     ``models/default`` (SD1 tiny), ``models/default-sdxl`` (SDXL tiny), ``models/<preset>`` and
-    ``models/sdxl-<preset>`` for the benchmark presets.
+    ``models/sdxl-<preset>`` for the benchmark presets; ``-inpainting`` after the name for an inpainting UNet.
     """
     if preset == "tiny":
-        return cache_dir() / "models" / ("default-sdxl" if arch == "sdxl" else "default")
-    return cache_dir() / "models" / (f"sdxl-{preset}" if arch == "sdxl" else preset)
+        name = "default-sdxl" if arch == "sdxl" else "default"
+    else:
+        name = f"sdxl-{preset}" if arch == "sdxl" else preset
+    return cache_dir() / "models" / (name + ("-inpainting" if inpainting else ""))
 
 
 def _shipped(name: str) -> Path:

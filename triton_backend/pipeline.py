@@ -45,12 +45,17 @@ class ReadyLoad:
 
 @dataclass
 class LocalResult:
-    image: np.ndarray
+    #: ``[n, H, W, 3]``: the request's ``NUM_IMAGES`` images.
+    images: np.ndarray
     landed_step: int
+
+    @property
+    def image(self) -> np.ndarray:
+        return self.images[0]
 
 
 class LocalPipeline:
-    """``text_encoder`` → ``denoise`` (→ ``unet`` → ``controlnet``) → ``vae`` in this process."""
+    """(``vae`` encoding →) ``text_encoder`` → ``denoise`` (→ ``unet`` → ``controlnet``) → ``vae`` in this process."""
 
     def __init__(self, model_dir: Path):
         def cfg(role: str) -> StageConfig:  # (each stage as its model would load it, on this device)
@@ -85,10 +90,15 @@ class LocalPipeline:
     def generate(
         self, request: GenerationRequest, latent_parallel: bool = False, lora_ready_after: int = 0
     ) -> LocalResult:
-        """One image; LoRAs land when ready (after ``lora_ready_after`` polls) or at the request's bound k (0)."""
+        """The request's images; LoRAs land when ready (after ``lora_ready_after`` polls) or at the request's bound k
+        (0). With ``init_image``: img2img (with ``mask_image``: inpainting).
+        """
         adapters = self.adapters(request.loras)
         text_adapters = adapters if adapters and self.text_encoder.needs_loras(request) else ()
-        state = denoise.prepare_encoded(request, self.text_encoder.encode_request(request, text_adapters), self.info)
+        encoded = self.text_encoder.encode_request(request, text_adapters)
+        if request.init_image is not None:
+            encoded |= self.vae.encode(request.init_image, request.mask_image)
+        state = denoise.prepare_encoded(request, encoded, self.info)
         if adapters:
             k = request.lora_bound_k if request.lora_bound_k is not None else 0
             denoise.attach_loras(state, ReadyLoad(adapters, lora_ready_after), k)
@@ -101,7 +111,7 @@ class LocalPipeline:
             latents = denoise.run(state, unet or self.unet_fn)
         finally:
             denoise.release_hints(state)
-        return LocalResult(self.vae.decode(latents), state.landed_step)
+        return LocalResult(self.vae.decode_all(latents), state.landed_step)
 
     def close(self) -> None:
         self.loras.close()

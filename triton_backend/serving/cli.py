@@ -26,9 +26,11 @@ def _default_model(args: argparse.Namespace) -> int:
     from ..tools.default_model import write_default_model
 
     if args.out is None:
-        args.out = str(default_model_dir(args.arch, args.preset))
+        args.out = str(default_model_dir(args.arch, args.preset, args.inpainting))
     try:
-        path = write_default_model(args.out, force=args.force, preset=args.preset, arch=args.arch)
+        path = write_default_model(
+            args.out, force=args.force, preset=args.preset, arch=args.arch, inpainting=args.inpainting
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -312,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="tiny",
         choices=sorted({*PRESETS, *SDXL_PRESETS}),
         help="tiny: tests; cpu: CPU benchmarks; sd15 (sd1 only): full SD1.5 architecture (GPU benchmarks)",
+    )
+    p.add_argument(
+        "--inpainting",
+        action="store_true",
+        help="a 9-channel inpainting UNet (img2img with --mask), as the SD/SDXL inpainting checkpoints",
     )
     p.set_defaults(func=_default_model)
 

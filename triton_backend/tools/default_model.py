@@ -300,7 +300,7 @@ def _scheduler():
     )
 
 
-def build_sdxl_components(vocab_size: int, preset: str = "tiny") -> dict:
+def build_sdxl_components(vocab_size: int, preset: str = "tiny", unet_in_channels: int = 4) -> dict:
     """SDXL modules, deterministic: ``cross_attention_dim`` = hidden(te1) + hidden(te2), and the added embedding
     takes ``6 * addition_time_embed_dim + projection_dim`` (as ``StableDiffusionXLPipeline._get_add_time_ids`` checks).
     """
@@ -312,7 +312,7 @@ def build_sdxl_components(vocab_size: int, preset: str = "tiny") -> dict:
     unet_cfg["cross_attention_dim"] = p["text"]["hidden_size"] + p["text_2"]["hidden_size"]
     unet_cfg["projection_class_embeddings_input_dim"] = 6 * unet_cfg["addition_time_embed_dim"] + p["projection_dim"]
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_cfg)
+    unet = UNet2DConditionModel(in_channels=unet_in_channels, out_channels=4, **unet_cfg)
     _scale_weights(unet, p["scale"][0])
     vae = _vae(p, scaling_factor=0.13025, force_upcast=True)
     torch.manual_seed(2)
@@ -328,14 +328,16 @@ def build_sdxl_components(vocab_size: int, preset: str = "tiny") -> dict:
     }
 
 
-def build_components(vocab_size: int, preset: str = "tiny") -> dict:
-    """Build the random-weight modules deterministically (fixed seeds, CPU, float32)."""
+def build_components(vocab_size: int, preset: str = "tiny", unet_in_channels: int = 4) -> dict:
+    """Build the random-weight modules deterministically (fixed seeds, CPU, float32); ``unet_in_channels=9``: an
+    inpainting UNet (latents, mask, masked image latents).
+    """
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     p = PRESETS[preset]
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **p["unet"])
+    unet = UNet2DConditionModel(in_channels=unet_in_channels, out_channels=4, **p["unet"])
     _scale_weights(unet, p["scale"][0])
     vae = _vae(p)
     torch.manual_seed(2)
@@ -344,13 +346,19 @@ def build_components(vocab_size: int, preset: str = "tiny") -> dict:
 
 
 def write_default_model(
-    out: str | os.PathLike, force: bool = False, preset: str = "tiny", arch: str = "sd1", dtype: str = "float32"
+    out: str | os.PathLike,
+    force: bool = False,
+    preset: str = "tiny",
+    arch: str = "sd1",
+    dtype: str = "float32",
+    inpainting: bool = False,
 ) -> Path:
     """Write the default model of ``arch`` to ``out`` (atomically: a temp dir renamed into place); return its path.
 
     Skips the work when ``out`` already holds this version, architecture, preset and dtype, unless ``force``.
     ``dtype="float16"`` halves the pipeline's weights on disk (the device check writes the full-size ``sd15`` preset
-    on the device itself); its LoRAs and ControlNets stay float32.
+    on the device itself); its LoRAs and ControlNets stay float32. ``inpainting``: a 9-channel inpainting UNet
+    (``img2img`` with ``MASK_IMAGE``, as ``StableDiffusion(XL)InpaintPipeline``), with LoRAs and no ControlNets.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
@@ -359,7 +367,7 @@ def write_default_model(
     if preset not in table:
         raise ValueError(f"unknown {arch} preset {preset!r}; choose from {', '.join(table)}")
     out = Path(out)
-    if not force and is_current_default_model(out, preset, arch, dtype):
+    if not force and is_current_default_model(out, preset, arch, dtype, inpainting):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".default-model-", dir=out.parent))
@@ -372,7 +380,7 @@ def write_default_model(
                 str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77, pad_token="!"
             )
             pipe = StableDiffusionXLPipeline(
-                **build_sdxl_components(vocab_size, preset),
+                **build_sdxl_components(vocab_size, preset, 9 if inpainting else 4),
                 tokenizer=tokenizer,
                 tokenizer_2=tokenizer_2,
                 force_zeros_for_empty_prompt=True,
@@ -380,7 +388,7 @@ def write_default_model(
             )
         else:
             pipe = StableDiffusionPipeline(
-                **build_components(vocab_size, preset),
+                **build_components(vocab_size, preset, 9 if inpainting else 4),
                 tokenizer=tokenizer,
                 safety_checker=None,
                 feature_extractor=None,
@@ -394,10 +402,10 @@ def write_default_model(
         write_default_loras(tmp / "model", arch)
         from .default_controlnets import write_default_controlnets
 
-        write_default_controlnets(tmp / "model", table[preset]["controlnet_embedding"])
-        (tmp / "model" / _MARKER).write_text(
-            json.dumps({"version": DEFAULT_MODEL_VERSION, "arch": arch, "preset": preset, "dtype": dtype})
-        )
+        if not inpainting:  # (a ControlNet's input is the 4 latent channels; the inpainting UNet's are 9)
+            write_default_controlnets(tmp / "model", table[preset]["controlnet_embedding"])
+        marker = {"version": DEFAULT_MODEL_VERSION, "arch": arch, "preset": preset, "dtype": dtype}
+        (tmp / "model" / _MARKER).write_text(json.dumps(marker | ({"inpainting": True} if inpainting else {})))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp / "model", out)
@@ -406,8 +414,12 @@ def write_default_model(
     return out
 
 
-def is_current_default_model(path: Path, preset: str = "tiny", arch: str = "sd1", dtype: str = "float32") -> bool:
-    """True when ``path`` holds a complete default model of the current version, ``arch``, ``preset`` and dtype."""
+def is_current_default_model(
+    path: Path, preset: str = "tiny", arch: str = "sd1", dtype: str = "float32", inpainting: bool = False
+) -> bool:
+    """True when ``path`` holds a complete default model of the current version, ``arch``, ``preset``, dtype and
+    UNet kind.
+    """
     try:
         marker = json.loads((Path(path) / _MARKER).read_text())
     except (OSError, ValueError):
@@ -417,4 +429,5 @@ def is_current_default_model(path: Path, preset: str = "tiny", arch: str = "sd1"
         and marker.get("preset", "tiny") == preset
         and marker.get("arch", "sd1") == arch
         and marker.get("dtype", "float32") == dtype
+        and marker.get("inpainting", False) == inpainting
     )
