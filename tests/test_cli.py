@@ -83,9 +83,10 @@ def test_serve_generate_and_clean_stop(model_dir, reference, tmp_path):
         assert "layout cpu (auto: no GPU)" in text or torch.cuda.is_available(), text
         (server_pid,) = children(proc.pid)
         stubs = children(server_pid)
-        # One Python stub per model instance, and only the models that run: txt2img, txt2img_stream, text_encoder,
-        # denoise (the UNet and the ControlNets), vae, lora_manager; no idle unet or controlnet process.
-        assert len(stubs) == 6 or torch.cuda.is_available(), text
+        # One Python stub per model instance, and only the models that run: txt2img, txt2img_stream, img2img,
+        # img2img_stream, text_encoder, denoise (the UNet and the ControlNets), vae, lora_manager; no idle unet or
+        # controlnet process.
+        assert len(stubs) == 8 or torch.cuda.is_available(), text
         shm = [p for p in set(Path("/dev/shm").iterdir()) - before if p.name.startswith("swiftdiffusion_")]
         assert shm, "the server uses its own shared-memory prefix"
 

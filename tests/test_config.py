@@ -18,10 +18,11 @@ def _load_config(name, repo=REPO):
     return text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
 
 
-def test_baseline_takes_exactly_the_txt2img_inputs():
+def test_baseline_takes_exactly_the_img2img_inputs():
+    """The baseline's one model takes what ``txt2img`` and ``img2img`` take (``INIT_IMAGE`` makes it img2img)."""
     from triton_backend.paths import baseline_repository_dir
 
-    ours = {(i.name, i.data_type, tuple(i.dims)) for i in _load_config("txt2img").input}
+    ours = {(i.name, i.data_type, tuple(i.dims)) for i in _load_config("img2img").input}
     baseline = {(i.name, i.data_type, tuple(i.dims)) for i in _load_config("txt2img", baseline_repository_dir()).input}
     assert ours == baseline
 
@@ -31,6 +32,8 @@ def test_every_config_parses_and_has_a_model_py():
     assert names == [
         "controlnet",
         "denoise",
+        "img2img",
+        "img2img_stream",
         "lora_manager",
         "text_encoder",
         "txt2img",
@@ -60,35 +63,42 @@ def test_the_public_models_take_the_request_and_call_the_same_stages():
 
 
 def test_each_stage_declares_what_the_public_models_send_it_and_returns_what_they_read():
-    from triton_backend.schema import DENOISE_INPUTS, FIELDS, TEXT_ENCODER_INPUTS
-    from triton_backend.serving.public import PublicModel
+    from triton_backend.schema import DENOISE_INPUTS, FIELDS, IMG2IMG_ONLY, TEXT_ENCODER_INPUTS, VAE_ENCODE_INPUTS
+    from triton_backend.serving.public import Img2ImgModel, PublicModel
+    from triton_backend.stages.denoise import IMAGE_TENSORS
 
     def names(model, kind="input"):
         return {t.name for t in getattr(_load_config(model), kind)}
 
-    assert set(PublicModel.inputs) == {f.name for f in FIELDS} == names("txt2img")
+    fields = {f.name for f in FIELDS}
+    # (txt2img reads STRENGTH as any absent input: its config has none, so Triton refuses it by name)
+    assert set(PublicModel.inputs) - {"STRENGTH"} == fields - set(IMG2IMG_ONLY) == names("txt2img")
+    assert set(Img2ImgModel.inputs) == fields == names("img2img")
     assert set(TEXT_ENCODER_INPUTS) <= names("text_encoder")
     assert {"PROMPT_EMBEDS", "POOLED_EMBEDS"} <= names("text_encoder", "output")
-    sent = {*DENOISE_INPUTS, "PROMPT_EMBEDS", "POOLED_EMBEDS", "PREVIEW_EVERY", "PROGRESS_ADDRESS"}
+    sent = {*DENOISE_INPUTS, *IMAGE_TENSORS, "PROMPT_EMBEDS", "POOLED_EMBEDS", "PREVIEW_EVERY", "PROGRESS_ADDRESS"}
     assert sent <= names("denoise") and {"LATENTS", "LORA_LANDED_STEP"} <= names("denoise", "output")
-    assert names("vae") == {"LATENTS"} and names("vae", "output") == {"IMAGE"}
+    assert names("vae") == {"LATENTS", *VAE_ENCODE_INPUTS} and names("vae", "output") == {"IMAGES", *IMAGE_TENSORS}
     required = {i.name for m in ("text_encoder", "denoise", "vae") for i in _load_config(m).input if not i.optional}
-    assert required <= sent | {"LATENTS"}
+    assert required <= sent
 
 
 def test_public_contract_names_and_types():
     """The public inputs are the schema's fields, all declared optional (a missing PROMPT gets our error naming it)."""
-    from triton_backend.schema import FIELDS
+    from triton_backend.schema import FIELDS, IMG2IMG_ONLY
     from triton_backend.serving.contract import TYPES
 
     txt2img = _load_config("txt2img")
     types = {i.name: (i.data_type, list(i.dims), i.optional) for i in txt2img.input}
     assert types == {
-        f.name: (model_config_pb2.DataType.Value(TYPES[f.triton_dtype]), list(f.dims), True) for f in FIELDS
+        f.name: (model_config_pb2.DataType.Value(TYPES[f.triton_dtype]), list(f.dims), True)
+        for f in FIELDS
+        if f.name not in IMG2IMG_ONLY
     }
     outputs = {o.name: o for o in txt2img.output}
-    image = outputs["IMAGE"]
+    image, images = outputs["IMAGE"], outputs["IMAGES"]
     assert image.data_type == model_config_pb2.TYPE_UINT8 and list(image.dims) == [-1, -1, 3]
+    assert images.data_type == model_config_pb2.TYPE_UINT8 and list(images.dims) == [-1, -1, -1, 3]
     assert outputs["LORA_LANDED_STEP"].data_type == model_config_pb2.TYPE_INT32
 
 

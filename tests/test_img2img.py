@@ -133,8 +133,9 @@ def test_inpainting_on_a_9_channel_unet_equals_stable_diffusion_inpaint_pipeline
     try:
         req = request(mask_image=mask_image(), **fields)
         assert_same_image(pipe.generate(req).image, diffusers_image(inpainting_model_dir, req))
-        for bad, field in ((dataclasses.replace(req, mask_image=None), "MASK_IMAGE"),
-                           (dataclasses.replace(req, init_image=None, mask_image=None, strength=None), "INIT_IMAGE")):  # fmt: skip
+        no_mask = dataclasses.replace(req, mask_image=None)
+        no_image = dataclasses.replace(req, init_image=None, mask_image=None, strength=None)
+        for bad, field in ((no_mask, "MASK_IMAGE"), (no_image, "INIT_IMAGE")):
             with pytest.raises(InvalidRequestError) as info:
                 pipe.generate(bad)
             assert info.value.field == field

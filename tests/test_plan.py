@@ -129,7 +129,7 @@ def test_latent_parallelism_follows_the_unet_instances_the_layout_renders(
 def test_the_cpu_layout_renders_only_the_models_that_run(model_dir, tmp_path):
     repo = render(tmp_path, [Pipeline("txt2img", model_dir)], Layout.named("cpu"), stage_prefix="")
     assert sorted(p.name for p in repo.iterdir()) == [
-        "denoise", "lora_manager", "text_encoder", "txt2img", "txt2img_stream", "vae"
+        "denoise", "img2img", "img2img_stream", "lora_manager", "text_encoder", "txt2img", "txt2img_stream", "vae"
     ]  # fmt: skip
     denoise = _params(_config(repo / "denoise" / "config.pbtxt"))
     assert denoise["layout"] == "cpu" and denoise["num_threads"] == "0"  # (it runs the UNet: every core)

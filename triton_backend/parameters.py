@@ -226,6 +226,13 @@ PARAMS: dict[str, Param] = {
         _int(
             "max_hint_bytes", RequestLimits.max_hint_bytes, "Largest CONTROLNET_IMAGES accepted, in bytes.", minimum=1
         ),
+        _int(
+            "max_image_bytes",
+            RequestLimits.max_image_bytes,
+            "Largest INIT_IMAGE (and MASK_IMAGE) accepted, in bytes.",
+            minimum=1,
+        ),
+        _int("max_images", RequestLimits.max_images, "Largest NUM_IMAGES accepted (images per request).", minimum=1),
         _int("max_prompt_chars", RequestLimits.max_prompt_chars, "Longest prompt accepted, in characters.", minimum=1),
         _int(
             "max_prompt_bytes",
@@ -241,7 +248,7 @@ PARAMS: dict[str, Param] = {
 #: What each template model has: parameter -> its default there (``None``: the table's).
 _COMMON = {"model_dir": None, "dtype": None, "num_threads": None, "cpu_gate": None}
 _SCHEDULING = ("max_active", "max_pending", "default_deadline_ms", "late_policy")
-_LIMITS = ("max_steps", "max_height", "max_width", "max_hint_bytes")
+_LIMITS = ("max_steps", "max_height", "max_width", "max_hint_bytes", "max_images")
 _CONTROLNETS = {"resident_capacity": None, "controlnet_dir": None, "hint_cache_mb": None}
 MODELS: dict[str, dict[str, str | None]] = {
     "text_encoder": {
@@ -266,7 +273,7 @@ MODELS: dict[str, dict[str, str | None]] = {
         **dict.fromkeys(_LIMITS),
     },
     "unet": {**_COMMON, "freeze": None, "controlnet_model": None},
-    "vae": {**_COMMON, "channels_last": None},
+    "vae": {**_COMMON, "channels_last": None, "max_height": None, "max_width": None, "max_image_bytes": None},
     "controlnet": {**_COMMON, **_CONTROLNETS, "num_threads": "1"},
     "lora_manager": {
         **_COMMON,
@@ -276,8 +283,10 @@ MODELS: dict[str, dict[str, str | None]] = {
         "dtype": "float32",
         "lora_store": None,
     },
-    "txt2img": {"text_encoder_model": None, "denoise_model": None, "vae_model": None, "retry_window_s": None},
-    "txt2img_stream": {"text_encoder_model": None, "denoise_model": None, "vae_model": None, "retry_window_s": None},
+    **{
+        public: {"text_encoder_model": None, "denoise_model": None, "vae_model": None, "retry_window_s": None}
+        for public in ("txt2img", "txt2img_stream", "img2img", "img2img_stream")
+    },
     "baseline": {"model_dir": None, "dtype": None, "num_threads": None},
 }
 #: The ``cpu`` layout's denoise: the split one without the stages it no longer calls, with the UNet's and the
@@ -350,6 +359,8 @@ def markdown() -> str:
         for r in (
             "txt2img",
             "txt2img_stream",
+            "img2img",
+            "img2img_stream",
             "text_encoder",
             "denoise",
             "denoise@cpu",

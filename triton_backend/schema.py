@@ -141,6 +141,8 @@ TEXT_ENCODER_INPUTS = (
 )
 #: The images of ``img2img`` that ``vae`` encodes (``denoise`` gets their latent distributions instead).
 IMAGE_INPUTS = ("INIT_IMAGE", "MASK_IMAGE")
+#: What ``vae`` reads of an ``img2img`` request: the images, and the size they must agree with.
+VAE_ENCODE_INPUTS = (*IMAGE_INPUTS, "HEIGHT", "WIDTH")
 #: The fields only ``img2img`` takes.
 IMG2IMG_ONLY = (*IMAGE_INPUTS, "STRENGTH")
 #: The request fields ``denoise`` consumes: all but the prompts and the images (besides ``PROMPT_EMBEDS`` from

@@ -253,8 +253,8 @@ SET_HELP = (
 )
 #: What ``serve`` says it runs: folded (the cpu layout) or not.
 LAYOUT_MODELS = {
-    True: "txt2img -> text_encoder, denoise (UNet, ControlNets), vae; lora_manager",
-    False: "txt2img -> text_encoder, denoise -> unet -> controlnet, vae; lora_manager",
+    True: "txt2img, img2img -> text_encoder, denoise (UNet, ControlNets), vae; lora_manager",
+    False: "txt2img, img2img -> text_encoder, denoise -> unet -> controlnet, vae; lora_manager",
 }
 LAYOUT_HELP = (
     "cpu: denoise runs the UNet and the ControlNets (no unet or controlnet model); split: every stage its own "

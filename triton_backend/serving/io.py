@@ -101,8 +101,9 @@ def respond_batched(
     return responses
 
 
-#: Threads of a BLS client's executor (started as calls need them). A call given up because its stage's process died
-#: keeps its thread while Triton holds the request (a dead stub never answers it), so the pool must outlast many crashes.
+#: Threads of a BLS client's executor (started as calls need them). A call given up because its stage's process
+#: died keeps its thread while Triton holds the request (a dead stub never answers it), so the pool must outlast
+#: many crashes.
 BLS_WORKERS = 1024
 
 #: One BLS call: (model name, input tensors, requested output names).
@@ -113,15 +114,19 @@ class BlsClient:
     """The BLS client of one model instance: an event loop on its own thread (vllm_backend's shape).
 
     ``pb_utils.InferenceRequest.async_exec`` runs the blocking ``exec`` in the running loop's default executor, so
-    the loop gets an executor wide enough for every call in flight (:data:`BLS_WORKERS`). Coroutines (a ``denoise`` generation, a batch of
-    calls) are handed to the loop with :meth:`submit`; :meth:`infer_many` is for synchronous ``execute`` code.
-    Every call is built first, all are awaited together, then every response is checked; a failed call raises with
-    the callee's code (``INVALID_ARG``, ``NOT_FOUND``, ``CANCELLED`` pass through, anything else is ``UNAVAILABLE``
-    naming the stage).
+    the loop gets an executor wide enough for every call in flight (:data:`BLS_WORKERS`). Coroutines (a ``denoise``
+    generation, a batch of calls) are handed to the loop with :meth:`submit`; :meth:`infer_many` is for synchronous
+    ``execute`` code. Every call is built first, all are awaited together, then every response is checked; a
+    failed call raises with the callee's code (``INVALID_ARG``, ``NOT_FOUND``, ``CANCELLED`` pass through, anything
+    else is ``UNAVAILABLE`` naming the stage).
     """
 
     def __init__(
-        self, pb_utils: Any, workers: int = BLS_WORKERS, name: str = "bls", remotes: dict[str, RemoteStage] | None = None
+        self,
+        pb_utils: Any,
+        workers: int = BLS_WORKERS,
+        name: str = "bls",
+        remotes: dict[str, RemoteStage] | None = None,
     ):
         self.pb = pb_utils
         #: Stages served by another Triton server (by model name): their calls go over gRPC, not BLS.

@@ -24,6 +24,7 @@ from ..controlnet.service import ControlNetService, ControlRow
 from ..lora import wire as lora_wire
 from ..lora.patch import AdapterRef
 from ..plan import IN_PROCESS
+from ..schema import VAE_ENCODE_INPUTS
 from ..stages import baseline, denoise, preview, text_encoder, unet, vae
 from .events import trace
 from .io import (
@@ -163,11 +164,13 @@ class TextEncoderModel(MetricsModel):
 
 
 class VaeModel(StageModel):
-    """``vae``: ``LATENTS [1, 4, h, w]`` FP32 → ``IMAGE [8h, 8w, 3]`` UINT8."""
+    """``vae``: ``LATENTS [n, 4, h, w]`` FP32 → ``IMAGES [n, 8h, 8w, 3]`` UINT8; ``INIT_IMAGE`` (``MASK_IMAGE``)
+    → ``INIT_MOMENTS`` (``MASKED_MOMENTS``, ``LATENT_MASK``) for ``img2img``.
+    """
 
     role = "vae"
 
-    inputs = ("LATENTS",)
+    inputs = ("LATENTS", *VAE_ENCODE_INPUTS)
 
     def build(self, cfg: StageConfig) -> vae.Vae:
         return vae.Vae(cfg)
@@ -235,6 +238,7 @@ class DenoiseModel(StageModel):
         "PROMPT_EMBEDS",
         "POOLED_EMBEDS",
         *denoise.INPUTS,
+        *denoise.IMAGE_TENSORS,
         "LATENT_PARALLEL",
         "PROGRESS_ADDRESS",
         "PROGRESS_STEPS",

@@ -1,8 +1,10 @@
-"""The public models ``txt2img`` (unary) and ``txt2img_stream`` (decoupled): one generation, its stages over BLS.
+"""The public models ``txt2img``, ``img2img`` (unary) and their ``_stream`` variants (decoupled): one generation,
+its stages over BLS.
 
-Both run no model and import no torch: the stub, numpy and a BLS client (~40 MB RSS). A request is three calls,
+They run no model and import no torch: the stub, numpy and a BLS client (~40 MB RSS). A request is three calls,
 ``text_encoder`` → ``denoise`` → ``vae`` (parameters ``text_encoder_model``, ``denoise_model``, ``vae_model``), so
-every request shares ``denoise``'s step scheduler. ``denoise`` reports each step over a per-request socket
+every request shares ``denoise``'s step scheduler; ``img2img`` first has ``vae`` encode its images (a bad image is
+refused before any other work). ``denoise`` reports each step over a per-request socket
 (:mod:`triton_backend.serving.progress`); the stream relays the steps, the unary model only watches the socket.
 
 No request is lost when a stage dies (docs/operations.md "Crashes and recovery"):
@@ -35,8 +37,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..errors import StageUnavailableError
-from ..schema import DENOISE_INPUTS, MAX_DEADLINE_MS, TEXT_ENCODER_INPUTS
+from ..errors import InvalidRequestError, StageUnavailableError
+from ..schema import DENOISE_INPUTS, IMAGE_INPUTS, MAX_DEADLINE_MS, TEXT_ENCODER_INPUTS, VAE_ENCODE_INPUTS
 from .events import trace
 from .io import BlsCall, Tensors, cancellation_check, failure_response, make_response, read_tensors, send_final
 from .progress import POLL_S, ProgressListener, preview_every
@@ -154,11 +156,13 @@ async def with_retries(stage: str, window: RetryWindow, attempt: Callable[[], Aw
 
 
 class PublicModel(ModelShell):
-    """``txt2img``'s request: encode, denoise (watching its socket), decode, each with retries (see the module).
-    Subclasses decide what a step and the end are answered with.
+    """A request: (encode its images,) encode its prompts, denoise (watching its socket), decode, each with retries
+    (see the module). Subclasses decide what a step and the end are answered with.
     """
 
     inputs: tuple[str, ...] = tuple(dict.fromkeys((*TEXT_ENCODER_INPUTS, *DENOISE_INPUTS)))
+    #: ``img2img``: ``INIT_IMAGE`` is required (and ``MASK_IMAGE``, ``STRENGTH`` are inputs).
+    image_to_image = False
 
     async def generate(
         self,
@@ -169,25 +173,36 @@ class PublicModel(ModelShell):
         on_step: Callable[[Tensors], None] | None = None,
         every: int = 0,
     ) -> Tensors:
-        """``IMAGE`` and ``LORA_LANDED_STEP`` of the request; each step of ``denoise`` goes to ``on_step``. The
-        client cancelling (``request`` or its ``sender``) stops the generation at its next step.
+        """``IMAGE``, ``IMAGES`` and ``LORA_LANDED_STEP`` of the request; each step of ``denoise`` goes to
+        ``on_step``. The client cancelling (``request`` or its ``sender``) stops the generation at its next step.
         """
+        if self.image_to_image and tensors.get("INIT_IMAGE") is None:
+            raise InvalidRequestError("INIT_IMAGE", "is required: the image to start from (UINT8 [H, W, 3])")
         deadline = tensors.get("DEADLINE_MS")
         deadline_ms = int(np.asarray(deadline).reshape(-1)[0]) if deadline is not None else None
         window = RetryWindow(arrival, self.params["retry_window_s"], deadline_ms)
         if deadline_ms is not None and not 0 < deadline_ms <= MAX_DEADLINE_MS:
             window.deadline_ms = None  # (denoise refuses it by name; no retry for a refused request)
         cancelled = cancellation_check(request, sender)
+        images: Tensors = {}
+        if "INIT_IMAGE" in tensors:
+            outputs = ["INIT_MOMENTS", *(["MASKED_MOMENTS", "LATENT_MASK"] if "MASK_IMAGE" in tensors else [])]
+            image_call = (self.called("vae"), {k: v for k, v in tensors.items() if k in VAE_ENCODE_INPUTS}, outputs)
+            images = await with_retries(self.called("vae"), window, lambda: self.watched(image_call))
         prompts = {k: v for k, v in tensors.items() if k in TEXT_ENCODER_INPUTS}
         encoder_call = (self.called("text_encoder"), prompts, ["PROMPT_EMBEDS", "POOLED_EMBEDS"])
         encoded = await with_retries(self.called("text_encoder"), window, lambda: self.watched(encoder_call))
-        fields = {k: v for k, v in tensors.items() if k in DENOISE_INPUTS} | encoded
+        fields = {k: v for k, v in tensors.items() if k in DENOISE_INPUTS} | encoded | images
         result = await with_retries(
             self.called("denoise"), window, lambda: self.denoise(fields, cancelled, on_step, every)
         )
-        vae_call = (self.called("vae"), {"LATENTS": result["LATENTS"]}, ["IMAGE"])
+        vae_call = (self.called("vae"), {"LATENTS": result["LATENTS"]}, ["IMAGES"])
         decoded = await with_retries(self.called("vae"), window, lambda: self.watched(vae_call))
-        return {"IMAGE": decoded["IMAGE"], "LORA_LANDED_STEP": result["LORA_LANDED_STEP"]}
+        return {
+            "IMAGE": decoded["IMAGES"][0],
+            "IMAGES": decoded["IMAGES"],
+            "LORA_LANDED_STEP": result["LORA_LANDED_STEP"],
+        }
 
     async def watched(self, call: BlsCall) -> Tensors:
         """One BLS call, given up (naming the stage) when every process of the stage that ran at the call ended
@@ -245,7 +260,8 @@ class PublicModel(ModelShell):
 
 class Txt2ImgModel(PublicModel):
     """``txt2img`` (unary, what perf_analyzer and ``tritonclient`` call): the request's fields → ``IMAGE``
-    (UINT8 [H, W, 3]) and ``LORA_LANDED_STEP`` (INT32 [1]); answered through the response sender when done.
+    (UINT8 [H, W, 3], the first image), ``IMAGES`` (UINT8 [n, H, W, 3], ``NUM_IMAGES``) and ``LORA_LANDED_STEP``
+    (INT32 [1]); answered through the response sender when done.
     """
 
     role = "txt2img"
@@ -284,3 +300,23 @@ class StreamModel(PublicModel):
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
             response = failure_response(exc, self.pb, self.logger)
         send_final(sender, response, self.pb)
+
+
+class Img2ImgModel(Txt2ImgModel):
+    """``img2img`` (unary): ``txt2img``'s fields plus ``INIT_IMAGE`` (required), ``STRENGTH`` and ``MASK_IMAGE``
+    (inpainting) → ``txt2img``'s outputs at the init image's size (:mod:`triton_backend.schema`).
+    """
+
+    role = "img2img"
+    inputs = (*PublicModel.inputs, *IMAGE_INPUTS)
+    image_to_image = True
+
+
+class Img2ImgStreamModel(StreamModel):
+    """``img2img_stream`` (decoupled): ``img2img``'s inputs plus ``PREVIEW_EVERY``; ``txt2img_stream``'s responses
+    (the steps ``STRENGTH`` leaves).
+    """
+
+    role = "img2img_stream"
+    inputs = (*StreamModel.inputs, *IMAGE_INPUTS)
+    image_to_image = True

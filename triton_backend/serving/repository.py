@@ -1,7 +1,8 @@
 """Render a self-contained Triton model repository for a deployment (``swiftdiffusion repository``).
 
 A deployment is one or more pipelines, each ``NAME=MODEL_DIR``. A pipeline's public model is named exactly
-``NAME`` (the ensemble ``txt2img`` of the templates, renamed), its streaming variant ``NAME_stream``, and its
+``NAME`` (the template ``txt2img``, renamed), its streaming variant ``NAME_stream``, its image-to-image models
+``NAME_img2img`` and ``NAME_img2img_stream`` (a pipeline named ``txt2img`` keeps ``img2img``), and its
 stages carry the name as prefix (``NAME_text_encoder``, ``NAME_denoise``, ``NAME_unet``, ``NAME_vae``,
 ``NAME_controlnet``, ``NAME_lora_manager``), so pipelines sit side by side with each other and with the fleet's own
 models. Every parameter a stage needs is
@@ -36,6 +37,11 @@ from . import contract
 #: of them get the pipeline's prefix).
 PUBLIC = "txt2img"
 STREAM = "txt2img_stream"
+IMG2IMG = "img2img"
+IMG2IMG_STREAM = "img2img_stream"
+#: The public models of a pipeline (what clients call), and the streaming ones among them.
+PUBLIC_MODELS = (PUBLIC, STREAM, IMG2IMG, IMG2IMG_STREAM)
+STREAMING = (STREAM, IMG2IMG_STREAM)
 STAGES = ("text_encoder", "denoise", "unet", "vae", "controlnet", "lora_manager")
 #: Stages pipelines of one architecture may share (``share_adapters``).
 SHAREABLE = ("controlnet", "lora_manager")
@@ -117,7 +123,14 @@ def visible_gpus() -> int:
 def stage_names(pipeline: str, prefix: str | None = None) -> dict[str, str]:
     """Template model name → rendered name (``prefix`` defaults to ``<pipeline>_``)."""
     prefix = f"{pipeline}_" if prefix is None else prefix
-    return {PUBLIC: pipeline, STREAM: f"{pipeline}_stream", **{stage: f"{prefix}{stage}" for stage in STAGES}}
+    img2img = IMG2IMG if pipeline == PUBLIC else f"{pipeline}_{IMG2IMG}"
+    return {
+        PUBLIC: pipeline,
+        STREAM: f"{pipeline}_stream",
+        IMG2IMG: img2img,
+        IMG2IMG_STREAM: f"{img2img}_stream",
+        **{stage: f"{prefix}{stage}" for stage in STAGES},
+    }
 
 
 def render(
@@ -142,7 +155,8 @@ def render(
     ``overrides``: config parameters to set, by template model name (``{"denoise": {"lora_bound_k": "0"}}``, the
     ``--set denoise.lora_bound_k=0`` flag); a parameter the model does not have in ``layout``, or a bad value
     (:mod:`triton_backend.parameters`), is an error naming it.
-    ``streaming``: render each pipeline's streaming model ``NAME_stream`` (one more process per pipeline).
+    ``streaming``: render each pipeline's streaming models ``NAME_stream`` and ``NAME_img2img_stream`` (two more
+    processes per pipeline).
     ``stage_prefix``: ``None`` = each pipeline's name + ``_``; ``""`` keeps the templates' names (one pipeline).
     ``load_stages``: stages load the stages they call over BLS when they load (parameter ``load_stages``), so that
     loading ``NAME`` in explicit model control brings up the whole pipeline; ``serve`` loads everything at start
@@ -177,7 +191,7 @@ def render(
                 else:
                     shared[role] = names[role]
         for template, name in names.items():
-            if template in (remote or {}) or template in borrowed or (template == STREAM and not streaming):
+            if template in (remote or {}) or template in borrowed or (template in STREAMING and not streaming):
                 continue
             if not layout.renders(template):
                 continue
@@ -279,8 +293,8 @@ def parse_overrides(specs: list[str]) -> dict[str, dict[str, str]]:
         model, dot, key = target.partition(".")
         if not (sep and dot and model and key):
             raise ValueError(f"--set {spec!r}: expected MODEL.PARAMETER=VALUE, e.g. denoise.lora_bound_k=0")
-        if model not in (STREAM, *STAGES):  # (the ensemble has no parameters)
-            raise ValueError(f"--set {spec!r}: MODEL is one of {', '.join((STREAM, *STAGES))}")
+        if model not in (*PUBLIC_MODELS, *STAGES):
+            raise ValueError(f"--set {spec!r}: MODEL is one of {', '.join((*PUBLIC_MODELS, *STAGES))}")
         out.setdefault(model, {})[key] = value
     return out
 
@@ -290,7 +304,7 @@ def pipeline_models(pipeline: str, prefix: str | None = None) -> list[str]:
     then the stages go). Unloading the public models alone leaves the stages their stages loaded over BLS.
     """
     names = stage_names(pipeline, prefix)
-    return [names[PUBLIC], names[STREAM], *(names[s] for s in STAGES)]
+    return [*(names[m] for m in PUBLIC_MODELS), *(names[s] for s in STAGES)]
 
 
 def rendered_names(repository: Path) -> dict[str, str]:

@@ -222,7 +222,9 @@ def prepare(
     if images is None and request.strength is not None:
         raise InvalidRequestError("STRENGTH", "applies to img2img only (with INIT_IMAGE)")
     if images is None and info.inpainting_unet:
-        raise InvalidRequestError("INIT_IMAGE", "this model's UNet is an inpainting UNet: send INIT_IMAGE and MASK_IMAGE")
+        raise InvalidRequestError(
+            "INIT_IMAGE", "this model's UNet is an inpainting UNet: send INIT_IMAGE and MASK_IMAGE"
+        )
     if images is not None and info.inpainting_unet and "MASKED_MOMENTS" not in images:
         raise InvalidRequestError("MASK_IMAGE", "this model's UNet is an inpainting UNet: a mask is required")
     height, width = resolve_size(request, info, images)
@@ -244,7 +246,10 @@ def prepare(
         timesteps = strength_timesteps(request.steps, strength, schedulers)
     generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(n)]
     shape = (1, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
-    rows = [first_latents(s, g, shape, timesteps, info, strength, images) for s, g in zip(schedulers, generators)]
+    rows = [
+        first_latents(s, g, shape, timesteps, info, strength, images)
+        for s, g in zip(schedulers, generators, strict=True)
+    ]
     latents = torch.cat([r[0] for r in rows])
     inpainting = None
     if images is not None and "LATENT_MASK" in images:
@@ -354,7 +359,7 @@ def prepare_encoded(request: GenerationRequest, encoded: dict[str, np.ndarray], 
 
 
 def check_images(images: Images, info: ModelInfo) -> None:
-    """``INIT_MOMENTS [1, 2C, h, w]``, and with a mask ``MASKED_MOMENTS`` (the same) and ``LATENT_MASK [1, 1, h, w]``."""
+    """``INIT_MOMENTS [1, 2C, h, w]``; with a mask ``MASKED_MOMENTS`` (the same) and ``LATENT_MASK [1, 1, h, w]``."""
     moments = images.get("INIT_MOMENTS")
     if moments is None or moments.ndim != 4 or moments.shape[:2] != (1, 2 * info.latent_channels):
         got = None if moments is None else list(moments.shape)

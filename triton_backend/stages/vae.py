@@ -12,10 +12,7 @@ import torch
 from ..config import StageConfig
 from ..errors import InvalidRequestError
 from ..model_info import ModelInfo, load_part
-from ..schema import IMAGE_INPUTS, parse_request
-
-#: What ``vae`` reads of an ``img2img`` request: the images, and the size they must agree with.
-ENCODE_INPUTS = (*IMAGE_INPUTS, "HEIGHT", "WIDTH")
+from ..schema import VAE_ENCODE_INPUTS, parse_request
 
 
 class Vae:
@@ -111,5 +108,5 @@ class Vae:
             return {"IMAGES": self.decode_all(tensors["LATENTS"])}
         if "INIT_IMAGE" not in tensors:
             raise InvalidRequestError("LATENTS", "is required (or INIT_IMAGE, to encode it)")
-        request = parse_request(tensors, self.limits, only=ENCODE_INPUTS)
+        request = parse_request(tensors, self.limits, only=VAE_ENCODE_INPUTS)
         return self.encode(request.init_image, request.mask_image)

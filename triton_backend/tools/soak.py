@@ -262,7 +262,7 @@ def run_soak(
 
 
 #: The processes chaos kills: every stage (the public models hold the requests themselves).
-CHAOS_SPARED = ("txt2img", "txt2img_stream")
+CHAOS_SPARED = ("txt2img", "txt2img_stream", "img2img", "img2img_stream")
 
 
 def _chaos(server: TritonServer, every_s: float, seed: int, report: SoakReport, done: threading.Event) -> None:
