@@ -66,6 +66,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             flag, type=int, nargs=2, default=(), metavar=names, help="SDXL micro-conditioning (SDXL models only)"
         )
+    parser.add_argument(
+        "--init-image",
+        default=None,
+        metavar="PATH",
+        help="img2img: start from this image (resized to --width/--height when given, else cut to a multiple of 8)",
+    )
+    parser.add_argument(
+        "--strength", type=float, default=None, help="img2img: how much to repaint, in (0, 1] (default the pipeline's)"
+    )
+    parser.add_argument(
+        "--mask", default=None, metavar="PATH", help="inpainting (with --init-image): white = repaint, black = keep"
+    )
+    parser.add_argument(
+        "--num-images", type=int, default=1, help="images per request, seeded SEED, SEED+1, ... (-o x.png: x-0.png ...)"
+    )
     parser.add_argument("--timeout", type=float, default=None, help="client timeout in seconds")
     parser.add_argument("--tls-root-cert", default=None, help="PEM file to verify a server that uses TLS")
     parser.add_argument("-o", "--output", default="out.png", help="PNG file to write (default %(default)s)")
@@ -112,15 +127,47 @@ def load_hints(specs: list[tuple[str, str, float]], width: int, height: int) -> 
     return np.stack(images)
 
 
+def load_image(flag: str, path: str, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+    """``--init-image`` (``RGB``) / ``--mask`` (``L``) as uint8, at ``size`` (width, height) when given, else cut
+    down to a multiple of 8 (the VAE's factor).
+    """
+    from PIL import Image
+
+    try:
+        image = Image.open(path).convert(mode)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{flag}: cannot read {path}: {exc}") from None
+    width, height = size or (image.width // 8 * 8, image.height // 8 * 8)
+    if not (width and height):
+        raise argparse.ArgumentTypeError(f"{flag}: {path} is smaller than 8x8 pixels")
+    if image.size != (width, height):
+        resample = Image.Resampling.NEAREST if mode == "L" else Image.Resampling.LANCZOS
+        image = image.resize((width, height), resample)
+    return np.asarray(image, dtype=np.uint8)
+
+
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     loras = [parse_lora(s) for s in args.lora]
     controls = [parse_controlnet(s) for s in args.controlnet]
+    init = mask = None
+    if args.mask and not args.init_image:
+        raise argparse.ArgumentTypeError("--mask needs --init-image (the image to inpaint)")
+    if args.init_image:
+        size = (args.width, args.height) if args.width and args.height else None
+        init = load_image("--init-image", args.init_image, "RGB", size)
+        args.height, args.width = init.shape[:2]
+        if args.mask:
+            mask = load_image("--mask", args.mask, "L", (args.width, args.height))
     hints = None
     if controls:
         if not (args.width and args.height):
             raise argparse.ArgumentTypeError("--controlnet needs --width and --height (the hint images' size)")
         hints = load_hints(controls, args.width, args.height)
     return GenerationRequest(
+        init_image=init,
+        mask_image=mask,
+        strength=args.strength,
+        num_images=args.num_images,
         controlnet_names=tuple(n for n, _, _ in controls),
         controlnet_images=hints,
         controlnet_scales=tuple(s for _, _, s in controls),
@@ -179,8 +226,8 @@ def run(args: argparse.Namespace) -> int:
     """Send one request, write the PNG; exit code 0 on success, 2 on a rejected request, 1 otherwise.
 
     With a progress bar (a terminal, no ``--no-progress``) or ``--preview-dir``, the request goes to the streaming
-    model (``txt2img_stream``: the same image, one response per step) where the server has it; otherwise to
-    ``txt2img`` (no bar).
+    model (``txt2img_stream`` / ``img2img_stream``: the same images, one response per step) where the server has
+    it; otherwise to ``txt2img`` / ``img2img`` (no bar).
     """
     from PIL import Image
 
@@ -196,10 +243,11 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         with Client(args.url, timeout_s=args.timeout, tls_root_cert=args.tls_root_cert) as client:
-            stream = (show or preview_dir is not None) and client.can_stream()
+            stream = (show or preview_dir is not None) and client.can_stream(request)
             if preview_dir is not None and not stream:
                 print(
-                    f"error: --preview-dir needs the streaming model {client.model}_stream, which {args.url} does not "
+                    f"error: --preview-dir needs the streaming model {client.model_for(request)}_stream, which "
+                    f"{args.url} does not "
                     "serve (started with --no-stream?); leave --preview-dir out",
                     file=sys.stderr,
                 )
@@ -208,15 +256,24 @@ def run(args: argparse.Namespace) -> int:
     except ClientError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2 if exc.status == "StatusCode.INVALID_ARGUMENT" else 1
-    image = result.image
-    Image.fromarray(image).save(args.output)
+    paths = output_paths(args.output, len(result.images))
+    for path, image in zip(paths, result.images, strict=True):
+        Image.fromarray(image).save(path)
     landed = f", LoRAs landed at step {result.lora_landed_step}" if request.lora_names else ""
     previews = f", previews in {preview_dir}" if preview_dir is not None else ""
-    print(
-        f"wrote {args.output} ({image.shape[1]}x{image.shape[0]}, seed {request.seed}) in "
-        f"{time.perf_counter() - start:.2f}s{landed}{previews}"
-    )
+    seeds = f"seeds {request.seed}..{request.seed + len(paths) - 1}" if len(paths) > 1 else f"seed {request.seed}"
+    wrote = paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
+    height, width = result.image.shape[:2]
+    print(f"wrote {wrote} ({width}x{height}, {seeds}) in {time.perf_counter() - start:.2f}s{landed}{previews}")
     return 0
+
+
+def output_paths(output: str, n: int) -> list[str]:
+    """``-o cat.png`` for one image; ``cat-0.png`` .. ``cat-<n-1>.png`` for n (image i has seed SEED + i)."""
+    if n == 1:
+        return [output]
+    path = Path(output)
+    return [str(path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}")) for i in range(n)]
 
 
 def one_line(exc: ClientError) -> str:

@@ -77,10 +77,17 @@ def build_inputs(request: GenerationRequest) -> list[grpcclient.InferInput]:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """What ``txt2img`` returns: the image and the step the LoRAs landed at (-1: no LoRAs)."""
+    """What ``txt2img`` / ``img2img`` return: the images (``[n, H, W, 3]`` uint8, ``NUM_IMAGES``) and the step the
+    LoRAs landed at (-1: no LoRAs).
+    """
 
-    image: np.ndarray
+    images: np.ndarray
     lora_landed_step: int = -1
+
+    @property
+    def image(self) -> np.ndarray:
+        """The first image, ``[H, W, 3]`` (the only one unless ``NUM_IMAGES`` > 1)."""
+        return self.images[0]
 
 
 @dataclass(frozen=True)
@@ -134,32 +141,48 @@ class Client:
         except InferenceServerException:
             return False
 
-    def can_stream(self) -> bool:
-        """True when the server serves ``<model>_stream`` (a repository rendered with ``--no-stream`` does not)."""
+    def can_stream(self, request: GenerationRequest | None = None) -> bool:
+        """True when the server serves the streaming model of ``request``'s model (``<model>_stream``; a repository
+        rendered with ``--no-stream`` has none).
+        """
+        model = self.model if request is None else self.model_for(request)
         try:
-            return bool(self._client.is_model_ready(f"{self.model}_stream"))
+            return bool(self._client.is_model_ready(f"{model}_stream"))
         except InferenceServerException:
             return False
 
-    def generate(self, request: GenerationRequest | None = None, **fields: Any) -> np.ndarray:
-        """Generate one image (``[H, W, 3]`` uint8); pass a :class:`GenerationRequest` or its fields as keywords."""
-        return self.run(request, **fields).image
+    def model_for(self, request: GenerationRequest) -> str:
+        """The public model a request goes to: the pipeline's ``txt2img`` (``model``), or with ``init_image`` its
+        ``img2img`` (``img2img`` beside ``txt2img``, ``NAME_img2img`` beside ``NAME``).
+        """
+        if request.init_image is None:
+            return self.model
+        return "img2img" if self.model == "txt2img" else f"{self.model}_img2img"
+
+    def generate(self, request: GenerationRequest | None = None, **fields: Any) -> np.ndarray | list[np.ndarray]:
+        """Generate: the image (``[H, W, 3]`` uint8), or the list of ``num_images`` images when that is above 1.
+        Pass a :class:`GenerationRequest` or its fields as keywords; with ``init_image`` (``strength``,
+        ``mask_image``) it goes to ``img2img``.
+        """
+        if request is None:
+            request = GenerationRequest(**fields)
+        result = self.run(request)
+        return result.image if request.num_images == 1 else list(result.images)
 
     def run(self, request: GenerationRequest | None = None, **fields: Any) -> GenerationResult:
-        """Like :meth:`generate`, also returning ``LORA_LANDED_STEP``."""
+        """Like :meth:`generate`, returning the :class:`GenerationResult` (``images``, ``LORA_LANDED_STEP``)."""
         if request is None:
             request = GenerationRequest(**fields)
         try:
             result = self._client.infer(
-                self.model,
+                self.model_for(request),
                 build_inputs(request),
-                outputs=[grpcclient.InferRequestedOutput("IMAGE"), grpcclient.InferRequestedOutput("LORA_LANDED_STEP")],
+                outputs=[grpcclient.InferRequestedOutput(n) for n in ("IMAGES", "LORA_LANDED_STEP")],
                 client_timeout=self.timeout_s,
             )
         except InferenceServerException as exc:
             _raise_typed(exc)
-        landed = result.as_numpy("LORA_LANDED_STEP")
-        return GenerationResult(result.as_numpy("IMAGE"), int(landed.reshape(-1)[0]) if landed is not None else -1)
+        return GenerationResult(result.as_numpy("IMAGES"), _scalar(result, "LORA_LANDED_STEP"))
 
     def stream(
         self, request: GenerationRequest | None = None, preview_every: int = 0, **fields: Any
@@ -180,15 +203,15 @@ class Client:
         )
         finished = False
         try:
-            self._client.async_stream_infer(f"{self.model}_stream", [*inputs, every])
+            self._client.async_stream_infer(f"{self.model_for(request)}_stream", [*inputs, every])
             while True:
                 event = events.get()
                 if isinstance(event, InferenceServerException):
                     _raise_typed(event)
-                image = event.as_numpy("IMAGE")
-                if image is not None:
+                images = event.as_numpy("IMAGES")
+                if images is not None:
                     finished = True
-                    yield GenerationResult(image, _scalar(event, "LORA_LANDED_STEP"))
+                    yield GenerationResult(images, _scalar(event, "LORA_LANDED_STEP"))
                     return
                 yield Progress(_scalar(event, "STEP"), _scalar(event, "TOTAL_STEPS"), event.as_numpy("PREVIEW"))
         finally:

@@ -228,7 +228,7 @@ class GenerationRequest:
             value = getattr(self, spec.attr)
             if value is None or (spec.vector and len(value) == 0):
                 continue
-            if spec.name == "LORA_BOUND_K" and not self.lora_names:
+            if (spec.name == "LORA_BOUND_K" and not self.lora_names) or (spec.name == "NUM_IMAGES" and value == 1):
                 continue
             if spec.triton_dtype == "UINT8":
                 out[spec.name] = np.ascontiguousarray(value, dtype=np.uint8)
