@@ -43,3 +43,17 @@ def test_baseline_plain_lora_and_controlnet_match_diffusers(baseline, reference,
     assert_same_image(
         baseline.generate(GenerationRequest(prompt="x", steps=2)), reference(GenerationRequest(prompt="x", steps=2))
     )
+
+
+def test_baseline_takes_img2img_inputs_the_stock_way(baseline, model_dir):
+    """With ``INIT_IMAGE`` the baseline's one model runs the stock img2img / inpainting pipeline (its ``txt2img``
+    takes both contracts); ``NUM_IMAGES`` is ``num_images_per_prompt`` with one generator.
+    """
+    from .test_img2img import diffusers_image as diffusers_img2img
+    from .test_img2img import mask_image, request
+
+    for req in (request(strength=0.6), request(mask_image=mask_image())):
+        out = baseline.infer_raw(req.to_tensors())
+        assert_same_image(out["IMAGE"], diffusers_img2img(model_dir, req))
+    out = baseline.infer_raw(request(strength=0.6, num_images=2).to_tensors())
+    assert out["IMAGES"].shape == (2, 64, 64, 3)

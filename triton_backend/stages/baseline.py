@@ -4,7 +4,9 @@ This is how Triton's Stable Diffusion tutorial and PyTriton's diffusion example 
 stock adapter path: ``StableDiffusionControlNetPipeline`` (``MultiControlNetModel`` for several; the ``XL``
 pipelines for SDXL models, without the invisible watermark) and, per request,
 ``load_lora_weights`` + ``set_adapters`` + ``fuse_lora``, then ``unfuse_lora`` + ``unload_lora_weights``. It takes the
-same inputs as ``txt2img`` (same client, same perf_analyzer data), parsed by the same schema.
+same inputs as ``txt2img`` and ``img2img`` (same client, same perf_analyzer data), parsed by the same schema: with
+``INIT_IMAGE`` the ``...Img2ImgPipeline`` (``MASK_IMAGE``: ``...InpaintPipeline``) of the same components, and
+``NUM_IMAGES`` as ``num_images_per_prompt`` with one generator (the stock call).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ..lora.store import resolve_lora_path
 from ..model_info import ModelInfo
 from ..paths import controlnet_dir, lora_dir
 from ..schedulers import make_scheduler
-from ..schema import field_names, parse_request, reject_sdxl_only
+from ..schema import GenerationRequest, field_names, parse_request, reject_sdxl_only
 
 
 class BaselinePipeline:
@@ -56,18 +58,33 @@ class BaselinePipeline:
             self.controlnets[name] = model.to(self.cfg.device)
         return self.controlnets[name]
 
+    def pipeline_class(self, req: GenerationRequest) -> type:
+        """The stock pipeline of a request: ``StableDiffusion[XL][ControlNet][Img2Img|Inpaint]Pipeline``."""
+        import diffusers
+
+        kind = "" if req.init_image is None else "Inpaint" if req.mask_image is not None else "Img2Img"
+        xl, controlnet = "XL" if self.sdxl else "", "ControlNet" if req.controlnet_names else ""
+        return getattr(diffusers, f"StableDiffusion{xl}{controlnet}{kind}Pipeline")
+
     @torch.inference_mode()
     def handle(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from diffusers import (
-            MultiControlNetModel,
-            StableDiffusionControlNetPipeline,
-            StableDiffusionXLControlNetPipeline,
-        )
+        from diffusers import MultiControlNetModel
         from PIL import Image
 
         req = parse_request(tensors, self.cfg.limits)
         pipe = self.pipe
-        kwargs: dict = {}
+        kwargs: dict = {"num_images_per_prompt": req.num_images}
+        hint_key = "image"
+        if req.init_image is not None:
+            kwargs["image"] = Image.fromarray(req.init_image)
+            kwargs["height"], kwargs["width"] = req.init_image.shape[:2]
+            hint_key = "control_image"
+            if req.strength is not None:
+                kwargs["strength"] = req.strength
+            if req.mask_image is not None:
+                kwargs["mask_image"] = Image.fromarray(req.mask_image)
+        else:
+            kwargs["height"], kwargs["width"] = req.height or None, req.width or None
         if self.sdxl:
             kwargs = {
                 "prompt_2": req.prompt_2,
@@ -78,24 +95,25 @@ class BaselinePipeline:
             }
         else:
             reject_sdxl_only(req, "SD1.x/2.x")
+        extra = {"add_watermarker": False} if self.sdxl else {}
         if req.controlnet_names:
             nets = [self._controlnet(n) for n in req.controlnet_names]
             images = req.controlnet_images
             if images is None:
                 raise InvalidRequestError("CONTROLNET_IMAGES", "required with CONTROLNET_NAMES")
             one = len(nets) == 1
-            extra = {"add_watermarker": False} if self.sdxl else {}
-            cls = StableDiffusionXLControlNetPipeline if self.sdxl else StableDiffusionControlNetPipeline
-            pipe = cls(**self.pipe.components, controlnet=nets[0] if one else MultiControlNetModel(nets), **extra)
-            pipe.set_progress_bar_config(disable=True)
+            extra["controlnet"] = nets[0] if one else MultiControlNetModel(nets)
             pil = [Image.fromarray(img) for img in images]
             cn = req.controlnets
             kwargs |= {
-                "image": pil[0] if one else pil,
+                hint_key: pil[0] if one else pil,
                 "controlnet_conditioning_scale": cn[0][1] if one else [c[1] for c in cn],
                 "control_guidance_start": cn[0][2] if one else [c[2] for c in cn],
                 "control_guidance_end": cn[0][3] if one else [c[3] for c in cn],
             }
+        if req.controlnet_names or req.init_image is not None:
+            pipe = self.pipeline_class(req)(**self.pipe.components, **extra)
+            pipe.set_progress_bar_config(disable=True)
         pipe.scheduler = make_scheduler(req.scheduler, self.base_scheduler, seed=req.seed)
         names = [n for n, _ in req.loras]
         try:
@@ -104,26 +122,26 @@ class BaselinePipeline:
             if names:
                 pipe.set_adapters(names, adapter_weights=[s for _, s in req.loras])
                 pipe.fuse_lora(adapter_names=names)
-            image = pipe(
+            images = pipe(
                 req.prompt,
                 negative_prompt=req.negative_prompt,
                 num_inference_steps=req.steps,
                 guidance_scale=req.guidance_scale,
-                height=req.height or None,
-                width=req.width or None,
                 generator=torch.Generator("cpu").manual_seed(req.seed),
                 output_type="np",
                 **kwargs,
-            ).images[0]
+            ).images
         finally:
             if names:
                 pipe.unfuse_lora()
                 pipe.unload_lora_weights()
+        images = (images * 255).round().astype(np.uint8)
         return {
-            "IMAGE": (image * 255).round().astype(np.uint8),
+            "IMAGE": images[0],
+            "IMAGES": images,
             "LORA_LANDED_STEP": np.array([0 if names else -1], dtype=np.int32),
         }
 
 
-#: The baseline model reads every ``txt2img`` input.
+#: The baseline model reads every ``txt2img`` and ``img2img`` input.
 INPUTS = tuple(field_names())
