@@ -6,7 +6,9 @@
 
 1. the paper's adapter matrix (C ControlNets / L LoRAs): 0C/0L, 1C/0L, 0C/1L, 1C/1L, 3C/0L, 2C/2L, 3C/2L —
    median and p95 latency through ``txt2img`` on both servers over ``--matrix-rounds`` blocks of ``--repeats``
-   requests each, the systems alternating block by block, and the ratio;
+   requests each, the systems alternating block by block, and the ratio; then the same for img2img at strength 0.5
+   (0C/0L, 1C/1L, 2C/2L, and inpainting; the baseline's stock img2img and inpainting pipelines) and for
+   ``NUM_IMAGES`` = 4 (the baseline's ``num_images_per_prompt=4``);
 2. a rate sweep over a production-like trace (Poisson arrivals, 0-3 ControlNets and 0-2 LoRAs per request, Zipf
    popularity over distinct adapters so caches matter), replayed open-loop over async gRPC against both, the same
    requests at every rate: throughput, goodput, p50/p99 and SLO attainment per rate, and **throughput at SLO** = the
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -51,6 +54,10 @@ from triton_backend.tools.workload import (
 )
 
 MATRIX = [(0, 0), (1, 0), (0, 1), (1, 1), (3, 0), (2, 2), (3, 2)]
+#: img2img cells: (ControlNets, LoRAs, inpainting), at strength 0.5.
+IMG2IMG_MATRIX = [(0, 0, False), (1, 1, False), (2, 2, False), (0, 0, True)]
+#: Images per request of the NUM_IMAGES cell (against the 0C/0L cell's one).
+MANY_IMAGES = 4
 #: Default sweep, as fractions of the baseline's capacity: from well below it (where the baseline itself meets the
 #: SLO, so its throughput at SLO is a number) to above it.
 RATE_FACTORS = (0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25)
@@ -70,6 +77,36 @@ def matrix_request(c: int, lora: int, steps: int, size: int, seed: int = 0) -> G
         controlnet_images=hints,
         lora_names=LORAS[:lora],
     )
+
+
+def img2img_request(c: int, lora: int, inpainting: bool, steps: int, size: int) -> GenerationRequest:
+    """The matrix request with an init image (a smooth picture) at strength 0.5, and a centre mask to inpaint."""
+    yy, xx = np.indices((size, size)) / size
+    image = np.stack([200 * xx + 30, 160 * yy + 50, 120 * (1 - xx * yy) + 60], axis=-1).astype(np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
+    return dataclasses.replace(
+        matrix_request(c, lora, steps, size), init_image=image, strength=0.5, mask_image=mask if inpainting else None
+    )
+
+
+def cells(args: argparse.Namespace) -> list[tuple[str, GenerationRequest]]:
+    """Every latency cell: the adapter matrix, img2img, several images."""
+    out = [(f"{c}C/{lora}L", matrix_request(c, lora, args.steps, args.size)) for c, lora in MATRIX]
+    for c, lora, inpainting in IMG2IMG_MATRIX:
+        label = f"img2img{' inpaint' if inpainting else ''} {c}C/{lora}L"
+        out.append((label, img2img_request(c, lora, inpainting, args.steps, args.size)))
+    many = dataclasses.replace(matrix_request(0, 0, args.steps, args.size), num_images=MANY_IMAGES)
+    return [*out, (f"n={MANY_IMAGES} 0C/0L", many)]
+
+
+def send(system: str, client: Client, request: GenerationRequest) -> object:
+    """One request: ours through the public model it is for (``txt2img`` / ``img2img``), the baseline's through its
+    one model, which takes both contracts.
+    """
+    if system == "baseline":
+        return client.infer_raw(request.to_tensors())
+    return client.run(request)
 
 
 def record(args: argparse.Namespace, system: str, cell: str, data: dict) -> None:
@@ -94,16 +131,18 @@ def measure(repositories: dict[str, Path], model_dir: Path, args: argparse.Names
         clients = {name: stack.enter_context(Client(server.grpc_url)) for name, server in servers.items()}
         for name, server in servers.items():
             results[name] = {"matrix": {}, "sweep": {}, "memory_idle": server.memory()}
-        for cn, lora in MATRIX:
-            req, cell = matrix_request(cn, lora, args.steps, args.size), f"{cn}C/{lora}L"
+        for cell, req in cells(args):
             times: dict[str, list[float]] = {name: [] for name in clients}
             for turn in range(args.matrix_rounds):  # blocks of --repeats, alternating between the systems
                 for name, c in clients.items():
-                    times[name] += timed(lambda req=req, c=c: c.generate(req), args.repeats, warmup=int(turn == 0))
+                    call = lambda req=req, c=c, name=name: send(name, c, req)  # noqa: E731
+                    times[name] += timed(call, args.repeats, warmup=int(turn == 0))
             for name in clients:
                 results[name]["matrix"][cell] = summary(times[name])
-                record(args, name, f"matrix-{cn}C{lora}L", results[name]["matrix"][cell])
+                record(args, name, "matrix-" + cell.replace("/", "").replace(" ", "-"), results[name]["matrix"][cell])
                 print(f"  {name} {cell}: {results[name]['matrix'][cell]['median_s']:.3f} s", flush=True)
+        if args.matrix_only:
+            return results, []
         # Steady state of a long-running server: every adapter the traces use has been used once (our caches are
         # warm; the baseline has none). Cold-start costs are in the matrix above.
         names = generate_trace(TraceSpec(rate=1.0, max_requests=2000))
@@ -207,6 +246,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto", help="stage dtype on GPU (auto = float16)")
     ap.add_argument("--model-dtype", default="float32", help="weights of a generated default model on disk")
     ap.add_argument("--out", default="results")
+    ap.add_argument("--matrix-only", action="store_true", help="only the latency cells: no rate sweep, no memory")
     args = ap.parse_args()
 
     source = (
@@ -246,7 +286,8 @@ def main() -> int:
     (out / "benchmark.md").write_text(table + "\n")
     write_results(out, "benchmark", results)
     try:
-        chart(results, out / "benchmark.png")
+        if not args.matrix_only:
+            chart(results, out / "benchmark.png")
     except ImportError:
         print("matplotlib is not installed: no chart")
     print(f"wrote {out}/benchmark.{{json,md,png}}")
@@ -271,6 +312,8 @@ def report(results: dict, args: argparse.Namespace) -> str:
             f"| {key} | {o['median_s']:.3f} | {o['p95_s']:.3f} | {b['median_s']:.3f} | {b['p95_s']:.3f} | "
             f"{b['median_s'] / o['median_s']:.2f}x |"
         )
+    if args.matrix_only:
+        return "\n".join(lines)
     lines += [
         "",
         f"Rate sweep: {args.requests_per_rate} requests per rate (Poisson, 0-3 ControlNets, 0-2 LoRAs, Zipf), "

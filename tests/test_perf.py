@@ -19,8 +19,10 @@ BIN = Path(sys.executable).parent / "swiftdiffusion"
 def test_input_data_files_match_the_contract():
     from triton_backend.schema import FIELDS_BY_NAME
 
-    files = sorted(p.name for p in input_data_dir().glob("txt2img_*.json"))
+    files = sorted(p.name for p in input_data_dir().glob("*.json"))
     assert files == [
+        "img2img_0l.json",
+        "img2img_1c1l.json",
         "txt2img_0l.json",
         "txt2img_1c.json",
         "txt2img_1c1l.json",
@@ -32,6 +34,7 @@ def test_input_data_files_match_the_contract():
     for name in files:
         for entry in json.loads((input_data_dir() / name).read_text())["data"]:
             assert set(entry) <= set(FIELDS_BY_NAME) and "PROMPT" in entry
+            assert ("INIT_IMAGE" in entry) == name.startswith("img2img")
 
 
 def test_binary_is_found():
@@ -45,6 +48,7 @@ def test_binary_is_found():
         ("server", "txt2img_2l.json"),
         ("server", "txt2img_1c1l.json"),
         ("sdxl_server", "txt2img_sdxl.json"),
+        ("default_server", "img2img_0l.json"),
     ],
 )
 def test_perf_analyzer_reports_successful_requests(request, fixture, data, tmp_path):
@@ -56,7 +60,7 @@ def test_perf_analyzer_reports_successful_requests(request, fixture, data, tmp_p
             str(BIN),
             "perf-analyzer",
             "-m",
-            "txt2img",
+            data.split("_")[0],
             "-u",
             server.grpc_url,
             "-i",
