@@ -42,6 +42,7 @@ def test_every_field_has_a_dtype_and_attribute():
     assert names == {
         "DEADLINE_MS",
         "NUM_IMAGES",
+        "CLIP_SKIP",
         "INIT_IMAGE",
         "MASK_IMAGE",
         "STRENGTH",

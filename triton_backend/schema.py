@@ -53,6 +53,11 @@ Images (``img2img``: ``INIT_IMAGE`` required; ``txt2img`` has only ``NUM_IMAGES`
                                     mask processor); a 4-channel UNet blends latents, a 9-channel inpainting UNet takes
                                     the mask and the masked image's latents
 
+Prompts::
+
+    CLIP_SKIP      INT32 [1]        optional, default 1; A1111's "Clip skip": 1 = the text encoder's last layer, 2 =
+                                    the penultimate, ... (diffusers' clip_skip = CLIP_SKIP - 1)
+
 Serving::
 
     DEADLINE_MS            INT32 [1]  optional, default the deployment's ``default_deadline_ms`` (0 = none);
@@ -119,6 +124,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("INIT_IMAGE", "init_image", "UINT8", vector=True, shape=(-1, -1, 3)),
     FieldSpec("MASK_IMAGE", "mask_image", "UINT8", vector=True, shape=(-1, -1)),
     FieldSpec("STRENGTH", "strength", "FP32"),
+    FieldSpec("CLIP_SKIP", "clip_skip", "INT32"),
 )
 #: The SDXL micro-conditioning fields (pairs).
 SDXL_FIELDS = ("ORIGINAL_SIZE", "CROPS_COORDS_TOP_LEFT", "TARGET_SIZE")
@@ -138,6 +144,7 @@ TEXT_ENCODER_INPUTS = (
     "GUIDANCE_SCALE",
     "LORA_NAMES",
     "LORA_SCALES",
+    "CLIP_SKIP",
 )
 #: The images of ``img2img`` that ``vae`` encodes (``denoise`` gets their latent distributions instead).
 IMAGE_INPUTS = ("INIT_IMAGE", "MASK_IMAGE")
@@ -148,8 +155,12 @@ IMG2IMG_ONLY = (*IMAGE_INPUTS, "STRENGTH")
 #: The request fields ``denoise`` consumes: all but the prompts and the images (besides ``PROMPT_EMBEDS`` from
 #: ``text_encoder`` and the images' latent distributions from ``vae``).
 DENOISE_INPUTS = tuple(
-    f.name for f in FIELDS if not f.name.startswith(("PROMPT", "NEGATIVE_PROMPT")) and f.name not in IMAGE_INPUTS
+    f.name
+    for f in FIELDS
+    if not f.name.startswith(("PROMPT", "NEGATIVE_PROMPT")) and f.name not in (*IMAGE_INPUTS, "CLIP_SKIP")
 )
+#: The largest ``CLIP_SKIP`` (A1111's slider's end; a text encoder with fewer layers refuses more by name).
+MAX_CLIP_SKIP = 12
 #: The longest ``DEADLINE_MS`` accepted: one hour.
 MAX_DEADLINE_MS = 3_600_000
 NUMPY_DTYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "UINT8": np.uint8}
@@ -192,6 +203,8 @@ class GenerationRequest:
     mask_image: np.ndarray | None = field(default=None, compare=False, repr=False)
     #: ``None``: the default of the diffusers pipeline in use (:func:`default_strength`).
     strength: float | None = None
+    #: A1111's "Clip skip": 1 = the text encoder's last layer (diffusers' default), 2 = the penultimate, ...
+    clip_skip: int = 1
 
     def add_time_ids(self, height: int, width: int) -> list[int]:
         """SDXL ``original_size + crops_coords_top_left + target_size`` with diffusers' defaults filled in."""
@@ -228,7 +241,9 @@ class GenerationRequest:
             value = getattr(self, spec.attr)
             if value is None or (spec.vector and len(value) == 0):
                 continue
-            if (spec.name == "LORA_BOUND_K" and not self.lora_names) or (spec.name == "NUM_IMAGES" and value == 1):
+            if spec.name == "LORA_BOUND_K" and not self.lora_names:
+                continue
+            if spec.name in ("NUM_IMAGES", "CLIP_SKIP") and value == 1:  # (the defaults: sent only when set)
                 continue
             if spec.triton_dtype == "UINT8":
                 out[spec.name] = np.ascontiguousarray(value, dtype=np.uint8)
@@ -495,6 +510,10 @@ def _check(req: GenerationRequest, limits: RequestLimits, names: set[str]) -> No
     _check_controlnets(req, names)
     _check_sdxl(req, limits, names)
     _check_images(req, limits, names)
+    if "CLIP_SKIP" in names and not 1 <= req.clip_skip <= MAX_CLIP_SKIP:
+        raise InvalidRequestError(
+            "CLIP_SKIP", f"{req.clip_skip} is out of range; allowed 1 (the last layer) .. {MAX_CLIP_SKIP}"
+        )
     if req.deadline_ms is not None and not 1 <= req.deadline_ms <= MAX_DEADLINE_MS:
         raise InvalidRequestError(
             "DEADLINE_MS", f"{req.deadline_ms} is out of range; allowed 1 .. {MAX_DEADLINE_MS} (milliseconds)"

@@ -9,7 +9,7 @@ import torch
 
 from ..cache import ByteLRU
 from ..config import StageConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, InvalidRequestError
 from ..lora.patch import AdapterRef, WeightPatcher, adapter_key
 from ..lora.store import has_text_encoder_layers, resolve_lora_path
 from ..model_info import ModelInfo, load_part
@@ -60,22 +60,31 @@ class TextEncoder:
         )
 
     @torch.inference_mode()
-    def encode(self, text: str, text_2: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, text: str, text_2: str | None = None, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """One text → ``([1, 77, D], [1, P])`` float32: diffusers' ``prompt_embeds`` and pooled embeddings (``P`` = 0
         for SD 1.x/2.x, which has none). SDXL: ``text_2`` goes to the second encoder (default: ``text``).
+
+        ``clip_skip`` (A1111's numbering; diffusers' ``clip_skip`` + 1): SD takes ``hidden_states[-clip_skip]``
+        through the final layer norm (1: the last hidden state, as without it); SDXL
+        ``hidden_states[-(clip_skip + 1)]`` of both encoders (1: the penultimate, its default), as diffusers defines
+        them. The pooled embedding stays the last layer's.
         """
         dev = self.cfg.device
         if not self.info.is_sdxl:
             ids = self._tokenize(0, [text])
             mask = ids.attention_mask.to(dev) if self.use_attention_mask else None
-            hidden = self.models[0](ids.input_ids.to(dev), attention_mask=mask)[0]
+            if clip_skip == 1:
+                hidden = self.models[0](ids.input_ids.to(dev), attention_mask=mask)[0]
+            else:
+                out = self.models[0](ids.input_ids.to(dev), attention_mask=mask, output_hidden_states=True)
+                hidden = final_layer_norm(self.models[0])(out.hidden_states[-clip_skip])
             return hidden.float().cpu(), torch.zeros(1, 0)
         hiddens, pooled = [], None
         for i, (model, part) in enumerate(zip(self.models, (text, text_2 or text), strict=True)):
             out = model(self._tokenize(i, [part]).input_ids.to(dev), output_hidden_states=True)
             if pooled is None and out[0].ndim == 2:  # diffusers: the pooled output of the projection encoder
                 pooled = out[0]
-            hiddens.append(out.hidden_states[-2])
+            hiddens.append(out.hidden_states[-(clip_skip + 1)])
         if pooled is None:  # ModelInfo.read accepts SDXL only with a CLIPTextModelWithProjection as text_encoder_2
             raise ConfigError(f"{self.cfg.model_name}: no text encoder returned pooled embeddings")
         return torch.cat(hiddens, dim=-1).float().cpu(), pooled.float().cpu()
@@ -98,6 +107,7 @@ class TextEncoder:
         """
         if not self.info.is_sdxl:
             reject_sdxl_only(request, self.info.arch_label, ("PROMPT_2", "NEGATIVE_PROMPT_2"))
+        self.check_clip_skip(request.clip_skip)
         key = self.cache_key(request, adapters)
         cached = self.cache.get(key)
         if cached is not None:
@@ -113,7 +123,7 @@ class TextEncoder:
                     patcher.ensure(tuple(adapters))
                 # One encode per text, as diffusers encodes the prompt and the negative prompt: a batch of two can
                 # differ from two batches of one in the last bits.
-                parts = [self.encode(*text) for text in texts]
+                parts = [self.encode(*text, request.clip_skip) for text in texts]
                 embeds, pooled = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             finally:
                 for patcher in self.patchers:
@@ -128,7 +138,7 @@ class TextEncoder:
     @staticmethod
     def cache_key(request: GenerationRequest, adapters: Sequence[AdapterRef]) -> tuple:
         """Everything the embeddings depend on besides this stage's model: the four prompts, whether the
-        unconditional branch is encoded, and the text-encoder LoRAs (converted file, which changes with the LoRA
+        unconditional branch is encoded, the clip skip, and the text-encoder LoRAs (converted file, which changes with the LoRA
         file, and scale).
         """
         return (
@@ -137,8 +147,17 @@ class TextEncoder:
             request.prompt_2,
             request.negative_prompt_2,
             request.do_classifier_free_guidance,
+            request.clip_skip,
             adapter_key(adapters),
         )
+
+    def check_clip_skip(self, clip_skip: int) -> None:
+        """``CLIP_SKIP`` must name a layer of every encoder (the first: ``CLIP_SKIP`` = its number of layers)."""
+        layers = min(m.config.num_hidden_layers for m in self.models)
+        if clip_skip > layers:
+            raise InvalidRequestError(
+                "CLIP_SKIP", f"{clip_skip}: this model's text encoder has layers for 1 .. {layers} only"
+            )
 
     def close(self) -> None:
         self.cache.clear()
@@ -161,3 +180,10 @@ class TextEncoder:
         if request.lora_names and load_loras is not None and self.needs_loras(request):
             adapters = load_loras(request.loras)
         return self.encode_request(request, adapters)
+
+
+def final_layer_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """The text model's final layer norm (``CLIPTextModel.text_model.final_layer_norm`` before transformers 5,
+    ``CLIPTextModel.final_layer_norm`` since: diffusers' own ``clip_skip`` path still reads the first).
+    """
+    return getattr(model, "text_model", model).final_layer_norm
