@@ -14,6 +14,7 @@ from triton_backend.stages.unet import StepInput
 from .helpers import assert_same_image, optional_sampler, unet_forward
 
 KARRAS = {"use_karras_sigmas": True}
+TRAILING = {"timestep_spacing": "trailing"}
 #: What each name must be, written out independently of the table: diffusers class and config overrides.
 EXPECTED = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -41,6 +42,13 @@ EXPECTED = {
     "unipc_karras": ("UniPCMultistepScheduler", KARRAS),
     "deis": ("DEISMultistepScheduler", {}),
     "deis_karras": ("DEISMultistepScheduler", KARRAS),
+    "euler_trailing": ("EulerDiscreteScheduler", TRAILING),
+    "euler_a_trailing": ("EulerAncestralDiscreteScheduler", TRAILING),
+    "dpmpp_2m_trailing": ("DPMSolverMultistepScheduler", TRAILING),
+    "dpmpp_sde_trailing": ("DPMSolverSDEScheduler", TRAILING),
+    "ddim_trailing": ("DDIMScheduler", TRAILING),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
 
 #: A1111 sampler names and ComfyUI sampler (+ scheduler) names as users type them.
@@ -69,6 +77,11 @@ ALIASES = {
     "uni_pc": "unipc",
     "uni_pc karras": "unipc_karras",
     "deis": "deis",
+    "LCM": "lcm",
+    "TCD": "tcd",
+    "Euler a SGM Uniform": "euler_a_trailing",
+    "euler sgm_uniform": "euler_trailing",
+    "dpmpp_2m sgm_uniform": "dpmpp_2m_trailing",
 }
 
 

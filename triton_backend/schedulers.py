@@ -5,7 +5,9 @@ Torch-free at import (the client validates names with it); diffusers is imported
 Each name is a diffusers scheduler class plus the config it overrides, built ``from_config`` of the model's own
 scheduler (so ``beta_schedule``, ``prediction_type``, ``timestep_spacing``... stay the model's). ``default`` is the
 model directory's scheduler, as ``StableDiffusionPipeline`` uses it. A ``_karras`` name sets
-``use_karras_sigmas=True`` (Karras et al. noise levels). The A1111 and ComfyUI spellings are accepted:
+``use_karras_sigmas=True`` (Karras et al. noise levels); a ``_trailing`` name ``timestep_spacing="trailing"``
+(A1111's and ComfyUI's "SGM Uniform": what few-step models such as SDXL-Turbo and SDXL-Lightning are sampled with).
+``lcm`` and ``tcd`` are the few-step samplers of LCM and TCD models and LoRAs (their guidance scale is ~1). The A1111 and ComfyUI spellings are accepted:
 :func:`canonical_scheduler` lowercases, turns ``++`` into ``pp`` and any run of spaces, ``-``, ``:``, ``,`` or
 ``+`` into ``_``, then looks the result up in :data:`ALIASES` (so ``"DPM++ 2M Karras"``, ``"Euler a"`` and ComfyUI's
 sampler + scheduler pair ``"dpmpp_2m karras"`` all name ``dpmpp_2m_karras``).
@@ -31,12 +33,17 @@ class Sampler:
     needs: str | None = None
 
 
-def _with_karras(table: dict[str, Sampler], names: tuple[str, ...]) -> dict[str, Sampler]:
+def _with(suffix: str, config: dict[str, Any], table: dict[str, Sampler], names: tuple[str, ...]) -> dict[str, Sampler]:
+    """``table`` plus ``<name><suffix>`` for each of ``names``: the same sampler with ``config`` set too."""
     out = dict(table)
     for name in names:
         base = table[name]
-        out[f"{name}_karras"] = Sampler(base.cls, {**base.config, "use_karras_sigmas": True}, base.needs)
+        out[f"{name}{suffix}"] = Sampler(base.cls, {**base.config, **config}, base.needs)
     return out
+
+
+def _with_karras(table: dict[str, Sampler], names: tuple[str, ...]) -> dict[str, Sampler]:
+    return _with("_karras", {"use_karras_sigmas": True}, table, names)
 
 
 SAMPLERS: dict[str, Sampler] = _with_karras(
@@ -59,6 +66,10 @@ SAMPLERS: dict[str, Sampler] = _with_karras(
     },
     ("euler", "heun", "dpm2", "dpm2_a", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_2s", "unipc", "deis"),
 )
+SAMPLERS = _with(
+    "_trailing", {"timestep_spacing": "trailing"}, SAMPLERS, ("euler", "euler_a", "dpmpp_2m", "dpmpp_sde", "ddim")
+)
+SAMPLERS |= {"lcm": Sampler("LCMScheduler"), "tcd": Sampler("TCDScheduler")}
 
 #: Every accepted name, canonical first, in table order (the ``SCHEDULER`` field's valid values).
 SCHEDULER_NAMES = tuple(SAMPLERS)
@@ -79,8 +90,9 @@ ALIASES: dict[str, str] = {
     "dpm_multistep": "dpmpp_2m",
     "dpm_singlestep": "dpmpp_2s",
 }
-#: ComfyUI's scheduler ``normal`` is the table's plain entry, ``karras`` its ``_karras`` entry.
-_NORMAL, _KARRAS = "_normal", "_karras"
+#: ComfyUI's scheduler ``normal`` is the table's plain entry, ``karras`` its ``_karras`` entry, ``sgm_uniform``
+#: (A1111's "SGM Uniform") its ``_trailing`` entry.
+_NORMAL, _KARRAS, _TRAILING = "_normal", "_karras", "_trailing"
 
 
 def _normalize(name: str) -> str:
@@ -90,8 +102,8 @@ def _normalize(name: str) -> str:
 
 def canonical_scheduler(name: str) -> str:
     """The table name of ``name`` (a table name or an alias); an unknown name raises, listing the accepted ones."""
-    key = _normalize(name).removesuffix(_NORMAL)
-    suffix = _KARRAS if key.endswith(_KARRAS) else ""
+    key = _normalize(name).removesuffix(_NORMAL).replace("_sgm_uniform", _TRAILING)
+    suffix = next((s for s in (_KARRAS, _TRAILING) if key.endswith(s)), "")
     key = ALIASES.get(key.removesuffix(suffix), key.removesuffix(suffix)) + suffix
     if key not in SAMPLERS:
         raise InvalidRequestError(
