@@ -77,3 +77,120 @@ def test_the_prompt_cache_keys_on_clip_skip(local):
     a = local.text_encoder.encode_request(req)["PROMPT_EMBEDS"]
     b = local.text_encoder.encode_request(dataclasses.replace(req, clip_skip=2))["PROMPT_EMBEDS"]
     assert (a != b).any()
+
+
+def _embeds(local, **fields) -> torch.Tensor:
+    return torch.from_numpy(local.text_encoder.encode_request(GenerationRequest(**fields))["PROMPT_EMBEDS"])
+
+
+def test_a_plain_prompt_is_diffusers_encode_prompt_bit_for_bit(local, reference):
+    ours = _embeds(local, prompt="a red house", negative_prompt="blurry")
+    embeds, negative = reference.pipe.encode_prompt("a red house", "cpu", 1, True, "blurry")
+    assert torch.equal(ours, torch.cat([negative, embeds]))
+
+
+def test_a_weight_of_one_is_the_plain_prompt_and_other_weights_scale_their_tokens(local):
+    plain = _embeds(local, prompt="a red house", guidance_scale=1.0)
+    assert torch.equal(_embeds(local, prompt="a (red:1.0) house", guidance_scale=1.0), plain)
+    weighted = _embeds(local, prompt="a (red:1.5) house", guidance_scale=1.0)
+    tokenizer = local.text_encoder.tokenizers[0]
+    red = tokenizer("a red house").input_ids.index(tokenizer.convert_tokens_to_ids("red</w>"))
+    expected = plain.clone()
+    expected[:, red] *= 1.5
+    expected *= plain.mean() / expected.mean()  # A1111's "Original" emphasis: the chunk's mean is restored
+    assert torch.allclose(weighted, expected, atol=1e-6)
+
+
+def long_prompt(local, tokens: int = 110) -> str:
+    """Words of this tokenizer's vocabulary, comma-separated, up to about ``tokens`` tokens (two chunks)."""
+    tokenizer = local.text_encoder.tokenizers[0]
+    words, text = ["a", "red", "house", "blue", "sky", "cat", "photo", "tree"], ""
+    i = 0
+    while len(tokenizer(text, add_special_tokens=False).input_ids) < tokens:
+        text += ("" if not text else ", " if i % 3 == 0 else " ") + words[i % len(words)]
+        i += 1
+    return text
+
+
+def test_long_prompts_are_encoded_in_75_token_chunks_and_their_ends_matter(local):
+    LONG = long_prompt(local)
+    ours = _embeds(local, prompt=LONG, negative_prompt="blurry")
+    assert ours.shape[1] == 154  # two chunks; the negative prompt padded to two with the empty prompt's chunk
+    empty = local.text_encoder.encode_request(GenerationRequest(prompt="x", negative_prompt=""))["PROMPT_EMBEDS"][0]
+    assert torch.equal(ours[0, 77:], torch.from_numpy(empty))
+    a = GenerationRequest(prompt=LONG + ", a red house", seed=1, steps=4)
+    b = GenerationRequest(prompt=LONG + ", a blue boat", seed=1, steps=4)
+    assert pixel_diff(local.generate(a).image, local.generate(b).image)[1] > 0.1  # (diffusers would cut both)
+
+
+def test_break_starts_a_new_chunk(local):
+    assert _embeds(local, prompt="a red house BREAK a blue sky", guidance_scale=1.0).shape[1] == 154
+    first = _embeds(local, prompt="a red house BREAK a blue sky", guidance_scale=1.0)[:, :77]
+    assert torch.equal(first, _embeds(local, prompt="a red house", guidance_scale=1.0))
+
+
+def write_embedding(path, vectors: torch.Tensor, kind: str) -> None:
+    if kind == "a1111_pt":
+        torch.save({"string_to_param": {"*": vectors}, "name": path.stem, "step": 100}, path)
+    elif kind == "a1111_safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"emb_params": vectors.contiguous()}, str(path))
+    else:  # diffusers: {token: [D]} (one vector)
+        torch.save({f"<{path.stem}>": vectors[0]}, path)
+
+
+@pytest.mark.parametrize(
+    ("kind", "suffix", "count"),
+    [("a1111_pt", ".pt", 2), ("a1111_safetensors", ".safetensors", 3), ("diffusers", ".bin", 1)],
+)
+def test_an_embedding_equals_diffusers_load_textual_inversion(model_dir, tmp_path, reference, kind, suffix, count):
+    import shutil
+
+    work = tmp_path / "model"
+    shutil.copytree(model_dir, work, symlinks=True)
+    pipe = LocalPipeline(work)
+    try:
+        req = GenerationRequest(prompt="a photo of shinycat in a garden", negative_prompt="blurry", seed=2, steps=4)
+        before = pipe.generate(req).image  # (no file yet: the word is plain text)
+        dim = pipe.text_encoder.models[0].get_input_embeddings().weight.shape[1]
+        vectors = torch.randn(count, dim, generator=torch.Generator().manual_seed(3))
+        (work / "embeddings").mkdir()
+        write_embedding(work / "embeddings" / f"shinycat{suffix}", vectors, kind)
+        ours = pipe.generate(req).image  # added while "serving": the next request uses it
+        assert pixel_diff(ours, before)[1] > 0.5
+
+        import diffusers
+
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(str(work), safety_checker=None)
+        ref.set_progress_bar_config(disable=True)
+        ref.load_textual_inversion(str(work / "embeddings" / f"shinycat{suffix}"), token="shinycat")
+        expected = ref(
+            req.prompt, negative_prompt=req.negative_prompt, num_inference_steps=req.steps,
+            generator=torch.Generator("cpu").manual_seed(req.seed), output_type="np",
+        ).images[0]  # fmt: skip
+        assert_same_image(ours, (expected * 255).round().astype("uint8"))
+
+        write_embedding(work / "embeddings" / f"shinycat{suffix}", vectors * 2, kind)  # changed: never stale
+        assert pixel_diff(pipe.generate(req).image, ours)[1] > 0.1
+        (work / "embeddings" / f"shinycat{suffix}").unlink()
+        assert_same_image(pipe.generate(req).image, before)
+    finally:
+        pipe.close()
+
+
+def test_an_embedding_for_another_model_is_refused_naming_the_prompt(model_dir, tmp_path):
+    import shutil
+
+    work = tmp_path / "model"
+    shutil.copytree(model_dir, work, symlinks=True)
+    (work / "embeddings").mkdir()
+    torch.save({"string_to_param": {"*": torch.zeros(2, 7)}}, work / "embeddings" / "oddsize.pt")
+    pipe = LocalPipeline(work)
+    try:
+        with pytest.raises(InvalidRequestError) as info:
+            pipe.text_encoder.encode_request(GenerationRequest(prompt="x", negative_prompt="oddsize"))
+        assert info.value.field == "NEGATIVE_PROMPT" and "oddsize.pt" in str(info.value)
+        pipe.text_encoder.encode_request(GenerationRequest(prompt="x"))  # (unused: no error)
+    finally:
+        pipe.close()

@@ -176,6 +176,12 @@ PARAMS: dict[str, Param] = {
         Param("controlnet_dir", "text", "", "The ControlNet store (empty: <model_dir>/controlnets)."),
         _mb("hint_cache_mb", 256, "Hint-embedding cache: the same hint image reused across requests is embedded once."),
         Param("lora_dir", "text", "", "The LoRA store (empty: <model_dir>/loras)."),
+        Param(
+            "embedding_dir",
+            "text",
+            "",
+            "The textual-inversion embedding store (empty: <model_dir>/embeddings); a file's stem triggers it.",
+        ),
         _mb("cache_budget_mb", 1024, "Converted LoRAs kept in host shared memory (LRU)."),
         Param(
             "lora_store",
@@ -256,6 +262,7 @@ MODELS: dict[str, dict[str, str | None]] = {
         "max_prompt_chars": None,
         "max_prompt_bytes": None,
         "lora_dir": None,
+        "embedding_dir": None,
         "lora_manager_model": None,
         "prompt_cache_mb": None,
     },

@@ -20,6 +20,11 @@ def lora_dir(params: dict[str, str], model_dir: Path) -> Path:
     return Path(params.get("lora_dir") or model_dir / "loras")
 
 
+def embedding_dir(params: dict[str, str], model_dir: Path) -> Path:
+    """The textual-inversion embedding store: config parameter ``embedding_dir``, default ``<model_dir>/embeddings``."""
+    return Path(params.get("embedding_dir") or model_dir / "embeddings")
+
+
 def controlnet_dir(params: dict[str, str], model_dir: Path) -> Path:
     """The ControlNet store: config parameter ``controlnet_dir``, default ``<model_dir>/controlnets``."""
     return Path(params.get("controlnet_dir") or model_dir / "controlnets")

@@ -18,14 +18,15 @@ encoders (SD1, SDXL's first) and 0 for OpenCLIP (SD2, SDXL's second). So what th
 ``[bos] tokens [eos] [pad]*(75 - n)``: for a prompt of at most 75 tokens with no syntax this is exactly the
 ``input_ids`` of diffusers' ``tokenizer(prompt, padding="max_length", max_length=77, truncation=True)`` whenever
 ``pad`` is ``tokenizer.pad_token_id`` (``<|endoftext|>`` in SD1's and SDXL's first tokenizer, ``!`` = 0 in SD2's
-and SDXL's second, which is A1111's ``id_pad`` of each), and the multipliers are all 1.0 (the emphasis then
-leaves the hidden states unchanged). The two layouts of :func:`tokenize_line` differ only for a prompt whose
-tokens contain ``eos`` itself (HF tokenizers map a literal ``<|endoftext|>`` to it): A1111 pads over the rest of
-that chunk, diffusers keeps it. Differences from diffusers that remain: over 75 tokens diffusers truncates,
-A1111 adds chunks; A1111 tokenizes each weight run separately (:func:`has_syntax` tells when a prompt has any).
+and SDXL's second, which is A1111's ``id_pad`` of each), and the multipliers are all 1.0 (even then A1111's
+emphasis changes a half-precision encoder output: see :func:`apply_emphasis`). The two layouts of
+:func:`tokenize_line` differ only for a prompt whose tokens contain ``eos`` itself (HF tokenizers map a literal
+``<|endoftext|>`` to it): A1111 pads over the rest of that chunk, diffusers keeps it. Other differences from
+diffusers: over 75 tokens diffusers truncates, A1111 adds chunks; A1111 tokenizes each weight run separately
+(:func:`has_syntax` tells when a prompt has any).
 
 Negative prompt. A1111 encodes the prompt and the negative prompt separately, each to its own number of chunks
-(an empty one to one chunk, the ids of ``[bos] [eos]*76``). When the counts differ it does not pad by default:
+(an empty one to one chunk, ``tokenize_line("")``). When the counts differ it does not pad by default:
 the UNet runs the cond and the uncond batches apart, with cross-attention over 77·k and 77·m vectors.
 Only the ``pad_cond_uncond`` option (off by default) appends encoded empty prompts ("") to the shorter one, and
 ``pad_cond_uncond_v0`` (off; DDIM before 1.6.0) repeats the uncond's last vector or truncates the uncond. For
@@ -71,11 +72,11 @@ SQUARE_BRACKET_MULTIPLIER = 1 / 1.1
 
 
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
-    """Split ``text`` into runs of ``(text, weight)``, as A1111's ``prompt_parser.parse_prompt_attention``.
+    r"""Split ``text`` into runs of ``(text, weight)``, as A1111's ``prompt_parser.parse_prompt_attention``.
 
-    ``(abc)`` multiplies the weight by 1.1, ``[abc]`` by 1/1.1, ``(abc:3.12)`` by 3.12; ``\\(`` ``\\)`` ``\\[``
-    ``\\]`` ``\\\\`` are literal characters (a lone ``\\`` is dropped); a bracket left open applies to the end, a
-    closing one with nothing open is dropped; ``BREAK`` (a whole word, outside brackets) becomes :data:`BREAK`
+    ``(abc)`` multiplies the weight by 1.1, ``[abc]`` by 1/1.1, ``(abc:3.12)`` by 3.12; ``\(`` ``\)`` ``\[``
+    ``\]`` ``\\`` are literal characters (a lone ``\`` is dropped); a bracket left open applies to the end, a
+    closing one with nothing open is text; ``BREAK`` (a whole word, outside brackets) becomes :data:`BREAK`
     (inside brackets its weight is scaled and it is plain text again). Adjacent runs of equal weight are merged;
     an empty result is ``[("", 1.0)]``. A ``:weight)`` that is not a number (``(a:1.2.3)``) raises ``ValueError``,
     as in A1111.
@@ -191,8 +192,8 @@ def tokenize_line(
     remembered). A textual-inversion trigger (``find_embedding``) becomes ``vector_count`` ids
     :data:`EMBEDDING_PLACEHOLDER` with the run's weight and a :class:`PromptChunkFix`; one that does not fit in the
     current chunk starts the next. As in A1111 a backtrack moves placeholders but not their fix (which then points
-    into the old chunk's padding) unless ``relocate_fixes``. An empty prompt, and a trailing ``BREAK`` aside, the
-    last partial chunk, give a chunk each; a leading ``BREAK`` gives an empty first chunk.
+    into the old chunk's padding) unless ``relocate_fixes``. The last, partial chunk is kept: an empty prompt gives
+    one chunk (A1111's ``empty_chunk``), a trailing ``BREAK`` none more, a leading one an empty first chunk.
 
     ``layout="a1111"``: A1111's ids (``[bos] tokens [eos]*k``, then ``pad`` after the first ``eos``, as
     ``process_tokens`` does; ``pad`` is the model's ``id_pad``). ``"diffusers"``: ``[bos] tokens [eos] [pad]*k``
@@ -293,12 +294,15 @@ def apply_emphasis(z: Z, multipliers: Any, *, normalize: bool = True) -> Z:
     ``multipliers``: ``(B, T)`` of the same kind. ``z * multipliers``, then times ``z.mean() / new.mean()``, both
     means over the whole tensor (batch, tokens and channels at once: A1111 encodes one chunk index of the texts of
     one call together, usually one text). ``normalize=False`` is the "No norm" option
-    (``EmphasisOriginalNoNorm``). A1111 passes float32 multipliers, so a half ``z`` comes back float32 (its mean
-    stays half); all-1.0 multipliers return ``z``'s values unchanged.
+    (``EmphasisOriginalNoNorm``). All-1.0 multipliers of ``z``'s dtype return ``z`` unchanged. A1111's multipliers
+    are float32 (``torch.asarray`` of floats) and its encoder output is half under fp16: the product is float32 and
+    ``original_mean`` half-rounded, so even all-1.0 multipliers rescale ``z`` by ``half(mean) / mean`` (up to about
+    5e-4); pass float32 multipliers to reproduce that, or skip the call for a prompt without weights.
     """
-    original_mean = z.mean()  # type: ignore[attr-defined]
-    z = z * multipliers[..., None]  # type: ignore[operator]
-    if not normalize:
-        return z
-    new_mean = z.mean()  # type: ignore[attr-defined]
-    return z * (original_mean / new_mean)  # type: ignore[operator]
+    x: Any = z
+    original_mean = x.mean()
+    x = x * multipliers[..., None]
+    if normalize:
+        new_mean = x.mean()
+        x = x * (original_mean / new_mean)
+    return x

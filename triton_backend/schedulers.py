@@ -7,10 +7,11 @@ scheduler (so ``beta_schedule``, ``prediction_type``, ``timestep_spacing``... st
 model directory's scheduler, as ``StableDiffusionPipeline`` uses it. A ``_karras`` name sets
 ``use_karras_sigmas=True`` (Karras et al. noise levels); a ``_trailing`` name ``timestep_spacing="trailing"``
 (A1111's and ComfyUI's "SGM Uniform": what few-step models such as SDXL-Turbo and SDXL-Lightning are sampled with).
-``lcm`` and ``tcd`` are the few-step samplers of LCM and TCD models and LoRAs (their guidance scale is ~1). The A1111 and ComfyUI spellings are accepted:
-:func:`canonical_scheduler` lowercases, turns ``++`` into ``pp`` and any run of spaces, ``-``, ``:``, ``,`` or
-``+`` into ``_``, then looks the result up in :data:`ALIASES` (so ``"DPM++ 2M Karras"``, ``"Euler a"`` and ComfyUI's
-sampler + scheduler pair ``"dpmpp_2m karras"`` all name ``dpmpp_2m_karras``).
+``lcm`` and ``tcd`` are the few-step samplers of LCM and TCD models and LoRAs (their guidance scale is ~1). The
+A1111 and ComfyUI spellings are accepted: :func:`canonical_scheduler` lowercases, turns ``++`` into ``pp`` and any
+run of spaces, ``-``, ``:``, ``,`` or ``+`` into ``_``, then looks the result up in :data:`ALIASES` (so
+``"DPM++ 2M Karras"``, ``"Euler a"`` and ComfyUI's sampler + scheduler pair ``"dpmpp_2m karras"`` all name
+``dpmpp_2m_karras``; ComfyUI's scheduler ``sgm_uniform`` names the ``_trailing`` entry).
 """
 
 from __future__ import annotations

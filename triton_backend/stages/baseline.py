@@ -72,6 +72,8 @@ class BaselinePipeline:
         from PIL import Image
 
         req = parse_request(tensors, self.cfg.limits)
+        if req.clip_skip != 1:  # (diffusers 0.42's clip_skip reads text_encoder.text_model: gone in transformers 5)
+            raise InvalidRequestError("CLIP_SKIP", "the stock pipeline's clip_skip fails with transformers 5")
         pipe = self.pipe
         kwargs: dict = {"num_images_per_prompt": req.num_images}
         hint_key = "image"
