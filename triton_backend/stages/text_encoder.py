@@ -140,7 +140,7 @@ class TextEncoder:
             return out.hidden_states[-(clip_skip + 1)], pooled
 
     def _tokenize(self, i: int, texts: list[str]):
-        """diffusers' tokenization: padded to 77, truncated."""
+        """Diffusers' tokenization: padded to 77, truncated."""
         tokenizer = self.tokenizers[i]
         return tokenizer(
             texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
