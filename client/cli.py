@@ -81,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-images", type=int, default=1, help="images per request, seeded SEED, SEED+1, ... (-o x.png: x-0.png ...)"
     )
+    parser.add_argument(
+        "--clip-skip", type=int, default=1, help="A1111's Clip skip: 1 = the text encoder's last layer, 2 = penultimate"
+    )
     parser.add_argument("--timeout", type=float, default=None, help="client timeout in seconds")
     parser.add_argument("--tls-root-cert", default=None, help="PEM file to verify a server that uses TLS")
     parser.add_argument("-o", "--output", default="out.png", help="PNG file to write (default %(default)s)")
@@ -168,6 +171,7 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
         mask_image=mask,
         strength=args.strength,
         num_images=args.num_images,
+        clip_skip=args.clip_skip,
         controlnet_names=tuple(n for n, _, _ in controls),
         controlnet_images=hints,
         controlnet_scales=tuple(s for _, _, s in controls),
