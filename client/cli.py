@@ -156,6 +156,8 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     if args.mask and not args.init_image:
         raise argparse.ArgumentTypeError("--mask needs --init-image (the image to inpaint)")
     if args.init_image:
+        if bool(args.width) != bool(args.height):
+            raise argparse.ArgumentTypeError("--init-image: give both --width and --height (to resize it), or neither")
         size = (args.width, args.height) if args.width and args.height else None
         init = load_image("--init-image", args.init_image, "RGB", size)
         args.height, args.width = init.shape[:2]

@@ -198,6 +198,23 @@ def test_n_images_equal_diffusers_with_a_generator_per_image(local, reference):
         assert_same_image(ours, (theirs * 255).round().astype(np.uint8))
 
 
+def test_sdxl_controlnet_img2img_takes_its_pipelines_default_strength(xl, sdxl_model_dir):
+    name = sorted(p.name for p in (sdxl_model_dir / "controlnets").iterdir())[0]
+    req = request(controlnet_names=(name,), controlnet_images=hint_images(1))  # (0.8 here, 0.3 without it)
+    assert_same_image(xl.generate(req).image, diffusers_image(sdxl_model_dir, req, controlnet=True))
+
+
+def test_strength_counts_steps_as_the_decimal_the_client_sent(local):
+    """FP32 0.9 is 0.8999999762; diffusers' ``int(10 * 0.9)`` is 9 steps, and so is ours."""
+    from triton_backend.schema import parse_request
+    from triton_backend.stages import denoise
+
+    req = parse_request(request(strength=0.9, steps=10).to_tensors())
+    assert req.strength == 0.9
+    encoded = local.text_encoder.encode_request(req) | local.vae.encode(req.init_image)
+    assert len(denoise.prepare_encoded(req, encoded, local.info).timesteps) == 9
+
+
 def test_strength_too_small_for_the_steps_is_refused_naming_strength(local):
     with pytest.raises(InvalidRequestError) as info:
         local.generate(request(strength=0.1, steps=5))

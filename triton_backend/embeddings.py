@@ -27,6 +27,8 @@ from .paths import is_store_name
 
 #: File suffixes of the store.
 SUFFIXES = (".safetensors", ".pt", ".bin")
+#: The most vectors an embedding may have: one 75-token prompt chunk.
+MAX_VECTORS = 75
 #: SDXL's keys, one per text encoder in order.
 SDXL_KEYS = ("clip_l", "clip_g")
 
@@ -37,8 +39,8 @@ class Embedding:
 
     name: str
     vectors: tuple[torch.Tensor, ...]
-    #: (size, modification time in ns) of the file it was read from.
-    version: tuple[int, int]
+    #: (size, modification and change times in ns, inode) of the file it was read from.
+    version: tuple[int, ...]
     #: Why the file cannot serve this model (then it has no vectors): a prompt that uses it is refused with this.
     error: str | None = None
 
@@ -87,13 +89,14 @@ class EmbeddingStore:
     def __init__(self, root: Path, dims: tuple[int, ...]):
         self.root = root
         self.dims = dims
-        self._loaded: dict[str, Embedding] = {}
+        self._loaded: dict[Path, Embedding] = {}
 
     def current(self) -> dict[str, Embedding]:
         """Every embedding now in the store, by trigger word (a file changed since it was last read is read again;
         one that cannot serve this model carries its ``error``).
         """
         found: dict[str, Embedding] = {}
+        seen: set[Path] = set()
         if not self.root.is_dir():
             return found
         for path in sorted(self.root.iterdir()):
@@ -101,17 +104,18 @@ class EmbeddingStore:
                 continue
             with contextlib.suppress(OSError):
                 stat = path.stat()
-                version = (stat.st_size, stat.st_mtime_ns)
-                known = self._loaded.get(path.stem)
+                version = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+                known = self._loaded.get(path)
                 if known is None or known.version != version:
                     known = self._read(path, version)
-                    self._loaded[path.stem] = known
+                    self._loaded[path] = known
                 found.setdefault(path.stem, known)  # (a.pt beside a.safetensors: the first in name order)
-        for name in set(self._loaded) - set(found):
-            del self._loaded[name]
+                seen.add(path)
+        for gone in set(self._loaded) - seen:
+            del self._loaded[gone]
         return found
 
-    def _read(self, path: Path, version: tuple[int, int]) -> Embedding:
+    def _read(self, path: Path, version: tuple[int, ...]) -> Embedding:
         try:
             vectors = read_vectors(path)
         except Exception as exc:  # noqa: BLE001 - any unreadable file: one clear refusal naming it
@@ -120,5 +124,8 @@ class EmbeddingStore:
         if widths != self.dims:
             what = "SDXL (clip_l, clip_g)" if len(widths) == 2 else "one text encoder"
             error = f"embedding {path.name} is for {what} of width {widths}; this model's text encoders: {self.dims}"
+            return Embedding(path.stem, (), version, error)
+        if vectors[0].shape[0] > MAX_VECTORS:
+            error = f"embedding {path.name} has {vectors[0].shape[0]} vectors; at most {MAX_VECTORS} fit a prompt chunk"
             return Embedding(path.stem, (), version, error)
         return Embedding(path.stem, tuple(vectors), version)

@@ -177,6 +177,13 @@ PARAMS: dict[str, Param] = {
         _mb("hint_cache_mb", 256, "Hint-embedding cache: the same hint image reused across requests is embedded once."),
         Param("lora_dir", "text", "", "The LoRA store (empty: <model_dir>/loras)."),
         Param(
+            "vae_dir",
+            "text",
+            "",
+            "A replacement VAE: a diffusers AutoencoderKL directory of the same latent space (e.g. SDXL's fp16-fix "
+            "VAE; empty: <model_dir>/vae).",
+        ),
+        Param(
             "embedding_dir",
             "text",
             "",
@@ -280,7 +287,14 @@ MODELS: dict[str, dict[str, str | None]] = {
         **dict.fromkeys(_LIMITS),
     },
     "unet": {**_COMMON, "freeze": None, "controlnet_model": None},
-    "vae": {**_COMMON, "channels_last": None, "max_height": None, "max_width": None, "max_image_bytes": None},
+    "vae": {
+        **_COMMON,
+        "vae_dir": None,
+        "channels_last": None,
+        "max_height": None,
+        "max_width": None,
+        "max_image_bytes": None,
+    },
     "controlnet": {**_COMMON, **_CONTROLNETS, "num_threads": "1"},
     "lora_manager": {
         **_COMMON,

@@ -48,7 +48,8 @@ Images (``img2img``: ``INIT_IMAGE`` required; ``txt2img`` has only ``NUM_IMAGES`
                                     match); at most max_image_bytes
     STRENGTH       FP32  [1]        optional, in (0, 1]; how much of the image is repainted: the last
                                     int(STEPS * STRENGTH) of the STEPS timesteps run; default the diffusers pipeline's
-                                    (SD img2img 0.8, SD inpainting 1.0, SDXL img2img 0.3, SDXL inpainting 0.9999)
+                                    (SD img2img 0.8, SD inpainting 1.0, SDXL img2img 0.3 or 0.8 with a ControlNet,
+                                    SDXL inpainting 0.9999)
     MASK_IMAGE     UINT8 [H, W]     optional (inpainting): 255 = repaint, 0 = keep (binarized at 128 as diffusers'
                                     mask processor); a 4-channel UNet blends latents, a 9-channel inpainting UNet takes
                                     the mask and the masked image's latents
@@ -344,6 +345,8 @@ def _scalar(name: str, value: Any, triton_dtype: str) -> Any:
     expected = NUMPY_DTYPES[triton_dtype]
     if arr.dtype != expected:
         raise InvalidRequestError(name, f"expected {triton_dtype}, got {arr.dtype}")
+    if name == "STRENGTH":  # the decimal the client meant (0.9, not 0.8999999762): int(STEPS * STRENGTH) counts steps
+        return float(str(np.float32(item)))
     return float(item) if triton_dtype == "FP32" else int(item)
 
 
@@ -476,10 +479,12 @@ def _check_images(req: GenerationRequest, limits: RequestLimits, names: set[str]
         )
 
 
-def default_strength(is_sdxl: bool, inpainting: bool) -> float:
-    """The ``strength`` default of the diffusers pipeline a request stands for (their ``__call__`` signatures)."""
+def default_strength(is_sdxl: bool, inpainting: bool, controlnet: bool = False) -> float:
+    """The ``strength`` default of the diffusers pipeline a request stands for (their ``__call__`` signatures):
+    ``StableDiffusion[XL][ControlNet]{Img2Img,Inpaint}Pipeline``.
+    """
     if is_sdxl:
-        return 0.9999 if inpainting else 0.3
+        return 0.9999 if inpainting else 0.8 if controlnet else 0.3
     return 1.0 if inpainting else 0.8
 
 

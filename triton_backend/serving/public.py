@@ -54,6 +54,8 @@ ANSWER_AFTER_HANGUP_S = 2.0
 CONNECT_TIMEOUT_S = 20.0
 #: How often ``txt2img`` (no step frames) asks whether its client cancelled, while it waits for ``denoise``.
 WATCH_POLL_S = 0.25
+#: How often a stage seen with no process (being reloaded, or on another server) is looked for again.
+RESCAN_S = 1.0
 #: Pause between attempts at a stage that is down (it fails fast until it is reloaded).
 RETRY_PAUSE_S = 0.5
 #: What a call to a stage that is down answers: its stub died (Triton's python backend), its socket ended
@@ -67,11 +69,13 @@ def stage_alive(model: str) -> Callable[[], bool]:
     again at each question, and true; always true outside a Triton stub or for a stage on another server.
     """
     pids = stub_processes(os.getppid()).get(model, [])
+    looked = time.monotonic()
 
     def alive() -> bool:
-        nonlocal pids
+        nonlocal pids, looked
         if not pids:
-            pids = stub_processes(os.getppid()).get(model, [])
+            if time.monotonic() - looked >= RESCAN_S:
+                pids, looked = stub_processes(os.getppid()).get(model, []), time.monotonic()
             return True
         return any(is_running(pid) for pid in pids)
 

@@ -88,7 +88,7 @@ class BaselinePipeline:
         else:
             kwargs["height"], kwargs["width"] = req.height or None, req.width or None
         if self.sdxl:
-            kwargs = {
+            kwargs |= {
                 "prompt_2": req.prompt_2,
                 "negative_prompt_2": req.negative_prompt_2,
                 "original_size": tuple(req.original_size) or None,

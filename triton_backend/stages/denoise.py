@@ -225,6 +225,10 @@ def prepare(
         raise InvalidRequestError(
             "INIT_IMAGE", "this model's UNet is an inpainting UNet: send INIT_IMAGE and MASK_IMAGE"
         )
+    if info.inpainting_unet and request.controlnet_names:
+        raise InvalidRequestError(
+            "CONTROLNET_NAMES", "ControlNets on an inpainting UNet (9 input channels) are not supported"
+        )
     if images is not None and info.inpainting_unet and "MASKED_MOMENTS" not in images:
         raise InvalidRequestError("MASK_IMAGE", "this model's UNet is an inpainting UNet: a mask is required")
     height, width = resolve_size(request, info, images)
@@ -242,7 +246,7 @@ def prepare(
     if images is not None:
         strength = request.strength
         if strength is None:
-            strength = default_strength(info.is_sdxl, "LATENT_MASK" in images)
+            strength = default_strength(info.is_sdxl, "LATENT_MASK" in images, bool(request.controlnet_names))
         timesteps = strength_timesteps(request.steps, strength, schedulers)
     generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(n)]
     shape = (1, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
@@ -575,7 +579,7 @@ class Denoiser:
         deadline = deadline_from(arrival, request.deadline_ms, self.scheduler.default_deadline_ms)
         job = Job(arrival, deadline, len(state.timesteps), step_cost(state))
         if request.lora_names and load_loras is not None:
-            k = request.lora_bound_k if request.lora_bound_k is not None else self.default_bound_k(request.steps)
+            k = request.lora_bound_k if request.lora_bound_k is not None else self.default_bound_k(len(state.timesteps))
             attach_loras(state, load_loras(request.loras), k)
         try:
             async with self.scheduler.generation(job):

@@ -107,7 +107,9 @@ class TextEncoder:
                     fixes = [(fix.offset + 1, fix.embedding.vectors[i]) for fix in chunk.fixes]
                     hidden, chunk_pool = self._run(i, torch.tensor([chunk.tokens]), clip_skip, fixes)
                     if any(m != 1.0 for m in chunk.multipliers):
-                        hidden = apply_emphasis(hidden, torch.tensor([chunk.multipliers], dtype=hidden.dtype))
+                        hidden = apply_emphasis(
+                            hidden, torch.tensor([chunk.multipliers], dtype=hidden.dtype, device=hidden.device)
+                        )
                     per_encoder[-1].append(hidden)
                     pool = chunk_pool if j == 0 else pool
             if pool is not None and pooled.shape[1] == 0:  # SDXL: the projection encoder's (first chunk's)
@@ -174,6 +176,7 @@ class TextEncoder:
         def find_embedding(tokens: list[int], offset: int) -> tuple[Embedding, int, int] | None:
             for trigger, embedding in triggers:
                 if trigger and tuple(tokens[offset : offset + len(trigger)]) == trigger:
+                    embedding.check(field)
                     return embedding, len(trigger), embedding.count
             return None
 

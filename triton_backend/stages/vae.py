@@ -5,12 +5,14 @@ and, for ``img2img``, images → the latent distributions diffusers' img2img and
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import StageConfig
-from ..errors import InvalidRequestError
+from ..errors import ConfigError, InvalidRequestError
 from ..model_info import ModelInfo, load_part
 from ..schema import VAE_ENCODE_INPUTS, parse_request
 
@@ -23,11 +25,14 @@ class Vae:
     def __init__(self, cfg: StageConfig):
         self.cfg = cfg
         self.info = ModelInfo.read(cfg.model_dir)
+        vae_dir = Path(cfg.params["vae_dir"]) if cfg.params.get("vae_dir") else cfg.model_dir / "vae"
+        if cfg.params.get("vae_dir"):
+            self.info = replacement_vae(self.info, vae_dir)
         self.dtype = self.decode_dtype(self.info, cfg.dtype)
         self.limits = dataclasses.replace(cfg.limits, size_multiple=self.info.vae_scale_factor)
         from diffusers import AutoencoderKL  # (here, not at the top: every stage process imports this module)
 
-        self.model = load_part(AutoencoderKL, cfg.model_dir, "vae", cfg.device, self.dtype)
+        self.model = load_part(AutoencoderKL, vae_dir.parent, vae_dir.name, cfg.device, self.dtype)
         if cfg.plan.channels_last:
             # The decoder's weights in NHWC order, so its convolutions (the decode's time, at full image size near
             # the end) run oneDNN's channels-last kernels and their outputs stay NHWC. Measured on 2 cores: a
@@ -110,3 +115,30 @@ class Vae:
             raise InvalidRequestError("LATENTS", "is required (or INIT_IMAGE, to encode it)")
         request = parse_request(tensors, self.limits, only=VAE_ENCODE_INPUTS)
         return self.encode(request.init_image, request.mask_image)
+
+
+#: What a replacement VAE must share with the model's own: the latent space the UNet works in.
+LATENT_SPACE = ("latent_channels", "scaling_factor", "latents_mean", "latents_std")
+
+
+def replacement_vae(info: ModelInfo, vae_dir: Path) -> ModelInfo:
+    """The model's facts with the VAE of ``vae_dir`` (parameter ``vae_dir``: a diffusers ``AutoencoderKL``
+    directory, e.g. SDXL's fp16-fix VAE), refused at load unless it decodes the same latent space (channels, scale
+    factor, scaling factor, ``latents_mean``/``latents_std``); its ``force_upcast`` applies.
+    """
+    try:
+        theirs = json.loads((vae_dir / "config.json").read_text())
+        ours = json.loads((info.model_dir / "vae" / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"vae_dir {vae_dir}: not a diffusers AutoencoderKL directory ({exc})") from None
+    defaults = {"latent_channels": 4, "scaling_factor": 0.18215, "latents_mean": None, "latents_std": None}
+    for key in (*LATENT_SPACE, "block_out_channels"):
+        mine, other = ours.get(key, defaults.get(key)), theirs.get(key, defaults.get(key))
+        if key == "block_out_channels":
+            mine, other = len(mine or ()), len(other or ())  # (the scale factor: 2 ** (blocks - 1))
+        if mine != other:
+            raise ConfigError(
+                f"vae_dir {vae_dir}: {key} {other} differs from the model's VAE ({mine}); a replacement VAE must "
+                "decode the same latent space (e.g. SDXL's fp16-fix VAE for an SDXL model)"
+            )
+    return dataclasses.replace(info, vae_force_upcast=bool(theirs.get("force_upcast", True)))
