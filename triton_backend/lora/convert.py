@@ -57,7 +57,8 @@ def _layer_count(state_dict: dict[str, torch.Tensor], component: str) -> int:
 def convert_lora_file(
     path: Path, components: dict[str, torch.nn.Module], field: str = "LORA_NAMES"
 ) -> dict[str, torch.Tensor]:
-    """Factors of every LoRA layer in ``path``: ``{component}:{module}.lora_A|lora_B|scaling`` (float32, CPU).
+    """Factors of every LoRA layer in ``path``: ``{component}:{module}.lora_A|lora_B|scaling`` (float32, CPU); for a
+    LyCORIS file (LoHa, LoKr) the dense ``{component}:{module}.delta`` instead (:mod:`triton_backend.lora.lycoris`).
 
     ``components`` are skeletons of the served model by diffusers name (``unet``, ``text_encoder`` and, for SDXL,
     ``text_encoder_2``). ``module`` is the layer's name in the plain (un-injected) model, e.g.
@@ -66,7 +67,16 @@ def convert_lora_file(
     lacks (an SDXL LoRA's ``text_encoder_2`` on an SD model), layers the model lacks, or layers of another shape.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors.torch import load_file
 
+    from .lycoris import convert_lycoris, is_lycoris
+
+    try:
+        raw = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - corrupt/foreign files
+        raise InvalidRequestError(field, f"{path.stem}: not a readable LoRA file ({exc})") from None
+    if is_lycoris(list(raw)):
+        return convert_lycoris(raw, components, path.stem, field)
     sdxl = "text_encoder_2" in components
     pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     arch = "SDXL" if sdxl else "SD1.x/2.x"

@@ -86,18 +86,21 @@ class WeightPatcher:
         deltas: dict[str, torch.Tensor] = {}
         for ref in adapters:
             tensors = self.factors.get(ref.file)
-            for key, lora_a in tensors.items():
-                if not (key.startswith(prefix) and key.endswith(".lora_A")):
+            for key, value in tensors.items():
+                suffix = ".lora_A" if key.endswith(".lora_A") else ".delta" if key.endswith(".delta") else None
+                if not key.startswith(prefix) or suffix is None:
                     continue
-                layer = key[len(prefix) : -len(".lora_A")]
+                layer = key[len(prefix) : -len(suffix)]
                 module = self.modules.get(layer)
                 if module is None or not hasattr(module, "weight"):
                     raise KeyError(f"{ref.name}: layer {layer} not in {self.component}")
-                stem = key[: -len(".lora_A")]
                 device = module.weight.device  # B @ A where the weight lives (the GPU), not on the host
-                lora_b = tensors[stem + ".lora_B"]
-                delta = lora_delta(lora_a.to(device), lora_b.to(device), module.weight.shape)
-                delta = delta * (float(tensors[stem + ".scaling"]) * ref.scale)
+                if suffix == ".delta":  # (a LyCORIS module: its dense delta, scaled at conversion)
+                    delta = value.to(device) * ref.scale
+                else:
+                    stem = key[: -len(suffix)]
+                    delta = lora_delta(value.to(device), tensors[stem + ".lora_B"].to(device), module.weight.shape)
+                    delta = delta * (float(tensors[stem + ".scaling"]) * ref.scale)
                 deltas[layer] = deltas[layer] + delta if layer in deltas else delta
         for layer, delta in deltas.items():
             weight = self.modules[layer].weight
