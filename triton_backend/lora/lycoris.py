@@ -99,7 +99,7 @@ def module_delta(w: dict[str, torch.Tensor], weight_shape: torch.Size) -> torch.
 
 
 def _names(component: str, model: torch.nn.Module) -> dict[str, str]:
-    """kohya module key (without its ``lora_…_`` prefix) → module name, for every module with a weight."""
+    """Kohya module key (without its ``lora_…_`` prefix) → module name, for every module with a weight."""
     out = {}
     for name, module in model.named_modules():
         if not hasattr(module, "weight") or not name:
