@@ -99,9 +99,10 @@ def test_a_lycoris_file_equals_diffusers_with_a1111s_deltas(work, kind):
 
 def test_a_lycoris_file_for_another_model_is_refused_naming_lora_names(work):
     root, pipe = work
-    save_file({"lora_unet_no_such_layer.hada_w1_a": torch.zeros(2, 2), "lora_unet_no_such_layer.hada_w1_b": torch.zeros(2, 2),
-               "lora_unet_no_such_layer.hada_w2_a": torch.zeros(2, 2), "lora_unet_no_such_layer.hada_w2_b": torch.zeros(2, 2)},
-              str(root / "loras" / "stray.safetensors"))  # fmt: skip
+    parts = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    save_file(
+        {f"lora_unet_no_such_layer.{p}": torch.zeros(2, 2) for p in parts}, str(root / "loras" / "stray.safetensors")
+    )
     with pytest.raises(InvalidRequestError) as info:
         pipe.generate(GenerationRequest(prompt="x", steps=2, lora_names=("stray",), lora_bound_k=0))
     assert info.value.field == "LORA_NAMES" and "no_such_layer" in str(info.value)

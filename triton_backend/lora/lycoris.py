@@ -3,7 +3,7 @@
 diffusers reads plain LoRAs (``lora_down``/``lora_up``, :mod:`triton_backend.lora.convert`) but not LoHa or LoKr,
 whose deltas are not a low-rank product. A file with ``hada_`` or ``lokr_`` keys is converted here instead, every
 module to ``{component}:{module}.delta`` = the full ``ΔW`` with its scale (``alpha / dim``, A1111's
-``NetworkModule.calc_scale``) applied; the patcher adds ``delta × LORA_SCALE`` to the weight. Formulas
+``NetworkModule.calc_scale``) applied; the patcher adds ``delta * LORA_SCALE`` to the weight. Formulas
 (``extensions-builtin/Lora``):
 
 * LoHa (``network_hada.py``): ``(w1_a @ w1_b) ⊙ (w2_a @ w2_b)`` (Tucker ``hada_t1``/``hada_t2``: ``make_weight_cp``);
