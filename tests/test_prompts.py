@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,3 +195,25 @@ def test_an_embedding_for_another_model_is_refused_naming_the_prompt(model_dir, 
         pipe.text_encoder.encode_request(GenerationRequest(prompt="x"))  # (unused: no error)
     finally:
         pipe.close()
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "needle"),
+    [
+        ({"prompt": "a (red:1000) house"}, "PROMPT", "weight 1000"),
+        ({"prompt": "x", "negative_prompt": "(ugly:-500)"}, "NEGATIVE_PROMPT", "weight -500"),
+        ({"prompt": " BREAK ".join(["a red house"] * 17)}, "PROMPT", "17 chunks"),
+        ({"prompt": "x", "clip_skip": 0}, "CLIP_SKIP", "out of range"),
+    ],
+)
+def test_absurd_prompts_are_refused_naming_the_field(local, fields, field, needle):
+    from triton_backend.schema import parse_request
+
+    with pytest.raises(InvalidRequestError) as info:
+        local.text_encoder.encode_request(
+            parse_request(
+                GenerationRequest(**fields).to_tensors()
+                | ({"CLIP_SKIP": np.array([0], np.int32)} if fields.get("clip_skip") == 0 else {})
+            )
+        )
+    assert info.value.field == field and needle in str(info.value)

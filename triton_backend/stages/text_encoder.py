@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from ..lora.store import has_text_encoder_layers, resolve_lora_path
 from ..model_info import ModelInfo, load_part
 from ..parameters import mib
 from ..paths import embedding_dir, lora_dir
-from ..prompt_syntax import PromptChunk, apply_emphasis, has_syntax, tokenize_line
+from ..prompt_syntax import PromptChunk, apply_emphasis, has_syntax, parse_prompt_attention, tokenize_line
 from ..schema import TEXT_ENCODER_INPUTS, GenerationRequest, parse_request, reject_sdxl_only
 
 #: The request fields this stage consumes.
@@ -26,6 +27,10 @@ INPUTS = TEXT_ENCODER_INPUTS
 
 #: Prompt tokens per chunk (CLIP's 77 positions less ``bos`` and ``eos``), as A1111 and diffusers count them.
 CHUNK_TOKENS = 75
+#: The most chunks a prompt may take (the UNet's cross-attention grows with them).
+MAX_CHUNKS = 16
+#: The largest weight ``(word:w)`` accepted, either sign (A1111 has no bound; beyond this it is a mistake).
+MAX_WEIGHT = 100.0
 
 #: Text encoders by diffusers component name (SD has the first only).
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
@@ -166,6 +171,11 @@ class TextEncoder:
             return tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
 
         ids = tokenize([text])[0]
+        for run, weight in parse_prompt_attention(text):
+            if run != "BREAK" and not (math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
+                raise InvalidRequestError(
+                    field, f"weight {weight:g} of {run.strip()[:40]!r}; allowed -{MAX_WEIGHT} .. {MAX_WEIGHT}"
+                )
         triggers = sorted(((tuple(tokenize([name])[0]), e) for name, e in embeddings.items()), key=lambda t: -len(t[0]))
         used = [e for trigger, e in triggers if _contains(ids, trigger)]
         if not used and len(ids) <= CHUNK_TOKENS and not has_syntax(text):
@@ -181,7 +191,7 @@ class TextEncoder:
             return None
 
         comma = tokenizer.convert_tokens_to_ids(",</w>")
-        return tokenize_line(
+        chunks = tokenize_line(
             text,
             tokenize,
             bos=tokenizer.bos_token_id,
@@ -193,6 +203,13 @@ class TextEncoder:
             layout="diffusers",
             relocate_fixes=True,
         )
+        if len(chunks) > MAX_CHUNKS:
+            raise InvalidRequestError(
+                field,
+                f"{len(chunks)} chunks of {CHUNK_TOKENS} tokens; at most {MAX_CHUNKS} "
+                f"({MAX_CHUNKS * CHUNK_TOKENS} tokens)",
+            )
+        return chunks
 
     def encode_request(self, request: GenerationRequest, adapters: Sequence[AdapterRef] = ()) -> dict[str, np.ndarray]:
         """``PROMPT_EMBEDS`` ``[2, 77·k, D]`` = (unconditional, conditional) with CFG, else ``[1, 77·k, D]``, and
