@@ -216,6 +216,9 @@ def test_a_bad_parameter_stops_serve_before_it_starts_naming_it(model_dir, capsy
     assert err == "error: denoise: parameter lora_bound_k='banana'; allowed: auto or an integer >= 0\n", err
     assert main(["serve", "--model-dir", str(model_dir), "--layout", "cpu", "--set", "unet.freeze=off"]) == 2
     assert "layout cpu renders no unet model" in capsys.readouterr().err
+    assert main(["serve", "--model-dir", str(model_dir), "--vae", str(model_dir / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --vae ") and "not a diffusers AutoencoderKL directory" in err and err.count("\n") == 1
 
 
 def test_a_bad_model_dir_is_one_line_with_the_fix(tmp_path, capsys):

@@ -61,9 +61,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, str]]:
     from .repository import parse_overrides
 
     try:
-        return parse_overrides(getattr(args, "set", None) or [])
+        overrides = parse_overrides(getattr(args, "set", None) or [])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if getattr(args, "vae", None):  # --vae DIR: the vae stage's vae_dir
+        vae_dir = Path(args.vae).expanduser().resolve()
+        if not (vae_dir / "config.json").is_file():
+            raise UsageError(f"--vae {args.vae}: not a diffusers AutoencoderKL directory (no config.json)")
+        overrides.setdefault("vae", {})["vae_dir"] = str(vae_dir)
+    return overrides
 
 
 def _server_from_args(args: argparse.Namespace):
@@ -284,6 +290,12 @@ def _add_server_args(p: argparse.ArgumentParser, ports: bool = True) -> None:
         help=LAYOUT_HELP + "; auto (default): cpu without a GPU, else the GPU layout for the GPUs seen",
     )
     p.add_argument("--dtype", default="auto", help="dtype of the model stages on GPUs (auto = float16)")
+    p.add_argument(
+        "--vae",
+        default=None,
+        metavar="DIR",
+        help="a replacement VAE: a diffusers AutoencoderKL directory of the same latent space (e.g. SDXL's fp16-fix)",
+    )
     if ports:
         p.add_argument("--grpc-port", type=int, default=8001, help="0 = any free port")
         p.add_argument("--http-port", type=int, default=8000, help="0 = any free port")
