@@ -168,7 +168,7 @@ class TextEncoder:
         tokenizer = self.tokenizers[i]
 
         def tokenize(texts: list[str]) -> list[list[int]]:
-            return tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
+            return tokenizer(texts, truncation=False, add_special_tokens=False, verbose=False)["input_ids"]
 
         ids = tokenize([text])[0]
         for run, weight in parse_prompt_attention(text):
