@@ -198,6 +198,18 @@ def test_n_images_equal_diffusers_with_a_generator_per_image(local, reference):
         assert_same_image(ours, (theirs * 255).round().astype(np.uint8))
 
 
+def test_controlnet_inpainting_equals_the_controlnet_inpaint_pipeline(local, model_dir):
+    name = sorted(p.name for p in (model_dir / "controlnets").iterdir())[0]
+    req = request(mask_image=mask_image(), strength=0.8, controlnet_names=(name,), controlnet_images=hint_images(1))
+    assert_same_image(local.generate(req).image, diffusers_image(model_dir, req, controlnet=True))
+
+
+def test_sdxl_img2img_with_a_lora_equals_its_pipeline(xl, sdxl_model_dir):
+    lora = sorted(p.stem for p in (sdxl_model_dir / "loras").glob("*.safetensors"))[0]
+    req = request(strength=0.6, lora_names=(lora,), lora_scales=(0.9,), lora_bound_k=0)
+    assert_same_image(xl.generate(req).image, diffusers_image(sdxl_model_dir, req))
+
+
 def test_sdxl_controlnet_img2img_takes_its_pipelines_default_strength(xl, sdxl_model_dir):
     name = sorted(p.name for p in (sdxl_model_dir / "controlnets").iterdir())[0]
     req = request(controlnet_names=(name,), controlnet_images=hint_images(1))  # (0.8 here, 0.3 without it)
