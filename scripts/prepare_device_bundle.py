@@ -19,7 +19,7 @@ from triton_backend.tools.bundle import BUDGET_BYTES, TARGET_PYTHON, build
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output directory (bundle.tar.xz, manifest.json, bundle/)")
+    parser.add_argument("--out", required=True, help="output directory: bundle.tar.xz and manifest.json only")
     parser.add_argument("--python", default=TARGET_PYTHON, help="target CPython version (default %(default)s)")
     args = parser.parse_args()
     manifest = build(Path(args.out), args.python)

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -215,24 +216,27 @@ def compress(tree: Path, archive: Path) -> None:
 
 
 def build(out: Path, python: str = TARGET_PYTHON, log=print) -> dict:
-    """Build the bundle under ``out`` (``out/bundle.tar.xz`` and its unpacked tree); returns the manifest."""
-    staging = out / "bundle"
-    shutil.rmtree(staging, ignore_errors=True)
-    pins = pinned_closure(python=python)
-    log(f"{len(pins)} distributions pinned; downloading wheels for CPython {python} ...")
-    download_wheels(pins, staging / "wheels", python)
-    dry_run(staging / "wheels", pins, python)
-    log("resolution from the bundle alone: ok")
-    for wheel in (staging / "wheels").glob("*.whl"):
-        repack(wheel)
-    trim_tritonserver(staging / "tritonserver", python)
-    (staging / "requirements.txt").write_text("".join(f"{p}\n" for p in pins if _name(p) not in NO_DEPS))
-    (staging / "install-nodeps.txt").write_text("".join(f"{p}\n" for p in pins if _name(p) in NO_DEPS))
-    archive = out / "bundle.tar.xz"
-    log("compressing (xz -9) ...")
-    compress(staging, archive)
-    sizes = {p.name: p.stat().st_size for p in (staging / "wheels").glob("*.whl")}
-    tritonserver = sum(p.stat().st_size for p in (staging / "tritonserver").rglob("*") if p.is_file())
+    """Build the bundle: ``out`` holds ``bundle.tar.xz`` and ``manifest.json`` only (what travels to the device);
+    the unpacked tree is staged in a temporary directory, removed after. Returns the manifest.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="swiftdiffusion-bundle-") as tmp:
+        staging = Path(tmp) / "bundle"
+        pins = pinned_closure(python=python)
+        log(f"{len(pins)} distributions pinned; downloading wheels for CPython {python} ...")
+        download_wheels(pins, staging / "wheels", python)
+        dry_run(staging / "wheels", pins, python)
+        log("resolution from the bundle alone: ok")
+        for wheel in (staging / "wheels").glob("*.whl"):
+            repack(wheel)
+        trim_tritonserver(staging / "tritonserver", python)
+        (staging / "requirements.txt").write_text("".join(f"{p}\n" for p in pins if _name(p) not in NO_DEPS))
+        (staging / "install-nodeps.txt").write_text("".join(f"{p}\n" for p in pins if _name(p) in NO_DEPS))
+        archive = out / "bundle.tar.xz"
+        log("compressing (xz -9) ...")
+        compress(staging, archive)
+        sizes = {p.name: p.stat().st_size for p in (staging / "wheels").glob("*.whl")}
+        tritonserver = sum(p.stat().st_size for p in (staging / "tritonserver").rglob("*") if p.is_file())
     manifest = {
         "python": python,
         "pins": pins,
