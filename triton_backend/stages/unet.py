@@ -131,6 +131,8 @@ class UNetStep:
                 merged.encoder_hidden_states.to(dev, dt),
                 merged.added_cond_kwargs(dev, dt),
             )
+            if trace_id and dev.type == "cuda":  # (a traced time is the kernels' end, not their launch)
+                torch.cuda.synchronize(dev)
             trace("unet_encoder_end", id=trace_id)
             if not any(wait for _, wait in rows):
                 return decoder(state).float().cpu()
