@@ -246,11 +246,10 @@ def env_lora_dir(pipe):
     return Path(pipe.config._name_or_path) / "loras"
 
 
-def reference_with_callback(reference, req, callback):
-    from triton_backend.schedulers import make_scheduler
-
-    pipe = reference.pipe
-    pipe.scheduler = make_scheduler(req.scheduler, reference.base_scheduler, seed=req.seed)
+def pipeline_image(pipe, req, **kwargs) -> np.ndarray:
+    """A diffusers pipeline called with the request's prompts, steps, guidance and seed (a CPU generator, as the
+    server seeds), plus ``kwargs``: its first image as uint8.
+    """
     out = pipe(
         req.prompt,
         negative_prompt=req.negative_prompt,
@@ -258,9 +257,17 @@ def reference_with_callback(reference, req, callback):
         guidance_scale=req.guidance_scale,
         generator=torch.Generator("cpu").manual_seed(req.seed),
         output_type="np",
-        callback_on_step_end=callback,
+        **kwargs,
     ).images[0]
     return (out * 255).round().astype(np.uint8)
+
+
+def reference_with_callback(reference, req, callback):
+    from triton_backend.schedulers import make_scheduler
+
+    pipe = reference.pipe
+    pipe.scheduler = make_scheduler(req.scheduler, reference.base_scheduler, seed=req.seed)
+    return pipeline_image(pipe, req, callback_on_step_end=callback)
 
 
 def lora_request(loras: tuple[tuple[str, float], ...]) -> GenerationRequest:

@@ -17,7 +17,7 @@ from triton_backend.pipeline import LocalPipeline
 from triton_backend.schedulers import make_scheduler
 from triton_backend.schema import GenerationRequest
 
-from .helpers import assert_same_image, hint_images, pixel_diff
+from .helpers import assert_same_image, hint_images, pipeline_image, pixel_diff
 
 
 def init_image(size: tuple[int, int] = (64, 64), seed: int = 5) -> np.ndarray:
@@ -72,16 +72,7 @@ def diffusers_image(model_dir: Path, req: GenerationRequest, controlnet: bool = 
         pipe.load_lora_weights(str(model_dir / "loras" / f"{name}.safetensors"), adapter_name=name)
         pipe.set_adapters([name], adapter_weights=[scale])
         pipe.fuse_lora(adapter_names=[name])
-    out = pipe(
-        req.prompt,
-        negative_prompt=req.negative_prompt,
-        num_inference_steps=req.steps,
-        guidance_scale=req.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(req.seed),
-        output_type="np",
-        **kwargs,
-    ).images[0]
-    return (out * 255).round().astype(np.uint8)
+    return pipeline_image(pipe, req, **kwargs)
 
 
 @pytest.fixture(scope="module")
