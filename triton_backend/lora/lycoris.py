@@ -136,7 +136,7 @@ def convert_lycoris(
         name = names[component].get(key)
         if name is None:
             raise InvalidRequestError(field, f"{lora}: layer {key} is not in this model's {component}")
-        weight = components[component].get_submodule(name).weight
+        weight: torch.Tensor = components[component].get_submodule(name).weight  # type: ignore[assignment]
         try:
             delta = module_delta(weights, weight.shape)
         except (RuntimeError, KeyError) as exc:

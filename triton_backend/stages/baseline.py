@@ -11,6 +11,8 @@ same inputs as ``txt2img`` and ``img2img`` (same client, same perf_analyzer data
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -97,7 +99,7 @@ class BaselinePipeline:
             }
         else:
             reject_sdxl_only(req, "SD1.x/2.x")
-        extra = {"add_watermarker": False} if self.sdxl else {}
+        extra: dict[str, Any] = {"add_watermarker": False} if self.sdxl else {}
         if req.controlnet_names:
             nets = [self._controlnet(n) for n in req.controlnet_names]
             images = req.controlnet_images

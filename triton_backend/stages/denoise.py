@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -258,10 +258,13 @@ def prepare(
     inpainting = None
     if images is not None and "LATENT_MASK" in images:
         noise = torch.cat([r[1] for r in rows])
+        known = [r[3] if info.inpainting_unet else r[2] for r in rows]
+        assert all(t is not None for t in known)  # (first_latents draws what this UNet kind needs)
+        latents_of = torch.cat(cast(list[torch.Tensor], known))
         if info.inpainting_unet:
-            inpainting = Inpainting(images["LATENT_MASK"].float(), None, noise, torch.cat([r[3] for r in rows]))
+            inpainting = Inpainting(images["LATENT_MASK"].float(), None, noise, latents_of)
         else:
-            inpainting = Inpainting(images["LATENT_MASK"].float(), torch.cat([r[2] for r in rows]), noise, None)
+            inpainting = Inpainting(images["LATENT_MASK"].float(), latents_of, noise, None)
     params = set(inspect.signature(schedulers[0].step).parameters)
     extra: dict[str, Any] = {"eta": 0.0} if "eta" in params else {}
     if n > 1:  # diffusers' num_images_per_prompt order: every unconditional row, then every conditional one

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -109,7 +109,7 @@ class TextEncoder:
             else:
                 per_encoder.append([])
                 for j, chunk in enumerate(chunks):
-                    fixes = [(fix.offset + 1, fix.embedding.vectors[i]) for fix in chunk.fixes]
+                    fixes = [(fix.offset + 1, cast(Embedding, fix.embedding).vectors[i]) for fix in chunk.fixes]
                     hidden, chunk_pool = self._run(i, torch.tensor([chunk.tokens]), clip_skip, fixes)
                     if any(m != 1.0 for m in chunk.multipliers):
                         hidden = apply_emphasis(
@@ -244,7 +244,7 @@ class TextEncoder:
                 parts = [self.encode(a, b, request.clip_skip, embeddings, field) for a, b, field in texts]
                 count = max(len(chunks) for chunks, _ in parts)
                 empty = self._empty_chunk_all(request.clip_skip) if count > min(len(c) for c, _ in parts) else None
-                embeds = torch.cat([torch.cat(c + [empty] * (count - len(c)), dim=1) for c, _ in parts])
+                embeds = torch.cat([torch.cat(c + [empty] * (count - len(c)), dim=1) for c, _ in parts])  # type: ignore[list-item]
                 pooled = torch.cat([p for _, p in parts])
             finally:
                 for patcher in self.patchers:
@@ -307,7 +307,7 @@ def final_layer_norm(model: torch.nn.Module) -> torch.nn.Module:
     """The text model's final layer norm (``CLIPTextModel.text_model.final_layer_norm`` before transformers 5,
     ``CLIPTextModel.final_layer_norm`` since: diffusers' own ``clip_skip`` path still reads the first).
     """
-    return getattr(model, "text_model", model).final_layer_norm
+    return cast(torch.nn.Module, getattr(model, "text_model", model).final_layer_norm)
 
 
 def _contains(ids: Sequence[int], part: Sequence[int]) -> bool:
@@ -336,7 +336,8 @@ def _vectors_at(model: torch.nn.Module, fixes: Sequence[tuple[int, torch.Tensor]
             output[:, position : position + vectors.shape[0]] = vectors.to(output.device, output.dtype)
         return output
 
-    handle = model.get_input_embeddings().register_forward_hook(hook)
+    embedding = cast(torch.nn.Module, model.get_input_embeddings())  # type: ignore[operator]
+    handle = embedding.register_forward_hook(hook)
     try:
         yield
     finally:

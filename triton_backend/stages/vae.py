@@ -114,6 +114,8 @@ class Vae:
         if "INIT_IMAGE" not in tensors:
             raise InvalidRequestError("LATENTS", "is required (or INIT_IMAGE, to encode it)")
         request = parse_request(tensors, self.limits, only=VAE_ENCODE_INPUTS)
+        if request.init_image is None:
+            raise InvalidRequestError("INIT_IMAGE", "is required")
         return self.encode(request.init_image, request.mask_image)
 
 
