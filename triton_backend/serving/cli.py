@@ -1,5 +1,5 @@
-"""The ``swiftdiffusion`` command: ``default-model``, ``serve``, ``repository``, ``tritonserver``, ``generate``,
-``demo`` and ``perf-analyzer``.
+"""The ``swiftdiffusion`` command: ``default-model``, ``convert``, ``serve``, ``repository``, ``tritonserver``,
+``generate``, ``demo`` and ``perf-analyzer``.
 
 ``serve [OPTIONS] -- ARGS``: everything after ``--`` is passed to ``tritonserver`` unchanged (e.g. mutual TLS,
 ``--grpc-use-ssl-mutual=true --grpc-root-cert=ca.pem``).
@@ -17,9 +17,24 @@ import time
 from pathlib import Path
 
 from ..paths import cache_dir, default_model_dir
+from ..tools.convert import CHECKPOINT_SUFFIXES
 
 #: Environment variable read for ``serve --admin-key`` (keeps the key off the command line of ``serve``).
 ADMIN_KEY_ENV = "SWIFTDIFFUSION_ADMIN_KEY"
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from ..tools.convert import convert_checkpoint
+
+    try:
+        out = convert_checkpoint(
+            Path(args.checkpoint), Path(args.out), args.arch, Path(args.config) if args.config else None
+        )
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"converted {args.checkpoint} to {out} (serve it with: swiftdiffusion serve --model-dir {out})")
+    return 0
 
 
 def _default_model(args: argparse.Namespace) -> int:
@@ -43,7 +58,20 @@ class UsageError(Exception):
 
 
 def _ensure_model_dir(model_dir: str | None, arch: str = "sd1") -> Path:
-    """An explicit ``--model-dir`` is used as is; otherwise the default model of ``arch`` is generated if missing."""
+    """An explicit ``--model-dir`` is used as is (a single-file checkpoint is converted once into the cache);
+    otherwise the default model of ``arch`` is generated if missing.
+    """
+    if model_dir and Path(model_dir).is_file() and Path(model_dir).suffix in CHECKPOINT_SUFFIXES:
+        from ..errors import ConfigError
+        from ..tools.convert import converted_model_dir
+
+        print(f"converting {model_dir} (once; kept in the cache) ...", flush=True)
+        try:
+            return converted_model_dir(Path(model_dir))
+        except ConfigError as exc:
+            raise UsageError(
+                f"{exc}; or convert it with: swiftdiffusion convert CHECKPOINT --out DIR --arch ..."
+            ) from None
     if model_dir:
         if not (Path(model_dir) / "model_index.json").is_file():
             raise UsageError(
@@ -311,6 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="swiftdiffusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "convert", help="convert a single-file .safetensors checkpoint (original layout) to a diffusers directory"
+    )
+    p.add_argument("checkpoint", help="the .safetensors file (SD1.x or SDXL, as A1111 and civitai ship them)")
+    p.add_argument("--out", required=True, help="the diffusers directory to write")
+    p.add_argument("--arch", default=None, choices=["sd1", "sdxl"], help="default: told from the checkpoint's keys")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a diffusers directory of the same architecture for its configs and tokenizers (default: the generated "
+        "default model of --arch, which fits only checkpoints written from it)",
+    )
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("default-model", help="write the small deterministic random-weight default model")
     p.add_argument("--out", default=None, help=f"output directory (default {default_model_dir()}[-sdxl])")
