@@ -106,3 +106,45 @@ def test_a_lycoris_file_for_another_model_is_refused_naming_lora_names(work):
     with pytest.raises(InvalidRequestError) as info:
         pipe.generate(GenerationRequest(prompt="x", steps=2, lora_names=("stray",), lora_bound_k=0))
     assert info.value.field == "LORA_NAMES" and "no_such_layer" in str(info.value)
+
+
+def test_an_sdxl_loha_reaches_the_unet_and_both_text_encoders(sdxl_model_dir, tmp_path):
+    """kohya names with ``lora_te1_``/``lora_te2_``; the deltas are checked against A1111's formula in the weights
+    the stages patch (the image path is the SD one above)."""
+    from triton_backend.config import StageConfig
+    from triton_backend.lora.convert import convert_lora_file, load_skeletons
+
+    skeletons = load_skeletons(StageConfig.from_params("lora_manager", {"model_dir": str(sdxl_model_dir)}))
+    g = torch.Generator().manual_seed(2)
+    tensors, expected = {}, {}
+
+    def first(component: str, end: str) -> str:
+        return next(n for n, _ in skeletons[component].named_modules() if n.endswith(end))
+
+    for component, prefix, name in (
+        ("unet", "lora_unet_", first("unet", "attn1.to_q")),
+        ("text_encoder", "lora_te1_", first("text_encoder", "self_attn.q_proj")),
+        ("text_encoder_2", "lora_te2_", first("text_encoder_2", "self_attn.q_proj")),
+    ):
+        shape = skeletons[component].get_submodule(name).weight.shape
+        sizes = {
+            "hada_w1_a": (shape[0], 2),
+            "hada_w1_b": (2, shape[1]),
+            "hada_w2_a": (shape[0], 2),
+            "hada_w2_b": (2, shape[1]),
+        }
+        w = {p: torch.randn(*size, generator=g) for p, size in sizes.items()}
+        key = (
+            prefix
+            + ("" if component == "unet" or name.startswith("text_model.") else "text_model_")
+            + name.replace(".", "_")
+        )
+        tensors |= {f"{key}.{p}": t for p, t in w.items()} | {f"{key}.alpha": torch.tensor(4.0)}
+        expected[f"{component}:{name}.delta"] = (
+            (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"]) * 2
+        )
+    path = tmp_path / "xl_loha.safetensors"
+    save_file(tensors, str(path))
+    out = convert_lora_file(path, skeletons)
+    assert out.keys() == expected.keys()
+    assert all(torch.allclose(out[k], expected[k], atol=1e-5) for k in expected)
