@@ -134,6 +134,19 @@ def test_inpainting_on_a_9_channel_unet_equals_stable_diffusion_inpaint_pipeline
         pipe.close()
 
 
+def test_a_controlnet_on_a_9_channel_unet_equals_the_controlnet_inpaint_pipeline(inpainting_model_dir):
+    """The ControlNet takes the 4 latent channels; the UNet the latents, the mask and the masked image."""
+    pipe = LocalPipeline(inpainting_model_dir)
+    try:
+        req = request(mask_image=mask_image(), controlnet_names=("edges",), controlnet_images=hint_images(1))
+        ours = pipe.generate(req).image
+        assert_same_image(ours, diffusers_image(inpainting_model_dir, req, controlnet=True))
+        plain = pipe.generate(dataclasses.replace(req, controlnet_names=(), controlnet_images=None)).image
+        assert pixel_diff(ours, plain)[1] > 0.5
+    finally:
+        pipe.close()
+
+
 def test_img2img_with_a_controlnet_and_a_lora_equals_the_controlnet_img2img_pipeline(local, model_dir):
     name = sorted(p.name for p in (model_dir / "controlnets").iterdir())[0]
     lora = sorted(p.stem for p in (model_dir / "loras").glob("*.safetensors"))[0]

@@ -156,10 +156,11 @@ class ControlNetService:
             "addition_time_embed_dim",
         )
         for key in keys:
-            if key in config and config[key] != unet.get(key):
+            theirs = self.info.latent_channels if key == "in_channels" else unet.get(key)  # (an inpainting UNet: 9)
+            if key in config and config[key] != theirs:
                 raise InvalidRequestError(
                     "CONTROLNET_NAMES",
-                    f"{name}: architecture does not match the base model ({key} {config[key]} != {unet.get(key)})",
+                    f"{name}: architecture does not match the base model ({key} {config[key]} != {theirs})",
                 )
 
     def model(self, name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -271,8 +272,11 @@ class ControlNetService:
                 added = {
                     k: torch.cat([getattr(rows[i], k) for i in idx]).to(dev, dt) for k in ("text_embeds", "time_ids")
                 }
+            # (an inpainting UNet's sample carries the mask and the masked image after the latents: the ControlNet
+            # takes the latents, as diffusers' ControlNet inpaint pipelines give it)
+            latents = self.info.latent_channels
             down, mid = model(
-                torch.cat([rows[i].sample for i in idx]).to(dev, dt),
+                torch.cat([rows[i].sample[:, :latents] for i in idx]).to(dev, dt),
                 torch.cat([rows[i].timestep.reshape(-1) for i in idx]).to(dev),
                 encoder_hidden_states=torch.cat([rows[i].encoder_hidden_states for i in idx]).to(dev, dt),
                 controlnet_cond=cond.to(dev, dt),

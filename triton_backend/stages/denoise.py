@@ -225,10 +225,6 @@ def prepare(
         raise InvalidRequestError(
             "INIT_IMAGE", "this model's UNet is an inpainting UNet: send INIT_IMAGE and MASK_IMAGE"
         )
-    if info.inpainting_unet and request.controlnet_names:
-        raise InvalidRequestError(
-            "CONTROLNET_NAMES", "ControlNets on an inpainting UNet (9 input channels) are not supported"
-        )
     if images is not None and info.inpainting_unet and "MASKED_MOMENTS" not in images:
         raise InvalidRequestError("MASK_IMAGE", "this model's UNet is an inpainting UNet: a mask is required")
     height, width = resolve_size(request, info, images)

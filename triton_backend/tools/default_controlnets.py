@@ -24,6 +24,14 @@ def write_default_controlnets(model_dir: Path, embedding_channels: tuple[int, ..
     for name, seed in DEFAULT_CONTROLNETS.items():
         torch.manual_seed(seed)
         cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding_channels)
+        latents = 4
+        if cn.conv_in.in_channels != latents:  # an inpainting UNet's 9 channels: a ControlNet takes the 4 latents
+            conv = cn.conv_in
+            cn.conv_in = torch.nn.Conv2d(latents, conv.out_channels, conv.kernel_size, padding=conv.padding)
+            with torch.no_grad():
+                cn.conv_in.weight.copy_(conv.weight[:, :latents])
+                cn.conv_in.bias.copy_(conv.bias)
+            cn.register_to_config(in_channels=latents)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             zero_convs = [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]

@@ -358,7 +358,8 @@ def write_default_model(
     Skips the work when ``out`` already holds this version, architecture, preset and dtype, unless ``force``.
     ``dtype="float16"`` halves the pipeline's weights on disk (the device check writes the full-size ``sd15`` preset
     on the device itself); its LoRAs and ControlNets stay float32. ``inpainting``: a 9-channel inpainting UNet
-    (``img2img`` with ``MASK_IMAGE``, as ``StableDiffusion(XL)InpaintPipeline``), with LoRAs and no ControlNets.
+    (``img2img`` with ``MASK_IMAGE``, as ``StableDiffusion(XL)InpaintPipeline``), its ControlNets on the 4 latent
+    channels (as the ControlNet inpaint pipelines feed them).
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
@@ -402,8 +403,7 @@ def write_default_model(
         write_default_loras(tmp / "model", arch)
         from .default_controlnets import write_default_controlnets
 
-        if not inpainting:  # (a ControlNet's input is the 4 latent channels; the inpainting UNet's are 9)
-            write_default_controlnets(tmp / "model", table[preset]["controlnet_embedding"])
+        write_default_controlnets(tmp / "model", table[preset]["controlnet_embedding"])
         marker = {"version": DEFAULT_MODEL_VERSION, "arch": arch, "preset": preset, "dtype": dtype}
         (tmp / "model" / _MARKER).write_text(json.dumps(marker | ({"inpainting": True} if inpainting else {})))
         if out.exists():
