@@ -38,11 +38,18 @@ def test_equals_diffusers(stages, reference, scheduler, guidance):
     assert np.array_equal(ours, ref) or assert_same_image(ours, ref) is None
 
 
-def test_non_square_and_over_long_prompt_equal_diffusers(stages, reference):
-    req = GenerationRequest(prompt=" ".join(["cat"] * 200), seed=1, steps=3, height=48, width=96, scheduler="ddim")
+def test_non_square_equals_diffusers_and_an_over_long_prompt_is_chunked_not_cut(stages, reference):
+    req = GenerationRequest(prompt="a cat on a wall", seed=1, steps=3, height=48, width=96, scheduler="ddim")
     ours = generate(stages, req)
     assert ours.shape == (48, 96, 3)
     assert_same_image(ours, reference(req))
+    te = stages[0]
+    long = GenerationRequest(prompt=" ".join(["cat"] * 200), guidance_scale=1.0)
+    embeds = torch.from_numpy(te.encode_request(long)["PROMPT_EMBEDS"])
+    tokens = len(te.tokenizers[0](long.prompt, add_special_tokens=False).input_ids)
+    assert embeds.shape[1] == 77 * -(-tokens // 75)  # 75-token chunks, each between its own bos and eos (A1111)
+    truncated = reference.pipe.encode_prompt(long.prompt, "cpu", 1, False)[0]  # diffusers cuts at 75 tokens
+    assert torch.equal(embeds[:, :77], truncated)
 
 
 def test_guidance_at_most_one_skips_the_unconditional_branch(stages):
