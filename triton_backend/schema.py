@@ -4,8 +4,9 @@ Pure (numpy only) so that the client library builds its inputs from the same tab
 
 Inputs of ``txt2img`` (all shape ``[1]``)::
 
-    PROMPT           BYTES  required, UTF-8, non-empty; tokens beyond the text encoder's 77 are truncated
-                            like diffusers does (the tokenizer's ``truncation=True``)
+    PROMPT           BYTES  required, UTF-8, non-empty; A1111 syntax (weights, BREAK), any length in 75-token chunks,
+                            textual-inversion embeddings by file stem; a plain prompt of at most 75 tokens is
+                            encoded exactly as diffusers does
     NEGATIVE_PROMPT  BYTES  optional, default none (diffusers' empty unconditional prompt; SDXL models with
                             ``force_zeros_for_empty_prompt``: zero unconditional embeddings, as diffusers)
     SEED             INT64  optional, default 0; seeds a CPU ``torch.Generator`` exactly as diffusers does
