@@ -71,8 +71,7 @@ def test_each_stage_declares_what_the_public_models_send_it_and_returns_what_the
         return {t.name for t in getattr(_load_config(model), kind)}
 
     fields = {f.name for f in FIELDS}
-    # (txt2img reads STRENGTH as any absent input: its config has none, so Triton refuses it by name)
-    assert set(PublicModel.inputs) - {"STRENGTH"} == fields - set(IMG2IMG_ONLY) == names("txt2img")
+    assert set(PublicModel.inputs) == fields - set(IMG2IMG_ONLY) == names("txt2img")
     assert set(Img2ImgModel.inputs) == fields == names("img2img")
     assert set(TEXT_ENCODER_INPUTS) <= names("text_encoder")
     assert {"PROMPT_EMBEDS", "POOLED_EMBEDS"} <= names("text_encoder", "output")

@@ -21,7 +21,7 @@ def _chain(client, req: GenerationRequest, parallel: bool) -> np.ndarray:
     latents = client.infer_raw(
         {"PROMPT_EMBEDS": embeds, **fields, "LATENT_PARALLEL": np.array([parallel])}, model="denoise"
     )["LATENTS"]
-    return client.infer_raw({"LATENTS": latents}, model="vae")["IMAGE"]
+    return client.infer_raw({"LATENTS": latents}, model="vae")["IMAGES"][0]
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m"])

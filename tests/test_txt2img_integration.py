@@ -115,7 +115,7 @@ def test_stages_are_callable_on_their_own(client, reference):
         model="denoise",
     )["LATENTS"]
     assert latents.shape == (1, 4, 8, 8)
-    image = client.infer_raw({"LATENTS": latents}, model="vae")["IMAGE"]
+    image = client.infer_raw({"LATENTS": latents}, model="vae")["IMAGES"][0]
     assert_same_image(image, reference(req))
     noise = client.infer_raw(
         {

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..errors import InvalidRequestError, StageUnavailableError
-from ..schema import DENOISE_INPUTS, IMAGE_INPUTS, MAX_DEADLINE_MS, TEXT_ENCODER_INPUTS, VAE_ENCODE_INPUTS
+from ..schema import DENOISE_INPUTS, IMG2IMG_ONLY, MAX_DEADLINE_MS, TEXT_ENCODER_INPUTS, VAE_ENCODE_INPUTS
 from .events import trace
 from .io import BlsCall, Tensors, cancellation_check, failure_response, make_response, read_tensors, send_final
 from .progress import POLL_S, ProgressListener, preview_every
@@ -164,7 +164,9 @@ class PublicModel(ModelShell):
     (see the module). Subclasses decide what a step and the end are answered with.
     """
 
-    inputs: tuple[str, ...] = tuple(dict.fromkeys((*TEXT_ENCODER_INPUTS, *DENOISE_INPUTS)))
+    inputs: tuple[str, ...] = tuple(
+        name for name in dict.fromkeys((*TEXT_ENCODER_INPUTS, *DENOISE_INPUTS)) if name not in IMG2IMG_ONLY
+    )
     #: ``img2img``: ``INIT_IMAGE`` is required (and ``MASK_IMAGE``, ``STRENGTH`` are inputs).
     image_to_image = False
 
@@ -312,7 +314,7 @@ class Img2ImgModel(Txt2ImgModel):
     """
 
     role = "img2img"
-    inputs = (*PublicModel.inputs, *IMAGE_INPUTS)
+    inputs = (*PublicModel.inputs, *IMG2IMG_ONLY)
     image_to_image = True
 
 
@@ -322,5 +324,5 @@ class Img2ImgStreamModel(StreamModel):
     """
 
     role = "img2img_stream"
-    inputs = (*StreamModel.inputs, *IMAGE_INPUTS)
+    inputs = (*StreamModel.inputs, *IMG2IMG_ONLY)
     image_to_image = True
