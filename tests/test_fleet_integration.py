@@ -6,6 +6,7 @@ diffusers, and one is unloaded while the other keeps serving.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -96,7 +97,8 @@ def test_two_pipelines_load_by_name_serve_like_diffusers_and_unload_alone(fleet,
     client.load_model("sd", client_timeout=600)  # the public name alone: Triton loads the ensemble's steps,
     client.load_model("xl", client_timeout=600)  # the stages load what they call over BLS (load_stages)
     for name in ("sd", "xl"):
-        client.load_model(f"{name}_stream", client_timeout=600)  # streaming is its own public model: NAME_stream
+        for public in ("stream", "img2img", "img2img_stream"):  # each its own public model: NAME_stream, ...
+            client.load_model(f"{name}_{public}", client_timeout=600)
         assert all(client.is_model_ready(m) for m in pipeline_models(name)), name
     req = GenerationRequest(prompt="a lighthouse", seed=4, steps=3)
     with Client(url, model="sd", timeout_s=120) as sd, Client(url, model="xl", timeout_s=120) as xl:
@@ -104,6 +106,12 @@ def test_two_pipelines_load_by_name_serve_like_diffusers_and_unload_alone(fleet,
         assert_same_image(xl.generate(req), sdxl_reference(req))
         *_, streamed = xl.stream(req)
         assert np.array_equal(streamed.image, xl.generate(req))
+        assert sd.run(dataclasses.replace(req, init_image=np.zeros((64, 64, 3), np.uint8))).images.shape == (
+            1,
+            64,
+            64,
+            3,
+        )
 
         errors: list[Exception] = []
         stop = threading.Event()
