@@ -49,7 +49,8 @@ def test_non_square_equals_diffusers_and_an_over_long_prompt_is_chunked_not_cut(
     tokens = len(te.tokenizers[0](long.prompt, add_special_tokens=False).input_ids)
     assert embeds.shape[1] == 77 * -(-tokens // 75)  # 75-token chunks, each between its own bos and eos (A1111)
     truncated = reference.pipe.encode_prompt(long.prompt, "cpu", 1, False)[0]  # diffusers cuts at 75 tokens
-    assert torch.equal(embeds[:, :77], truncated)
+    # (to rounding: other tests fused and unfused LoRAs into the shared reference's text encoder)
+    torch.testing.assert_close(embeds[:, :77], truncated, atol=1e-5, rtol=0)
 
 
 def test_guidance_at_most_one_skips_the_unconditional_branch(stages):
