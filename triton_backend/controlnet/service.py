@@ -156,11 +156,11 @@ class ControlNetService:
             "addition_time_embed_dim",
         )
         for key in keys:
-            theirs = self.info.latent_channels if key == "in_channels" else unet.get(key)  # (an inpainting UNet: 9)
-            if key in config and config[key] != theirs:
+            base = self.info.latent_channels if key == "in_channels" else unet.get(key)  # (an inpainting UNet: 9)
+            if key in config and config[key] != base:
                 raise InvalidRequestError(
                     "CONTROLNET_NAMES",
-                    f"{name}: architecture does not match the base model ({key} {config[key]} != {theirs})",
+                    f"{name}: architecture does not match the base model ({key} {config[key]} != {base})",
                 )
 
     def model(self, name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
