@@ -48,70 +48,68 @@ def unet_map(cfg):
     return m
 
 
+#: The renames inside a UNet resnet (diffusers → original).
 RES = [
-    ("norm1", "in_layers.0"),
-    ("conv1", "in_layers.2"),
-    ("norm2", "out_layers.0"),
-    ("conv2", "out_layers.3"),
-    ("time_emb_proj", "emb_layers.1"),
-    ("conv_shortcut", "skip_connection"),
+    ("norm1.", "in_layers.0."),
+    ("conv1.", "in_layers.2."),
+    ("norm2.", "out_layers.0."),
+    ("conv2.", "out_layers.3."),
+    ("time_emb_proj.", "emb_layers.1."),
+    ("conv_shortcut.", "skip_connection."),
 ]
+#: The renames inside the VAE's mid-block attention; its projections are 1x1 convolutions in the original layout.
+VAE_ATTN = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
+#: A block (diffusers prefix, original prefix) and the renames of its parts.
+Block = tuple[str, str, list[tuple[str, str]]]
+
+
+def rename(key: str, blocks: list[Block]) -> tuple[str, str | None]:
+    """``key`` with its first matching block prefix renamed and, inside it, its first matching part prefix; and
+    that part's diffusers name (``None``: no part matched).
+    """
+    for a, b, parts in blocks:
+        if key.startswith(a):
+            rest = key[len(a) :]
+            for x, y in parts:
+                if rest.startswith(x):
+                    return b + y + rest[len(x) :], x
+            return b + rest, None
+    return key, None
 
 
 def convert_unet(sd, cfg):
-    out = {}
-    m = unet_map(cfg)
-    for k, v in sd.items():
-        new = k
-        for a, b in m:
-            if new.startswith(a):
-                rest = new[len(a) :]
-                if ".resnets." in a:
-                    for x, y in RES:
-                        if rest.startswith(x + "."):
-                            rest = y + rest[len(x) :]
-                new = b + rest
-                break
-        out["model.diffusion_model." + new] = v
-    return out
+    blocks = [(a, b, RES if ".resnets." in a else []) for a, b in unet_map(cfg)]
+    return {"model.diffusion_model." + rename(k, blocks)[0]: v for k, v in sd.items()}
 
 
 def convert_vae(sd, cfg):
     n = len(cfg["block_out_channels"])
     L = cfg["layers_per_block"]
-    m = [("encoder.conv_norm_out.", "encoder.norm_out."), ("decoder.conv_norm_out.", "decoder.norm_out.")]
+    shortcut = [("conv_shortcut.", "nin_shortcut.")]
+    blocks: list[Block] = [
+        ("encoder.conv_norm_out.", "encoder.norm_out.", []),
+        ("decoder.conv_norm_out.", "decoder.norm_out.", []),
+    ]
     for i in range(n):
         for j in range(L):
-            m.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}."))
+            blocks.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", shortcut))
         if i < n - 1:
-            m.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."))
+            blocks.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.", []))
         for j in range(L + 1):
-            m.append((f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{n - 1 - i}.block.{j}."))
+            blocks.append((f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{n - 1 - i}.block.{j}.", shortcut))
         if i < n - 1:
-            m.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n - 1 - i}.upsample."))
+            blocks.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n - 1 - i}.upsample.", []))
     for part in ("encoder", "decoder"):
-        m += [
-            (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1."),
-            (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2."),
-            (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1."),
+        blocks += [
+            (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", shortcut),
+            (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", shortcut),
+            (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", VAE_ATTN),
         ]
-    attn = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
     out = {}
     for k, v in sd.items():
-        new = k
-        for a, b in m:
-            if new.startswith(a):
-                rest = new[len(a) :]
-                if "attn_1" in b:
-                    for x, y in attn:
-                        if rest.startswith(x):
-                            rest = y + rest[len(x) :]
-                            if x != "group_norm." and rest.endswith("weight"):
-                                v = v.reshape(*v.shape, 1, 1)
-                if ".block." in b or "block_" in b:
-                    rest = rest.replace("conv_shortcut", "nin_shortcut")
-                new = b + rest
-                break
+        new, part = rename(k, blocks)
+        if part in ("to_q.", "to_k.", "to_v.", "to_out.0.") and new.endswith("weight"):
+            v = v.reshape(*v.shape, 1, 1)
         out["first_stage_model." + new] = v
     return out
 
