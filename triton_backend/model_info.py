@@ -86,23 +86,35 @@ class ModelInfo:
         sched = _read_json(model_dir / "scheduler" / "scheduler_config.json")
         arch, pooled_dim, force_zeros = _architecture(model_dir, unet)
         sample = unet.get("sample_size", 64)
-        mean, std = vae.get("latents_mean"), vae.get("latents_std")
+        facts = cls.vae_facts(vae)
         return cls(
             model_dir=model_dir,
-            vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
-            latent_channels=int(vae.get("latent_channels", 4)),
-            unet_in_channels=_unet_in_channels(model_dir, unet, int(vae.get("latent_channels", 4))),
+            **facts,
+            unet_in_channels=_unet_in_channels(model_dir, unet, facts["latent_channels"]),
             sample_size=int(sample if isinstance(sample, int) else sample[0]),
             cross_attention_dim=int(unet["cross_attention_dim"]),
-            scaling_factor=float(vae.get("scaling_factor", 0.18215)),
             scheduler_config=sched,
             arch=arch,
             pooled_dim=pooled_dim,
             force_zeros_for_empty_prompt=force_zeros,
-            latents_mean=tuple(mean) if mean is not None and std is not None else None,
-            latents_std=tuple(std) if mean is not None and std is not None else None,
-            vae_force_upcast=bool(vae.get("force_upcast", True)),
         )
+
+    @staticmethod
+    def vae_facts(vae: dict[str, Any]) -> dict[str, Any]:
+        """What a VAE config (``vae/config.json``) tells, as :class:`ModelInfo` fields; diffusers' defaults where
+        absent.
+        """
+        mean, std = vae.get("latents_mean"), vae.get("latents_std")
+        if mean is None or std is None:
+            mean = std = None
+        return {
+            "vae_scale_factor": 2 ** (len(vae["block_out_channels"]) - 1),
+            "latent_channels": int(vae.get("latent_channels", 4)),
+            "scaling_factor": float(vae.get("scaling_factor", 0.18215)),
+            "latents_mean": None if mean is None else tuple(mean),
+            "latents_std": None if std is None else tuple(std),
+            "vae_force_upcast": bool(vae.get("force_upcast", True)),
+        }
 
 
 def _unet_in_channels(model_dir: Path, unet: dict[str, Any], latent_channels: int) -> int:

@@ -119,28 +119,20 @@ class Vae:
         return self.encode(request.init_image, request.mask_image)
 
 
-#: What a replacement VAE must share with the model's own: the latent space the UNet works in.
-LATENT_SPACE = ("latent_channels", "scaling_factor", "latents_mean", "latents_std")
-
-
 def replacement_vae(info: ModelInfo, vae_dir: Path) -> ModelInfo:
     """The model's facts with the VAE of ``vae_dir`` (parameter ``vae_dir``: a diffusers ``AutoencoderKL``
-    directory, e.g. SDXL's fp16-fix VAE), refused at load unless it decodes the same latent space (channels, scale
-    factor, scaling factor, ``latents_mean``/``latents_std``); its ``force_upcast`` applies.
+    directory, e.g. SDXL's fp16-fix VAE), refused at load unless it decodes the same latent space as ``info``
+    (channels, scale factor, scaling factor, ``latents_mean``/``latents_std``); its ``force_upcast`` applies.
     """
     try:
-        theirs = json.loads((vae_dir / "config.json").read_text())
-        ours = json.loads((info.model_dir / "vae" / "config.json").read_text())
-    except (OSError, ValueError) as exc:
+        theirs = ModelInfo.vae_facts(json.loads((vae_dir / "config.json").read_text()))
+    except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"vae_dir {vae_dir}: not a diffusers AutoencoderKL directory ({exc})") from None
-    defaults = {"latent_channels": 4, "scaling_factor": 0.18215, "latents_mean": None, "latents_std": None}
-    for key in (*LATENT_SPACE, "block_out_channels"):
-        mine, other = ours.get(key, defaults.get(key)), theirs.get(key, defaults.get(key))
-        if key == "block_out_channels":
-            mine, other = len(mine or ()), len(other or ())  # (the scale factor: 2 ** (blocks - 1))
-        if mine != other:
+    for key, other in theirs.items():
+        mine = getattr(info, key)
+        if key != "vae_force_upcast" and mine != other:
             raise ConfigError(
                 f"vae_dir {vae_dir}: {key} {other} differs from the model's VAE ({mine}); a replacement VAE must "
                 "decode the same latent space (e.g. SDXL's fp16-fix VAE for an SDXL model)"
             )
-    return dataclasses.replace(info, vae_force_upcast=bool(theirs.get("force_upcast", True)))
+    return dataclasses.replace(info, vae_force_upcast=theirs["vae_force_upcast"])
