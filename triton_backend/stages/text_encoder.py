@@ -68,6 +68,7 @@ class TextEncoder:
         widths = tuple(int(m.get_input_embeddings().weight.shape[1]) for m in self.models)
         #: Textual-inversion embeddings by trigger word (parameter ``embedding_dir``), read as files change.
         self.embeddings = EmbeddingStore(embedding_dir(cfg.params, cfg.model_dir), widths)
+        self._triggers: dict[tuple[int, str], tuple[int, ...]] = {}
         #: Prompt embeddings of recent requests (parameter ``prompt_cache_mb``, 0 = off); see :meth:`cache_key`.
         self.cache: ByteLRU[dict[str, np.ndarray]] = ByteLRU(
             mib(cfg.params["prompt_cache_mb"]),
@@ -163,6 +164,14 @@ class TextEncoder:
         """
         return self._run(i, self._tokenize(i, [""]).input_ids, clip_skip)[0]
 
+    def _trigger(self, i: int, word: str) -> tuple[int, ...]:
+        """An embedding's trigger word as encoder ``i``'s tokens (kept: the store is consulted at every request)."""
+        key = (i, word)
+        if key not in self._triggers:
+            tokenizer = self.tokenizers[i]
+            self._triggers[key] = tuple(tokenizer(word, add_special_tokens=False, verbose=False)["input_ids"])
+        return self._triggers[key]
+
     def _chunks(self, i: int, text: str, embeddings: dict[str, Embedding], field: str) -> list[PromptChunk] | None:
         """``text``'s A1111 chunks for encoder ``i``, or ``None`` for a plain prompt (diffusers' path)."""
         tokenizer = self.tokenizers[i]
@@ -176,7 +185,7 @@ class TextEncoder:
                 raise InvalidRequestError(
                     field, f"weight {weight:g} of {run.strip()[:40]!r}; allowed -{MAX_WEIGHT} .. {MAX_WEIGHT}"
                 )
-        triggers = sorted(((tuple(tokenize([name])[0]), e) for name, e in embeddings.items()), key=lambda t: -len(t[0]))
+        triggers = sorted(((self._trigger(i, name), e) for name, e in embeddings.items()), key=lambda t: -len(t[0]))
         used = [e for trigger, e in triggers if _contains(ids, trigger)]
         if not used and len(ids) <= CHUNK_TOKENS and not has_syntax(text):
             return None
