@@ -34,15 +34,17 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 from swiftdiffusion_client import Client, GenerationRequest
 
 from triton_backend.paths import baseline_repository_dir, default_model_dir
+from triton_backend.serving.events import TRACE_ENV
 from triton_backend.serving.repository import Layout, Pipeline, render
 from triton_backend.serving.server import TritonServer, gpu_repository
-from triton_backend.tools.bench import machine, summary, timed, write_results
+from triton_backend.tools.bench import machine, step_times, summary, timed, write_results
 from triton_backend.tools.default_model import write_default_model
 from triton_backend.tools.workload import (
     TraceSpec,
@@ -97,7 +99,20 @@ def cells(args: argparse.Namespace) -> list[tuple[str, GenerationRequest]]:
         label = f"img2img{' inpaint' if inpainting else ''} {c}C/{lora}L"
         out.append((label, img2img_request(c, lora, inpainting, args.steps, args.size)))
     many = dataclasses.replace(matrix_request(0, 0, args.steps, args.size), num_images=MANY_IMAGES)
-    return [*out, (f"n={MANY_IMAGES} 0C/0L", many)]
+    out.append((f"n={MANY_IMAGES} 0C/0L", many))
+    chosen = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else []
+    unknown = set(chosen) - {label for label, _ in out}
+    if unknown:
+        raise SystemExit(f"--cells: unknown {sorted(unknown)}; choose from {[label for label, _ in out]}")
+    return [cell for cell in out if not chosen or cell[0] in chosen]
+
+
+def out_of_time(args: argparse.Namespace, what: str) -> bool:
+    """``--deadline-s`` has passed (since the servers were up): ``what`` is skipped, and said so."""
+    if args.deadline_s and time.monotonic() - args.started > args.deadline_s:
+        print(f"--deadline-s {args.deadline_s:g} passed: {what} skipped", flush=True)
+        return True
+    return False
 
 
 def send(system: str, client: Client, request: GenerationRequest) -> object:
@@ -123,15 +138,26 @@ def measure(repositories: dict[str, Path], model_dir: Path, args: argparse.Names
     service time: the baseline's), then memory per stage. Returns the results by system and the rates.
     """
     results: dict = {}
+    trace_file = Path(args.out) / "trace.jsonl"
     with contextlib.ExitStack() as stack:
         servers = {
-            name: stack.enter_context(TritonServer(model_dir=model_dir, model_repository=repository))
+            name: stack.enter_context(
+                TritonServer(
+                    model_dir=model_dir,
+                    model_repository=repository,
+                    env={TRACE_ENV: str(trace_file)} if args.step_times and name == "swiftdiffusion" else {},
+                )
+            )
             for name, repository in repositories.items()
         }
         clients = {name: stack.enter_context(Client(server.grpc_url)) for name, server in servers.items()}
         for name, server in servers.items():
             results[name] = {"matrix": {}, "sweep": {}, "memory_idle": server.memory()}
+        args.started = time.monotonic()
         for cell, req in cells(args):
+            if out_of_time(args, f"cell {cell} and after"):
+                break
+            since = time.time()
             times: dict[str, list[float]] = {name: [] for name in clients}
             for turn in range(args.matrix_rounds):  # blocks of --repeats, alternating between the systems
                 for name, c in clients.items():
@@ -141,7 +167,13 @@ def measure(repositories: dict[str, Path], model_dir: Path, args: argparse.Names
                 results[name]["matrix"][cell] = summary(times[name])
                 record(args, name, "matrix-" + cell.replace("/", "").replace(" ", "-"), results[name]["matrix"][cell])
                 print(f"  {name} {cell}: {results[name]['matrix'][cell]['median_s']:.3f} s", flush=True)
-        if args.matrix_only:
+            if args.step_times:  # (ours: the unet passes of this cell, warm-up included)
+                steps = step_times(trace_file, since)
+                results["swiftdiffusion"]["matrix"][cell]["steps"] = steps
+                record(args, "swiftdiffusion", "steps-" + cell.replace("/", "").replace(" ", "-"), steps)
+                print(f"  swiftdiffusion {cell} per step: {steps}", flush=True)
+        if args.matrix_only or out_of_time(args, "the rate sweep"):
+            args.matrix_only = True  # (the report then has the matrix alone)
             return results, []
         # Steady state of a long-running server: every adapter the traces use has been used once (our caches are
         # warm; the baseline has none). Cold-start costs are in the matrix above.
@@ -160,6 +192,8 @@ def measure(repositories: dict[str, Path], model_dir: Path, args: argparse.Names
         rates = [float(r) for r in args.rates.split(",")] if args.rates else [round(f / mean, 2) for f in RATE_FACTORS]
         print(f"baseline: {mean:.3f} s per trace request -> capacity {1 / mean:.2f}/s; SLO {args.slo} s; {rates}")
         for rate in rates:
+            if out_of_time(args, f"rate {rate:g} and after"):
+                break
             trace = generate_trace(TraceSpec(rate=rate, max_requests=args.requests_per_rate, seed=7))
             for name, server in servers.items():
                 result = asyncio.run(replay(server.grpc_url, trace, args.steps, args.size, args.slo))
@@ -247,6 +281,10 @@ def main() -> int:
     ap.add_argument("--model-dtype", default="float32", help="weights of a generated default model on disk")
     ap.add_argument("--out", default="results")
     ap.add_argument("--matrix-only", action="store_true", help="only the latency cells: no rate sweep, no memory")
+    ap.add_argument("--layout", default="", help="ours: a layout name (default: cpu, or 1gpu with --device cuda)")
+    ap.add_argument("--cells", default="", help="comma-separated matrix cells to run (e.g. 0C/0L,1C/0L); default all")
+    ap.add_argument("--deadline-s", type=float, default=0.0, help="start no cell or sweep after this many seconds")
+    ap.add_argument("--step-times", action="store_true", help="trace ours: per-step ms of the unet passes per cell")
     args = ap.parse_args()
 
     source = (
@@ -270,7 +308,7 @@ def main() -> int:
     materialize_adapters(model_dir, generate_trace(TraceSpec(rate=1.0, max_requests=2000)))
     try:
         # Ours: the repository serve renders here (--layout auto: cpu without a GPU, 1gpu on one).
-        layout = Layout.named("1gpu", args.dtype) if args.device == "cuda" else Layout.named("cpu")
+        layout = Layout.named(args.layout or ("1gpu" if args.device == "cuda" else "cpu"), args.dtype)
         ours = render(work / "ours", [Pipeline("txt2img", model_dir)], layout, stage_prefix="", load_stages=False)
         base = baseline_repository_dir()
         if args.device == "cuda":

@@ -20,6 +20,7 @@ from .helpers import (
     diffusers_controlnet_image,
     generate_concurrently,
     hint_images,
+    on_cuda,
 )
 
 pytestmark = pytest.mark.integration
@@ -218,7 +219,7 @@ def test_a_controlnet_directory_deleted_while_resident_is_refused_and_the_server
         shutil.rmtree(copy, ignore_errors=True)
 
 
-def test_inline_controlnets_equal_diffusers_and_the_service(default_server, client, reference, model_dir):
+def test_default_layout_controlnets_equal_diffusers_and_the_service(default_server, client, reference, model_dir):
     from swiftdiffusion_client import Client
 
     reqs = [
@@ -242,5 +243,8 @@ def test_inline_controlnets_equal_diffusers_and_the_service(default_server, clie
             assert_same_image(image, diffusers_controlnet_image(reference, model_dir, req))
             assert_same_image(image, client.generate(req))  # the service's image
     events = [json.loads(line)["event"] for line in default_server.trace_file.read_text().splitlines()]
-    assert "unet_controlnet_sent" not in events and "controlnet_step_start" not in events  # no service step ran
+    service_steps = "unet_controlnet_sent" in events or "controlnet_step_start" in events
+    # What the layout in use promises: the cpu layout runs ControlNets in denoise (no service step); on CUDA the
+    # default server renders 1gpu, whose unet calls the service every step.
+    assert service_steps == on_cuda()
     assert not _hint_files()

@@ -167,8 +167,8 @@ def test_the_renderer_refuses_what_a_layout_cannot_run_and_bad_values_by_name(mo
 
 
 def test_serve_picks_the_layout_for_the_gpus_it_sees():
-    assert [Layout.auto(n).name for n in (0, 1, 2, 3, 4, 8)] == ["cpu", "1gpu", "2gpu", "2gpu", "2gpu+2c", "2gpu+2c"]
-    assert set(LAYOUT_NAMES) == {"cpu", "split", "1gpu", "2gpu", "2gpu+2c"}
+    assert [Layout.auto(n).name for n in (0, 1, 2, 3, 4, 8)] == ["cpu", "1gpu", "2gpu", "2gpu+1c", "2gpu+2c", "2gpu+2c"]
+    assert set(LAYOUT_NAMES) == {"cpu", "split", "1gpu", "2gpu", "2gpu+1c", "2gpu+2c"}
 
 
 @pytest.mark.parametrize("template", sorted(contract.MODELS))

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Step 3: the benchmark. On the device: the full-size SD1.5 architecture with random weights, written here in
-# fp16 (never copied; the trace's adapters are links), fp16 stages on GPU 0. Each measured cell is written to
-# $OUT/bench/cells/ at once, so a run cut short by the limit keeps what it measured.
+# Step 5: ours against the baseline, one request at a time, SD1.5-size in fp16 (written by the server step), with
+# per-step milliseconds of the unet passes (traced, synchronized); then one load rate if time is left. Each cell
+# is written to $RESULTS/bench/cells/ as it is measured. Sizing: see docs/gpu.md "Time".
 set -uo pipefail
+source scripts/device/common.sh
 source "$WORK/env.sh"
+CELLS="0C/0L,1C/0L,3C/0L,0C/1L,2C/2L"
+DEADLINE=$((${STEP_LIMIT_S:-140} - 45))   # start nothing new after this: the servers' start and stop fit around it
 if [[ "$MODE" == cuda ]]; then
     "$PY" scripts/benchmark.py --preset sd15 --model-dtype float16 --device cuda --dtype float16 --steps 20 \
-        --size 512 --repeats 3 --requests-per-rate 30 --capacity-requests 6 --out "$OUT/bench"
+        --size 512 --repeats 3 --matrix-rounds 1 --cells "$CELLS" --step-times --rates 1 --requests-per-rate 12 \
+        --capacity-requests 3 --deadline-s "$DEADLINE" --out "$RESULTS/bench"
 else
-    "$PY" scripts/benchmark.py --preset tiny --steps 4 --repeats 2 --requests-per-rate 6 --capacity-requests 4 \
-        --rates 2,4 --out "$OUT/bench"
+    "$PY" scripts/benchmark.py --preset tiny --layout split --steps 4 --repeats 2 --matrix-rounds 1 --cells "$CELLS" \
+        --step-times --rates 2 --requests-per-rate 6 --capacity-requests 2 --deadline-s "$DEADLINE" \
+        --out "$RESULTS/bench"
 fi

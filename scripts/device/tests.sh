@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Step 2: the integration tests on the device (stages on GPU 0 in fp32 with TF32 off, references on the CPU),
-# then fp16 against diffusers' own fp16 pipeline. --maxfail, not -x: one failure must not hide the others.
+# Step 4: correctness on CUDA (stages on GPU 0; fp32 with TF32 off against diffusers on the CPU; fp16 against
+# diffusers' fp16 on the GPU from the same float32-drawn noise). --maxfail, not -x: one failure must not hide the
+# others. No plugin of the machine's pytest auto-loads (PYTEST_DISABLE_PLUGIN_AUTOLOAD, env.sh).
 set -uo pipefail
+source scripts/device/common.sh
 source "$WORK/env.sh"
-export SWIFTDIFFUSION_SERVER_LOG_DIR="$OUT/server-logs"
-TESTS=(tests/test_txt2img_integration.py tests/test_cuda_fp16.py)
-if [[ "$MODE" == cuda ]]; then
-    export SWIFTDIFFUSION_TEST_DEVICE=cuda
-    TESTS+=(tests/test_controlnet_integration.py tests/test_lora_integration.py tests/test_sdxl_integration.py)
-    TESTS+=(tests/test_stream_integration.py)
-fi
-"$PY" -m pytest -q --maxfail=5 -p no:cacheprovider --junitxml="$OUT/tests.xml" "${TESTS[@]}"
+export SWIFTDIFFUSION_SERVER_LOG_DIR="$RESULTS/server-logs"
+mkdir -p "$SWIFTDIFFUSION_SERVER_LOG_DIR"
+[[ "$MODE" == cuda ]] && export SWIFTDIFFUSION_TEST_DEVICE=cuda
+T=tests/test_txt2img_integration.py::test_txt2img_equals_diffusers
+TESTS=(
+    tests/test_cuda_fp16.py                                   # fp16: SD, LoRA, ControlNet, SDXL (CUDA only)
+    "$T[7.5-euler]" "$T[7.5-ddim]" "$T[7.5-dpmpp_2m_karras]"  # fp32: three schedulers
+    tests/test_controlnet_integration.py::test_one_controlnet_equals_diffusers
+    "tests/test_lora_integration.py::test_k0_equals_diffusers_fused[pastel_peft]"
+    tests/test_controlnet_integration.py::test_default_layout_controlnets_equal_diffusers_and_the_service
+)
+"$PY" -m pytest -q -rA --maxfail=5 -p no:cacheprovider --durations=10 --junitxml="$RESULTS/tests.xml" "${TESTS[@]}"

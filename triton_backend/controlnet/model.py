@@ -73,7 +73,7 @@ class ControlNetModel(MetricsModel):
             residuals = self.stage.step_many([items[i] for i in steps])
             trace("controlnet_step_end")
             for i, r in zip(steps, residuals, strict=True):
-                out[i] = {"RESIDUALS": r.numpy()}
+                out[i] = {"RESIDUALS": r}  # (a torch tensor: on a GPU it stays there, io.output_tensor)
         self.report_counters(self.stage.stats, ("hits", "misses", "loads"))
         self.metrics["resident"].set(float(self.stage.resident))
         self.report_cache("hint", self.stage.hint_cache)

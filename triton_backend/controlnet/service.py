@@ -226,8 +226,12 @@ class ControlNetService:
                 self.hint_cache.pop(key)
         cond = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
         with self.cfg.compute():
-            emb = embedding(cond.to(self.cfg.device, self.cfg.dtype)).float().cpu().contiguous()
-        save_tensors({"embedding": emb}, file, "controlnet", "free shared memory (hint embeddings live there)")
+            emb = embedding(cond.to(self.cfg.device, self.cfg.dtype))
+        # This instance keeps it where its steps use it; the file is for the service's other instances.
+        self._hints.put(str(file), emb)
+        save_tensors(
+            {"embedding": emb.float().cpu()}, file, "controlnet", "free shared memory (hint embeddings live there)"
+        )
         if self.hint_cache.budget_bytes:
             entry = self.hint_root / f"{HINT_CACHE_PREFIX}{uuid.uuid4().hex}.safetensors"
             os.link(file, entry)
@@ -246,7 +250,7 @@ class ControlNetService:
         if emb is not None:
             return emb
         try:
-            emb = load_file(file)["embedding"]
+            emb = load_file(file)["embedding"].to(self.cfg.device, self.cfg.dtype)
         except (OSError, KeyError) as exc:
             raise InvalidRequestError("HINT_FILE", f"{file}: released or unreadable ({exc})") from None
         self._hints.put(file, emb)
@@ -285,9 +289,11 @@ class ControlNetService:
                 return_dict=False,
             )
             scale = torch.cat([rows[i].scale.reshape(-1) for i in idx]).to(dev, dt).reshape(-1, 1, 1, 1)
-            packed = pack_residuals([d * scale for d in down], mid * scale).to(self.residual_dtype).cpu()
+            packed = pack_residuals([d * scale for d in down], mid * scale).to(self.residual_dtype)
             for i, chunk in zip(idx, packed.split([rows[i].sample.shape[0] for i in idx]), strict=True):
                 out[i] = chunk
+        if dev.type == "cuda":  # (they leave by DLPack: finished before the caller reads them)
+            torch.cuda.current_stream(dev).synchronize()
         return out  # type: ignore[return-value]
 
     def close(self) -> None:

@@ -2,7 +2,9 @@
 
 ``W += Σ_i s_i · scaling_i · (B_i @ A_i)`` per targeted layer, accumulated in float32 and written once in the
 weight's dtype (never ``(ΣB)(ΣA)``, which adds cross terms). The pristine copy of every layer ever patched is kept
-on the host, so :meth:`WeightPatcher.restore` is a copy, bit-identical after any number of cycles. Patching in
+on the weight's own device, so :meth:`WeightPatcher.restore` is a device-local copy, bit-identical after any number
+of cycles (on a GPU, switching LoRA sets moves nothing through the host; SD1.5's attention weights in fp16 are
+~190 MB of GPU memory). Patching in
 place keeps compiled graphs/CUDA graphs valid (the parameters' storage never changes).
 """
 
@@ -40,17 +42,20 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, weight_shape: torch.S
 
 
 class FactorCache:
-    """Converted factor files loaded into this process (a small LRU: one request's set is typically reused)."""
+    """Converted factor files loaded into this process, on ``device`` (a small LRU: one request's set is typically
+    reused).
+    """
 
-    def __init__(self, capacity: int = 16):
+    def __init__(self, capacity: int = 16, device: torch.device | str = "cpu"):
         self.capacity = capacity
+        self.device = str(device)
         self._items: dict[str, dict[str, torch.Tensor]] = {}
 
     def get(self, file: str) -> dict[str, torch.Tensor]:
         if file in self._items:
             self._items[file] = self._items.pop(file)
             return self._items[file]
-        tensors = load_file(file)
+        tensors = load_file(file, device=self.device)
         self._items[file] = tensors
         while len(self._items) > self.capacity:
             self._items.pop(next(iter(self._items)))
@@ -63,7 +68,8 @@ class WeightPatcher:
     def __init__(self, model: torch.nn.Module, component: str, factors: FactorCache | None = None):
         self.model = model
         self.component = component
-        self.factors = factors or FactorCache()
+        device = next(model.parameters()).device
+        self.factors = factors or FactorCache(device=device)
         self.modules = dict(model.named_modules())
         self.pristine: dict[str, torch.Tensor] = {}
         self.patched: list[str] = []
@@ -105,7 +111,7 @@ class WeightPatcher:
         for layer, delta in deltas.items():
             weight = self.modules[layer].weight
             if layer not in self.pristine:
-                self.pristine[layer] = weight.detach().to("cpu", copy=True)
+                self.pristine[layer] = weight.detach().clone()
             patched = self.pristine[layer].to(weight.device, torch.float32) + delta
             weight.copy_(patched.to(weight.dtype))
             self.patched.append(layer)

@@ -292,7 +292,7 @@ LAYOUT_MODELS = {
 }
 LAYOUT_HELP = (
     "cpu: denoise runs the UNet and the ControlNets (no unet or controlnet model); split: every stage its own "
-    "model, on CPU instances (the bundled repository); 1gpu, 2gpu, 2gpu+2c: the split on GPUs"
+    "model, on CPU instances (the bundled repository); 1gpu, 2gpu, 2gpu+1c, 2gpu+2c: the split on GPUs"
 )
 
 

@@ -12,7 +12,7 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -27,7 +27,8 @@ from ..errors import (
     to_triton_error,
 )
 
-Tensors = dict[str, np.ndarray]
+#: Tensors by name: numpy arrays in host memory; torch tensors where they stay on a GPU (:func:`output_tensor`).
+Tensors = dict[str, Any]
 T = TypeVar("T")
 
 
@@ -41,10 +42,31 @@ def read_tensors(request: Any, names: Iterable[str], pb_utils: Any) -> Tensors:
     return out
 
 
-def make_response(outputs: Tensors, pb_utils: Any) -> Any:
-    """An ``InferenceResponse`` carrying ``outputs`` (contiguous numpy arrays)."""
+def output_tensor(name: str, value: Any, pb_utils: Any) -> Any:
+    """A ``pb_utils.Tensor``: a numpy array as is; a torch tensor by DLPack, on its own device, so a GPU tensor goes
+    to the model that asked for it (a BLS caller on the same server) without a copy through the host. The producer
+    synchronizes its stream before (the consumer sees finished values).
+    """
+    if isinstance(value, np.ndarray):
+        return pb_utils.Tensor(name, np.ascontiguousarray(value))
+    return pb_utils.Tensor.from_dlpack(name, value.contiguous().__dlpack__())
+
+
+def tensor_value(tensor: Any) -> Any:
+    """A received ``pb_utils.Tensor`` as numpy where it is in host memory, else as a torch tensor on its GPU (by
+    DLPack: no copy to the host).
+    """
+    if tensor.is_cpu():
+        return tensor.as_numpy()
+    from torch.utils.dlpack import from_dlpack
+
+    return from_dlpack(tensor.to_dlpack())
+
+
+def make_response(outputs: Mapping[str, Any], pb_utils: Any) -> Any:
+    """An ``InferenceResponse`` carrying ``outputs`` (numpy arrays; torch tensors stay on their device)."""
     return pb_utils.InferenceResponse(
-        output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in outputs.items()]
+        output_tensors=[output_tensor(name, value, pb_utils) for name, value in outputs.items()]
     )
 
 
@@ -204,7 +226,7 @@ class BlsClient:
                 if code_name in ("INVALID_ARG", "NOT_FOUND", "CANCELLED"):
                     raise RemoteStageError(code_name, message)
                 raise StageUnavailableError(f"{model}: {message}")
-            results.append({name: self.pb.get_output_tensor_by_name(response, name).as_numpy() for name in outputs})
+            results.append({name: tensor_value(self.pb.get_output_tensor_by_name(response, name)) for name in outputs})
         return results
 
 

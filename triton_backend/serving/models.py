@@ -207,7 +207,7 @@ class UNetHost:
         trace("unet_controlnet_sent", n=len(calls))
         # Started on the BLS loop, so the encoder half runs while they are in flight.
         futures = [self.bls.submit(self.bls.infer([call])) for call in calls]
-        return lambda: [torch.from_numpy(f.result()[0]["RESIDUALS"]) for f in futures]
+        return lambda: [torch.as_tensor(f.result()[0]["RESIDUALS"]) for f in futures]
 
     def forward_many(self, steps: list[unet.StepInput]) -> list[torch.Tensor]:
         return self.unet.forward_many(steps, self.control)

@@ -50,6 +50,7 @@ SHAREABLE = ("controlnet", "lora_manager")
 LAYOUTS: dict[str, dict[str, list[int]]] = {
     "1gpu": {"text_encoder": [0], "unet": [0], "vae": [0], "controlnet": [0]},
     "2gpu": {"text_encoder": [0], "unet": [0, 1], "vae": [1], "controlnet": [0]},
+    "2gpu+1c": {"text_encoder": [0], "unet": [0, 1], "vae": [1], "controlnet": [2]},
     "2gpu+2c": {"text_encoder": [0], "unet": [0, 1], "vae": [1], "controlnet": [2, 3]},
 }
 #: Every layout: ``cpu`` (denoise holds the UNet, the ControlNets and the hint embedding), ``split`` (the bundled
@@ -108,8 +109,10 @@ class Layout:
 
     @classmethod
     def auto(cls, gpus: int, dtype: str = "auto") -> Layout:
-        """``serve --layout auto``: ``cpu`` without a GPU, else the GPU layout for the GPUs there are."""
-        name = "cpu" if gpus == 0 else "1gpu" if gpus == 1 else "2gpu" if gpus < 4 else "2gpu+2c"
+        """``serve --layout auto``: ``cpu`` without a GPU, else the GPU layout for the GPUs there are (the ControlNet
+        service gets GPUs of its own from the third on).
+        """
+        name = {0: "cpu", 1: "1gpu", 2: "2gpu", 3: "2gpu+1c"}.get(gpus, "2gpu+2c")
         return cls.named(name, dtype)
 
 

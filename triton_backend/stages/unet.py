@@ -123,7 +123,10 @@ class UNetStep:
         else:
             encoder, decoder = functools.partial(encoder_half, self.model), functools.partial(decoder_half, self.model)
         with self.cfg.compute():
-            self.patcher.ensure(merged.adapters)
+            trace("unet_step_start", id=trace_id, rows=merged.sample.shape[0])
+            if self.patcher.ensure(merged.adapters) and trace_id:
+                synchronize(dev)
+                trace("unet_lora_switched", id=trace_id, adapters=len(merged.adapters))
             trace("unet_encoder_start", id=trace_id, controlnet=any(w for _, w in rows))
             state = encoder(
                 merged.sample.to(dev, dt),
@@ -131,20 +134,28 @@ class UNetStep:
                 merged.encoder_hidden_states.to(dev, dt),
                 merged.added_cond_kwargs(dev, dt),
             )
-            if trace_id and dev.type == "cuda":  # (a traced time is the kernels' end, not their launch)
-                torch.cuda.synchronize(dev)
+            if trace_id:
+                synchronize(dev)
             trace("unet_encoder_end", id=trace_id)
             if not any(wait for _, wait in rows):
-                return decoder(state).float().cpu()
+                noise = decoder(state).float().cpu()
+                trace("unet_decoder_end", id=trace_id)
+                return noise
         shapes = state.residual_shapes()
         total = sum(int(torch.Size(s[1:]).numel()) for s in shapes)
-        flats = []
-        for b, wait in rows:
-            flats.append(_sum_residuals(wait()) if wait is not None else torch.zeros(b, total))
-        trace("unet_residuals_received", id=trace_id)
+        received = [_sum_residuals(wait()) if wait is not None else None for _, wait in rows]
+        # (where they arrived: "cuda:0" = on the GPU, by DLPack from the service; "cpu" = host memory)
+        arrived = sorted({str(r.device) for r in received if r is not None})
+        trace("unet_residuals_received", id=trace_id, arrived=arrived)
+        flats = [
+            r.to(dev) if r is not None else torch.zeros(b, total, device=dev)
+            for (b, _), r in zip(rows, received, strict=True)
+        ]
         with self.cfg.compute():
             down, mid = unpack_residuals(torch.cat(flats).to(dev, dt), shapes)
-            return decoder(state, down, mid).float().cpu()
+            noise = decoder(state, down, mid).float().cpu()
+            trace("unet_decoder_end", id=trace_id)
+            return noise
 
     def forward_many(self, steps: list[StepInput], control: ControlFn | None = None) -> list[torch.Tensor]:
         """Run several requests' rows together where their shapes allow; one output per input, in order.
@@ -252,6 +263,12 @@ def merge_rows(steps: list[StepInput]) -> StepInput:
         text_embeds=_cat_optional([s.text_embeds for s in steps]),
         time_ids=_cat_optional([s.time_ids for s in steps]),
     )
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on ``device`` (a traced time is then their end, not their launch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _cat_optional(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:

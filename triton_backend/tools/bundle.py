@@ -12,6 +12,9 @@ bundle holds:
   backend, the stub for the target Python, and the shared libraries the three link, nothing else), laid out as in
   the wheel: ``pytriton/tritonserver/...`` and ``nvidia_pytriton.libs/``. Point ``SWIFTDIFFUSION_TRITON_ROOT`` at
   ``tritonserver/pytriton/tritonserver`` (see :func:`triton_backend.serving.server.pytriton_root`).
+- ``libpython/``: ``libpython3.12.so.1.0`` (stripped, 1.5 MB in the archive) for the stub, which links it. A Python
+  built without ``--enable-shared`` (Debian's and Ubuntu's ``python3.12`` without ``libpython3.12t64``) has none;
+  the install puts this copy last on ``LD_LIBRARY_PATH``, so the machine's own is used where it has one.
 - ``requirements.txt`` (the pins), ``install-nodeps.txt`` (installed without dependencies: they depend on torch)
   and ``manifest.json`` (sizes).
 
@@ -201,6 +204,23 @@ def trim_tritonserver(dest: Path, python: str = TARGET_PYTHON) -> None:
         subprocess.run([strip, "--strip-unneeded", str(path)], check=True, capture_output=True)
 
 
+def find_libpython(python: str = TARGET_PYTHON) -> Path | None:
+    """A shared ``libpython<python>.so.1.0`` on this machine: of a ``python<python>`` on ``PATH`` built with
+    ``--enable-shared``, else of a pyenv-installed one; ``None`` if there is none.
+    """
+    name = f"libpython{python}.so.1.0"
+    candidates: list[Path] = []
+    exe = shutil.which(f"python{python}")
+    if exe:
+        code = "import sysconfig; print(sysconfig.get_config_var('LIBDIR') or '')"
+        out = subprocess.run([exe, "-c", code], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip():
+            candidates.append(Path(out.stdout.strip()) / name)
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates += sorted(pyenv.glob(f"{python}.*/lib/{name}"), reverse=True)
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def compress(tree: Path, archive: Path) -> None:
     """``tree`` as ``archive`` (tar, xz -9); the ``xz`` command uses every core where it exists."""
     xz = shutil.which("xz")
@@ -230,6 +250,15 @@ def build(out: Path, python: str = TARGET_PYTHON, log=print) -> dict:
         for wheel in (staging / "wheels").glob("*.whl"):
             repack(wheel)
         trim_tritonserver(staging / "tritonserver", python)
+        libpython = find_libpython(python)
+        if libpython is None:
+            log(f"warning: no shared libpython{python} here: the stub needs the device's own")
+        else:
+            (staging / "libpython").mkdir()
+            copy = staging / "libpython" / libpython.name
+            shutil.copy2(libpython, copy)
+            if shutil.which("strip"):
+                subprocess.run(["strip", "--strip-unneeded", str(copy)], check=True, capture_output=True)
         (staging / "requirements.txt").write_text("".join(f"{p}\n" for p in pins if _name(p) not in NO_DEPS))
         (staging / "install-nodeps.txt").write_text("".join(f"{p}\n" for p in pins if _name(p) in NO_DEPS))
         archive = out / "bundle.tar.xz"
@@ -244,6 +273,7 @@ def build(out: Path, python: str = TARGET_PYTHON, log=print) -> dict:
         "budget_bytes": BUDGET_BYTES,
         "wheels_uncompressed_bytes": sum(sizes.values()),
         "tritonserver_bytes": tritonserver,
+        "libpython": str(libpython) if libpython else None,
         "largest_wheels": sorted(sizes.items(), key=lambda kv: -kv[1])[:8],
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
