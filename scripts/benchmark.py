@@ -139,6 +139,7 @@ def measure(repositories: dict[str, Path], model_dir: Path, args: argparse.Names
     """
     results: dict = {}
     trace_file = Path(args.out) / "trace.jsonl"
+    trace_file.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         servers = {
             name: stack.enter_context(

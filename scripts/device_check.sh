@@ -59,7 +59,7 @@ fi
 tagged() {  # PIDs whose environment carries this run's tag
     local p
     for p in /proc/[0-9]*; do
-        tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qxF "SWIFTDIFFUSION_CHECK_TAG=$TAG" && echo "${p#/proc/}"
+        { tr '\0' '\n' <"$p/environ"; } 2>/dev/null | grep -qxF "SWIFTDIFFUSION_CHECK_TAG=$TAG" && echo "${p#/proc/}"
     done
 }
 
