@@ -59,3 +59,5 @@ def test_bundle_for_python_312_resolves_alone_and_fits(tmp_path):
     tree = "bundle/tritonserver/pytriton/tritonserver"
     assert f"{tree}/python_backend_stubs/3.12/triton_python_backend_stub" in names
     assert f"{tree}/bin/tritonserver" in names
+    if manifest["libpython"]:  # (where this machine has a shared libpython3.12: the stub's fallback)
+        assert "bundle/libpython/libpython3.12.so.1.0" in names

@@ -99,6 +99,10 @@ def test_encoder_half_runs_while_the_controlnet_request_is_in_flight(server, cli
             overlapped += 1
         assert ends[start["id"]] >= start["t"]
     assert overlapped >= 1, "no step ran its encoder half while its ControlNet request was in flight"
+    # The residuals' path, as the trace records it: on a GPU they arrive there (DLPack, no host copy); here the
+    # same code hands over CPU tensors.
+    arrived = {d for e in events if e["event"] == "unet_residuals_received" for d in e["arrived"]}
+    assert arrived == ({"cuda:0"} if on_cuda() else {"cpu"})
 
 
 @pytest.mark.parametrize(

@@ -66,7 +66,8 @@ def main() -> int:
     facts["model"] = {"preset": preset, "written_s": round(time.perf_counter() - start, 1)}
     layout = Layout.named("1gpu", "float16") if cuda else Layout.named("split")
     facts["layout"] = layout.name
-    repo = render(out / "server-repository", [Pipeline("txt2img", model_dir)], layout, stage_prefix="", load_stages=False)
+    pipelines = [Pipeline("txt2img", model_dir)]
+    repo = render(out / "server-repository", pipelines, layout, stage_prefix="", load_stages=False)
     (out / "server-logs").mkdir(exist_ok=True)
     server = TritonServer(model_dir=model_dir, model_repository=repo, log_file=out / "server-logs" / "server-step.log")
     start = time.perf_counter()
