@@ -63,9 +63,14 @@ class Request:
 
     inputs: dict[str, np.ndarray]
     cancelled: bool = False
+    #: The outputs the client asked for (empty: every output).
+    wanted: tuple[str, ...] = ()
 
     def is_cancelled(self) -> bool:
         return self.cancelled
+
+    def requested_output_names(self) -> list[str]:
+        return list(self.wanted)
 
 
 def get_input_tensor_by_name(request: Request, name: str) -> Tensor | None:

@@ -26,6 +26,22 @@ def test_read_tensors_leaves_absent_optional_inputs_out():
     assert list(got) == ["A"] and got["A"].tolist() == [1]
 
 
+def test_a_response_carries_only_the_outputs_its_request_asked_for():
+    """The stub would drop the others in ResponseSender.send with the GIL released: the 3.12 stub crashed there."""
+    asked = pb.Request({}, wanted=("IMAGES",))
+    response = io.make_response({"IMAGES": np.zeros(2), "IMAGE": np.ones(1)}, pb, asked)
+    assert list(response.outputs()) == ["IMAGES"]
+    assert list(io.make_response({"A": np.zeros(1), "B": np.zeros(1)}, pb, request()).outputs()) == ["A", "B"]
+
+
+def test_a_torch_tensor_leaves_by_dlpack_and_a_host_tensor_arrives_as_numpy():
+    import torch
+
+    tensor = io.output_tensor("RESIDUALS", torch.arange(6.0).reshape(2, 3), pb)
+    value = io.tensor_value(tensor)
+    assert isinstance(value, np.ndarray) and value.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
 def test_respond_each_answers_in_order_and_a_failure_fails_alone():
     def handle(r):
         if r.inputs["X"][0] < 0:

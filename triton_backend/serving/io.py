@@ -63,8 +63,17 @@ def tensor_value(tensor: Any) -> Any:
     return from_dlpack(tensor.to_dlpack())
 
 
-def make_response(outputs: Mapping[str, Any], pb_utils: Any) -> Any:
-    """An ``InferenceResponse`` carrying ``outputs`` (numpy arrays; torch tensors stay on their device)."""
+def make_response(outputs: Mapping[str, Any], pb_utils: Any, request: Any = None) -> Any:
+    """An ``InferenceResponse`` carrying ``outputs`` (numpy arrays; torch tensors stay on their device).
+
+    With ``request``: only the outputs it asked for. The stub's ``ResponseSender.send`` (which also sends what
+    ``execute`` returns) drops the others itself, with the GIL released, and the 3.12 stub crashes
+    (SIGSEGV in ``_PyObject_Free`` from ``PbTensor``'s destructor, seen in the device check's rehearsal): the stage
+    process dies and its request is lost.
+    """
+    if request is not None:
+        wanted = set(request.requested_output_names())
+        outputs = {name: value for name, value in outputs.items() if not wanted or name in wanted}
     return pb_utils.InferenceResponse(
         output_tensors=[output_tensor(name, value, pb_utils) for name, value in outputs.items()]
     )
@@ -87,7 +96,7 @@ def respond_each(requests: Sequence[Any], handle: Callable[[Any], Tensors], pb_u
     responses = []
     for request in requests:
         try:
-            responses.append(make_response(handle(request), pb_utils))
+            responses.append(make_response(handle(request), pb_utils, request))
         except Exception as exc:  # noqa: BLE001 - every failure becomes that request's error response
             responses.append(failure_response(exc, pb_utils, logger))
     return responses
@@ -117,9 +126,10 @@ def respond_batched(
     for i in range(len(requests)):
         result = errors.get(i) or next(results)
         # compute_many may return an exception for one item: that request alone fails.
-        responses.append(
-            error_response(result, pb_utils) if isinstance(result, BaseException) else make_response(result, pb_utils)
-        )
+        if isinstance(result, BaseException):
+            responses.append(error_response(result, pb_utils))
+        else:
+            responses.append(make_response(result, pb_utils, requests[i]))
     return responses
 
 

@@ -349,7 +349,7 @@ class DenoiseModel(StageModel):
             if "PROGRESS_ADDRESS" in tensors:
                 progress = await ProgressSender.connect(progress_address(tensors.pop("PROGRESS_ADDRESS")))
             result = await self.generate(tensors, request, arrival, progress, every, steps)
-            response = make_response(result, self.pb)
+            response = make_response(result, self.pb, request)
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
             response = failure_response(exc, self.pb, self.logger)
         if progress is not None:

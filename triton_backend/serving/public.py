@@ -275,7 +275,7 @@ class Txt2ImgModel(PublicModel):
     async def answer(self, request: Any, sender: Any, arrival: float) -> None:
         try:
             tensors = read_tensors(request, self.inputs, self.pb)
-            response = make_response(await self.generate(tensors, request, sender, arrival), self.pb)
+            response = make_response(await self.generate(tensors, request, sender, arrival), self.pb, request)
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
             response = failure_response(exc, self.pb, self.logger)
         send_final(sender, response, self.pb)
@@ -299,9 +299,15 @@ class StreamModel(PublicModel):
             every = preview_every(tensors.pop("PREVIEW_EVERY", None))
             response = make_response(
                 await self.generate(
-                    tensors, request, sender, arrival, lambda step: sender.send(make_response(step, self.pb)), every
+                    tensors,
+                    request,
+                    sender,
+                    arrival,
+                    lambda step: sender.send(make_response(step, self.pb, request)),
+                    every,
                 ),
                 self.pb,
+                request,
             )
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
             response = failure_response(exc, self.pb, self.logger)
