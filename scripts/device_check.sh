@@ -35,6 +35,7 @@ export OUT="${OUT:-$PWD/device_results}"
 export WORK="${WORK:-/tmp/swiftdiffusion-device}"
 export BUNDLE="${BUNDLE:-shared/device_bundle/bundle.tar.xz}"
 export RESULTS="$WORK/results"
+STEP_DIR="${STEP_DIR:-scripts/device}"   # where <step>.sh lives (tests/test_device_check.py points it elsewhere)
 mkdir -p "$OUT" "$WORK" "$RESULTS"
 declare -A LIMIT=([preflight]=25 [install]=80 [server]=110 [tests]=140 [bench]=140)
 TOTAL_S=${TOTAL_S:-540}   # the whole command, cleanups and packing included
@@ -86,7 +87,7 @@ for step in "${STEPS[@]}"; do
     limit=${!override:-${LIMIT[$step]:-60}}
     left=$(( TOTAL_S - ($(date +%s) - start_all) - KILL_AFTER - RESERVE ))
     (( limit > left )) && limit=$left
-    if (( limit < 10 )); then
+    if (( left < 10 )); then
         echo "{\"step\": \"$step\", \"mode\": \"$MODE\", \"skipped\": \"no time left\"}" | tee -a "$RESULTS/steps.jsonl"
         continue
     fi
@@ -95,7 +96,7 @@ for step in "${STEPS[@]}"; do
     # timeout runs the step in a process group of its own and signals the whole group at the limit; what left the
     # group (a server in its own session) carries the tag, and the cleanup ends it.
     SWIFTDIFFUSION_CHECK_TAG="$TAG" STEP_LIMIT_S="$limit" timeout --kill-after=$KILL_AFTER "$limit" \
-        bash "scripts/device/$step.sh" > >(tee "$RESULTS/$step.log") 2>&1
+        bash "$STEP_DIR/$step.sh" > >(tee "$RESULTS/$step.log") 2>&1
     rc=$?
     cleanup
     seconds=$(python3 -c "print(round($(date +%s.%N) - $start, 1))")

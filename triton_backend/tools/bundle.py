@@ -64,7 +64,7 @@ ON_DEVICE = {"torch", "triton", "sympy", "mpmath", "networkx", "jinja2", "markup
 OVERRIDES = {
     "numpy": "numpy==1.26.4",
     "protobuf": "protobuf==4.25.9",
-    "setuptools": "setuptools>=70.1",
+    "setuptools": "setuptools>=70.1,<82",  # (torch 2.11 declares setuptools<82)
     "wheel": "wheel",
 }
 #: Installed with ``--no-deps``: they declare torch, which pip cannot see on the device's own install.
