@@ -108,7 +108,7 @@ def cells(args: argparse.Namespace) -> list[tuple[str, GenerationRequest]]:
 
 
 def out_of_time(args: argparse.Namespace, what: str) -> bool:
-    """``--deadline-s`` has passed (since the servers were up): ``what`` is skipped, and said so."""
+    """``--deadline-s`` has passed (since the benchmark started): ``what`` is skipped, and said so."""
     if args.deadline_s and time.monotonic() - args.started > args.deadline_s:
         print(f"--deadline-s {args.deadline_s:g} passed: {what} skipped", flush=True)
         return True
@@ -154,7 +154,6 @@ def measure(repositories: dict[str, Path], model_dir: Path, args: argparse.Names
         clients = {name: stack.enter_context(Client(server.grpc_url)) for name, server in servers.items()}
         for name, server in servers.items():
             results[name] = {"matrix": {}, "sweep": {}, "memory_idle": server.memory()}
-        args.started = time.monotonic()
         for cell, req in cells(args):
             if out_of_time(args, f"cell {cell} and after"):
                 break
@@ -287,6 +286,7 @@ def main() -> int:
     ap.add_argument("--deadline-s", type=float, default=0.0, help="start no cell or sweep after this many seconds")
     ap.add_argument("--step-times", action="store_true", help="trace ours: per-step ms of the unet passes per cell")
     args = ap.parse_args()
+    args.started = time.monotonic()
 
     source = (
         Path(args.model_dir)

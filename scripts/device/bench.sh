@@ -6,7 +6,9 @@ set -uo pipefail
 source scripts/device/common.sh
 source "$WORK/env.sh"
 CELLS="0C/0L,1C/0L,3C/0L,0C/1L,2C/2L"
-DEADLINE=$((${STEP_LIMIT_S:-140} - 45))   # start nothing new after this: the servers' start and stop fit around it
+# Start nothing new after this (seconds from the start): the cell or rate in progress and the servers' stop fit in
+# the rest (at SD1.5 size the longest cell, 3C/0L, is 8 requests of ~2 s).
+DEADLINE=$((${STEP_LIMIT_S:-140} - 35))
 if [[ "$MODE" == cuda ]]; then
     "$PY" scripts/benchmark.py --preset sd15 --model-dtype float16 --device cuda --dtype float16 --steps 20 \
         --size 512 --repeats 3 --matrix-rounds 1 --cells "$CELLS" --step-times --rates 1 --requests-per-rate 12 \

@@ -69,7 +69,8 @@ def make_response(outputs: Mapping[str, Any], pb_utils: Any, request: Any = None
     With ``request``: only the outputs it asked for. The stub's ``ResponseSender.send`` (which also sends what
     ``execute`` returns) drops the others itself, with the GIL released, and the 3.12 stub crashes
     (SIGSEGV in ``_PyObject_Free`` from ``PbTensor``'s destructor, seen in the device check's rehearsal): the stage
-    process dies and its request is lost.
+    process dies and its request is lost. (python_backend fixed the destructor in r24.12, PR #390; the bundled
+    Triton 2.51 is r24.10.)
     """
     if request is not None:
         wanted = set(request.requested_output_names())
