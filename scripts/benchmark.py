@@ -100,6 +100,8 @@ def cells(args: argparse.Namespace) -> list[tuple[str, GenerationRequest]]:
         out.append((label, img2img_request(c, lora, inpainting, args.steps, args.size)))
     many = dataclasses.replace(matrix_request(0, 0, args.steps, args.size), num_images=MANY_IMAGES)
     out.append((f"n={MANY_IMAGES} 0C/0L", many))
+    if args.cells == "none":  # (the rate sweep alone)
+        return []
     chosen = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else []
     unknown = set(chosen) - {label for label, _ in out}
     if unknown:
@@ -282,7 +284,9 @@ def main() -> int:
     ap.add_argument("--out", default="results")
     ap.add_argument("--matrix-only", action="store_true", help="only the latency cells: no rate sweep, no memory")
     ap.add_argument("--layout", default="", help="ours: a layout name (default: cpu, or 1gpu with --device cuda)")
-    ap.add_argument("--cells", default="", help="comma-separated matrix cells to run (e.g. 0C/0L,1C/0L); default all")
+    ap.add_argument(
+        "--cells", default="", help="comma-separated matrix cells to run (e.g. 0C/0L,1C/0L; none: no cell); default all"
+    )
     ap.add_argument("--deadline-s", type=float, default=0.0, help="start no cell or sweep after this many seconds")
     ap.add_argument("--step-times", action="store_true", help="trace ours: per-step ms of the unet passes per cell")
     args = ap.parse_args()

@@ -9,9 +9,11 @@
 #   tests     140 s  correctness on CUDA: fp16 vs diffusers (SD, LoRA, ControlNet, SDXL), fp32 schedulers,
 #                    a service ControlNet, a LoRA, the default layout
 #   bench     140 s  SD1.5-size fp16 single requests, ours vs the baseline (0C/0L, 1C/0L, 3C/0L, 0C/1L, 2C/2L) with
-#                    per-step ms of the UNet, the residual path and a LoRA switch; one load rate if time is left
+#                    per-step ms of the UNet, the residual path and a LoRA switch
+#   load      300 s  (not in the default run) one load rate over the adapter trace: a second command if the lease
+#                    has time left, on the same warm machine (it needs install's $WORK)
 #
-#   bash scripts/device_check.sh [--cpu] [STEP ...]        (default: every step, in order)
+#   bash scripts/device_check.sh [--cpu] [STEP ...]        (default: preflight install server tests bench)
 #
 # BUNDLE: the bundle archive (default shared/device_bundle/bundle.tar.xz: scripts/prepare_device_bundle.py).
 # OUT: where results land (default ./device_results, git-ignored): at most 8 files, none in a folder: summary.json,
@@ -37,7 +39,7 @@ export BUNDLE="${BUNDLE:-shared/device_bundle/bundle.tar.xz}"
 export RESULTS="$WORK/results"
 STEP_DIR="${STEP_DIR:-scripts/device}"   # where <step>.sh lives (tests/test_device_check.py points it elsewhere)
 mkdir -p "$OUT" "$WORK" "$RESULTS"
-declare -A LIMIT=([preflight]=25 [install]=80 [server]=110 [tests]=140 [bench]=140)
+declare -A LIMIT=([preflight]=25 [install]=80 [server]=110 [tests]=140 [bench]=140 [load]=300)
 TOTAL_S=${TOTAL_S:-540}   # the whole command, cleanups and packing included
 KILL_AFTER=3              # seconds between a step's SIGTERM and its SIGKILL
 RESERVE=8                 # per step: its cleanup (<= 4 s) and the pack (~1 s), with margin

@@ -59,6 +59,8 @@ def fp16_images(pipe, requests: list[GenerationRequest], **kwargs) -> list[np.nd
     latents = torch.cat([noise(r, (1, pipe.unet.config.in_channels, size, size)) for r in requests])
     out = pipe(
         [r.prompt for r in requests],
+        negative_prompt=[r.negative_prompt for r in requests],
+        guidance_scale=requests[0].guidance_scale,  # (SDXL's pipeline defaults to 5.0, the request to 7.5)
         num_inference_steps=requests[0].steps,
         latents=latents,
         output_type="np",
@@ -99,18 +101,19 @@ def test_sd_fp16_equals_diffusers_fp16_within_its_own_noise_floor(model_dir, tmp
     record_property("fp16_noise_floor", f"max {floor[0]} mean {floor[1]:.3f}")
 
     theirs = {"plain": alone[0]}
-    pipe.load_lora_weights(str(model_dir / "loras" / "pastel_peft.safetensors"), adapter_name="pastel_peft")
-    pipe.fuse_lora()
-    theirs["lora"] = fp16_images(pipe, [CASES["lora"]])[0]
-    pipe.unfuse_lora()
-    pipe.unload_lora_weights()
+    # (the ControlNet case before the LoRA's: fusing and unfusing in fp16 does not restore the weights exactly)
     net = ControlNetModel.from_pretrained(str(model_dir / "controlnets" / "edges"), torch_dtype=torch.float16)
     control = StableDiffusionControlNetPipeline(**pipe.components, controlnet=net.to("cuda"))
     control.set_progress_bar_config(disable=True)
     hint = Image.fromarray(CASES["controlnet"].controlnet_images[0])
-    theirs["controlnet"] = fp16_images(control, [CASES["controlnet"]], image=hint)[0]
+    controlnet_image = fp16_images(control, [CASES["controlnet"]], image=hint)[0]
+    pipe.load_lora_weights(str(model_dir / "loras" / "pastel_peft.safetensors"), adapter_name="pastel_peft")
+    pipe.fuse_lora()
+    theirs["lora"] = fp16_images(pipe, [CASES["lora"]])[0]
+    theirs["controlnet"] = controlnet_image
 
-    repo = render(tmp_path / "repo", [Pipeline("txt2img", model_dir)], Layout.named("1gpu", "float16"), stage_prefix="")
+    layout = Layout.named("1gpu", "float16")
+    repo = render(tmp_path / "repo", [Pipeline("txt2img", model_dir)], layout, stage_prefix="", load_stages=False)
     ours = served(repo, model_dir, tmp_path, list(CASES.values()))
     for (name, theirs_image), ours_image in zip(theirs.items(), ours, strict=True):
         check(name, ours_image, theirs_image, floor, record_property)
@@ -129,7 +132,7 @@ def test_sdxl_fp16_equals_diffusers_fp16_within_its_own_noise_floor(sdxl_model_d
     floor = (max(f[0] for f in floors), max(f[1] for f in floors))
     record_property("fp16_sdxl_noise_floor", f"max {floor[0]} mean {floor[1]:.3f}")
     layout = Layout.named("1gpu", "float16")
-    repo = render(tmp_path / "repo", [Pipeline("txt2img", sdxl_model_dir)], layout, stage_prefix="")
+    repo = render(tmp_path / "repo", [Pipeline("txt2img", sdxl_model_dir)], layout, stage_prefix="", load_stages=False)
     ours = served(repo, sdxl_model_dir, tmp_path, PLAIN)
     for i, (o, a) in enumerate(zip(ours, alone, strict=True)):
         check(f"sdxl_{i}", o, a, floor, record_property)

@@ -49,3 +49,12 @@ def test_a_step_killed_at_its_limit_leaves_no_process_and_its_results_come_back(
     assert summary["steps"][0]["step"] == "slow" and summary["server"] == {"measured": 1}
     with tarfile.open(out / "results.tar.gz") as tar:
         assert "results/slow.log" in tar.getnames()
+
+
+def test_the_cuda_memory_pool_is_sized_for_every_visible_gpu_and_for_none_without_one(monkeypatch):
+    from triton_backend.serving.server import CUDA_POOL_BYTES, cuda_pool_args
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert cuda_pool_args() == [f"--cuda-memory-pool-byte-size={i}:{CUDA_POOL_BYTES}" for i in (0, 1)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert cuda_pool_args() == []

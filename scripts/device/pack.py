@@ -33,12 +33,12 @@ def summary(results: Path) -> dict:
     if (results / "steps.jsonl").is_file():
         steps = [json.loads(line) for line in (results / "steps.jsonl").read_text().splitlines() if line.strip()]
     out: dict = {"steps": steps}
-    for name in ("preflight.json", "install.json", "server.json", "bench/benchmark.json"):
+    for name in ("preflight.json", "install.json", "server.json", "bench/benchmark.json", "load/benchmark.json"):
         data = read_json(results / name)
         if data is not None:
-            out[name.split("/")[-1].removesuffix(".json")] = data
+            out[name.replace("/benchmark", "").removesuffix(".json")] = data
     cells = sorted((results / "bench" / "cells").glob("*.json")) if (results / "bench" / "cells").is_dir() else []
-    if cells and "benchmark" not in out:  # (a bench cut short: the cells it finished)
+    if cells and "bench" not in out:  # (a bench cut short: the cells it finished)
         out["bench_cells"] = {p.stem: read_json(p) for p in cells}
     return out
 

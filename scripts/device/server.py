@@ -29,20 +29,27 @@ from triton_backend.tools.default_model import write_default_model
 from triton_backend.tools.workload import synthetic_hints
 
 
-def gpu_memory_mib(server_pid: int) -> dict[str, int]:
-    """MiB of GPU memory per process of the server, by model name (``tritonserver`` for the server itself)."""
+def gpu_memory_mib(server_pid: int) -> dict[str, int | str]:
+    """MiB of GPU memory per process of the server, by model name (``tritonserver`` for the server itself); a line
+    ``nvidia-smi`` gives without a number (``[N/A]``) is kept as its text.
+    """
     out = subprocess.run(
         ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
         capture_output=True,
         text=True,
     ).stdout
-    used = {int(pid): int(mib) for pid, mib in (line.split(",") for line in out.splitlines() if "," in line)}
     names = {pid: model for model, pids in stub_processes(server_pid).items() for pid in pids}
     names[server_pid] = "tritonserver"
-    result: dict[str, int] = {}
-    for pid, mib in used.items():
-        name = names.get(pid, f"other-{pid}")
-        result[name] = result.get(name, 0) + mib
+    result: dict[str, int | str] = {}
+    for line in out.splitlines():
+        pid, _, mib = (part.strip() for part in line.partition(","))
+        if not pid.isdigit():
+            continue
+        name = names.get(int(pid), f"other-{pid}")
+        if mib.isdigit():
+            result[name] = int(result.get(name, 0)) + int(mib)
+        else:
+            result[name] = mib
     return result
 
 
@@ -64,6 +71,7 @@ def main() -> int:
         default_model_dir("sd1", preset), preset=preset, dtype="float16" if cuda else "float32"
     )
     facts["model"] = {"preset": preset, "written_s": round(time.perf_counter() - start, 1)}
+    save()
     layout = Layout.named("1gpu", "float16") if cuda else Layout.named("split")
     facts["layout"] = layout.name
     pipelines = [Pipeline("txt2img", model_dir)]
