@@ -35,13 +35,6 @@ class Tensor:
     def is_cpu(self) -> bool:
         return True
 
-    @classmethod
-    def from_dlpack(cls, name: str, capsule: Any) -> Tensor:
-        """As the stub does for a host tensor: its values, in host memory."""
-        import torch.utils.dlpack
-
-        return cls(name, torch.utils.dlpack.from_dlpack(capsule).numpy())
-
 
 class InferenceResponse:
     def __init__(self, output_tensors: list[Tensor] | None = None, error: TritonError | None = None):

@@ -34,7 +34,7 @@ def test_a_response_carries_only_the_outputs_its_request_asked_for():
     assert list(io.make_response({"A": np.zeros(1), "B": np.zeros(1)}, pb, request()).outputs()) == ["A", "B"]
 
 
-def test_a_torch_tensor_leaves_by_dlpack_and_a_host_tensor_arrives_as_numpy():
+def test_a_host_torch_tensor_leaves_and_arrives_as_numpy():
     import torch
 
     tensor = io.output_tensor("RESIDUALS", torch.arange(6.0).reshape(2, 3), pb)

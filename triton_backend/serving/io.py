@@ -43,12 +43,18 @@ def read_tensors(request: Any, names: Iterable[str], pb_utils: Any) -> Tensors:
 
 
 def output_tensor(name: str, value: Any, pb_utils: Any) -> Any:
-    """A ``pb_utils.Tensor``: a numpy array as is; a torch tensor by DLPack, on its own device, so a GPU tensor goes
-    to the model that asked for it (a BLS caller on the same server) without a copy through the host. The producer
-    synchronizes its stream before (the consumer sees finished values).
+    """A ``pb_utils.Tensor``: a numpy array, or a torch tensor in host memory, as numpy; a torch tensor on a GPU by
+    DLPack, so it goes to the model that asked for it (a BLS caller on the same server) without a copy through the
+    host. The producer synchronizes its stream before (the consumer sees finished values).
+
+    (A host tensor could go by DLPack too, but the CI chaos test once saw ``tritonserver`` abort on a
+    ``boost::interprocess::lock_exception`` when the ``controlnet`` stub was killed while answering that way; the
+    numpy path never did in any run.)
     """
     if isinstance(value, np.ndarray):
         return pb_utils.Tensor(name, np.ascontiguousarray(value))
+    if value.device.type == "cpu":
+        return pb_utils.Tensor(name, np.ascontiguousarray(value.numpy()))
     return pb_utils.Tensor.from_dlpack(name, value.contiguous().__dlpack__())
 
 
