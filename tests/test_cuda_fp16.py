@@ -69,8 +69,20 @@ def fp16_images(pipe, requests: list[GenerationRequest], **kwargs) -> list[np.nd
     return uint8(out)
 
 
-def served(repository, model_dir, tmp_path, requests: list[GenerationRequest]) -> list[np.ndarray]:
-    srv = start_server(model_dir, tmp_path, model_repository=repository)
+def noise_floor(pipe, name: str, record_property) -> tuple[list[np.ndarray], tuple[int, float]]:
+    """``pipe``'s images of :data:`PLAIN` generated alone, and the (max, mean) difference to the same in one batch."""
+    alone = [fp16_images(pipe, [r])[0] for r in PLAIN]
+    floors = [pixel_diff(a, b) for a, b in zip(alone, fp16_images(pipe, PLAIN), strict=True)]
+    floor = (max(f[0] for f in floors), max(f[1] for f in floors))
+    record_property(name, f"max {floor[0]} mean {floor[1]:.3f}")
+    return alone, floor
+
+
+def served(model_dir, tmp_path, requests: list[GenerationRequest]) -> list[np.ndarray]:
+    """Our images of ``requests`` from the ``1gpu`` layout in fp16."""
+    layout = Layout.named("1gpu", "float16")
+    repo = render(tmp_path / "repo", [Pipeline("txt2img", model_dir)], layout, stage_prefix="", load_stages=False)
+    srv = start_server(model_dir, tmp_path, model_repository=repo)
     try:
         with Client(srv.grpc_url, timeout_s=180) as c:
             return [c.generate(r) for r in requests]
@@ -94,12 +106,7 @@ def test_sd_fp16_equals_diffusers_fp16_within_its_own_noise_floor(model_dir, tmp
         str(model_dir), torch_dtype=torch.float16, safety_checker=None, requires_safety_checker=False
     ).to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    alone = [fp16_images(pipe, [r])[0] for r in PLAIN]
-    batched = fp16_images(pipe, PLAIN)
-    floors = [pixel_diff(a, b) for a, b in zip(alone, batched, strict=True)]
-    floor = (max(f[0] for f in floors), max(f[1] for f in floors))
-    record_property("fp16_noise_floor", f"max {floor[0]} mean {floor[1]:.3f}")
-
+    alone, floor = noise_floor(pipe, "fp16_noise_floor", record_property)
     theirs = {"plain": alone[0]}
     # (the ControlNet case before the LoRA's: fusing and unfusing in fp16 does not restore the weights exactly)
     net = ControlNetModel.from_pretrained(str(model_dir / "controlnets" / "edges"), torch_dtype=torch.float16)
@@ -112,9 +119,7 @@ def test_sd_fp16_equals_diffusers_fp16_within_its_own_noise_floor(model_dir, tmp
     theirs["lora"] = fp16_images(pipe, [CASES["lora"]])[0]
     theirs["controlnet"] = controlnet_image
 
-    layout = Layout.named("1gpu", "float16")
-    repo = render(tmp_path / "repo", [Pipeline("txt2img", model_dir)], layout, stage_prefix="", load_stages=False)
-    ours = served(repo, model_dir, tmp_path, list(CASES.values()))
+    ours = served(model_dir, tmp_path, list(CASES.values()))
     for (name, theirs_image), ours_image in zip(theirs.items(), ours, strict=True):
         check(name, ours_image, theirs_image, floor, record_property)
 
@@ -126,13 +131,7 @@ def test_sdxl_fp16_equals_diffusers_fp16_within_its_own_noise_floor(sdxl_model_d
         str(sdxl_model_dir), torch_dtype=torch.float16, add_watermarker=False
     ).to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    alone = [fp16_images(pipe, [r])[0] for r in PLAIN]
-    batched = fp16_images(pipe, PLAIN)
-    floors = [pixel_diff(a, b) for a, b in zip(alone, batched, strict=True)]
-    floor = (max(f[0] for f in floors), max(f[1] for f in floors))
-    record_property("fp16_sdxl_noise_floor", f"max {floor[0]} mean {floor[1]:.3f}")
-    layout = Layout.named("1gpu", "float16")
-    repo = render(tmp_path / "repo", [Pipeline("txt2img", sdxl_model_dir)], layout, stage_prefix="", load_stages=False)
-    ours = served(repo, sdxl_model_dir, tmp_path, PLAIN)
+    alone, floor = noise_floor(pipe, "fp16_sdxl_noise_floor", record_property)
+    ours = served(sdxl_model_dir, tmp_path, PLAIN)
     for i, (o, a) in enumerate(zip(ours, alone, strict=True)):
         check(f"sdxl_{i}", o, a, floor, record_property)

@@ -193,14 +193,18 @@ def trim_tritonserver(dest: Path, python: str = TARGET_PYTHON) -> None:
     (dest / libs.name).mkdir(parents=True, exist_ok=True)
     binaries = [root / "bin" / "tritonserver", root / "backends" / "python" / "libtriton_python.so", stub]
     for lib in linked_libraries(binaries, libs):
-        if not lib.name.startswith("libpython"):  # the device's own Python provides it
+        if not lib.name.startswith("libpython"):  # (carried apart, in libpython/: the machine's own comes first)
             shutil.copy2(lib, dest / libs.name / lib.name)
+    # libtritonserver 31.5 -> 21.6 MB. The CPU rehearsal of the device check runs the trimmed server.
+    strip_symbols([tree / "bin" / "tritonserver", *(dest / libs.name).iterdir()])
+
+
+def strip_symbols(paths: list[Path]) -> None:
+    """Symbol tables out of ``paths`` in place (dynamic symbols stay); nothing where there is no ``strip``."""
     strip = shutil.which("strip")
     if strip is None:
         return
-    for path in [tree / "bin" / "tritonserver", *(dest / libs.name).iterdir()]:
-        # Symbol tables only (dynamic symbols stay): libtritonserver 31.5 -> 21.6 MB. The CPU rehearsal of the
-        # device check runs the trimmed server.
+    for path in paths:
         subprocess.run([strip, "--strip-unneeded", str(path)], check=True, capture_output=True)
 
 
@@ -257,8 +261,7 @@ def build(out: Path, python: str = TARGET_PYTHON, log=print) -> dict:
             (staging / "libpython").mkdir()
             copy = staging / "libpython" / libpython.name
             shutil.copy2(libpython, copy)
-            if shutil.which("strip"):
-                subprocess.run(["strip", "--strip-unneeded", str(copy)], check=True, capture_output=True)
+            strip_symbols([copy])
         (staging / "requirements.txt").write_text("".join(f"{p}\n" for p in pins if _name(p) not in NO_DEPS))
         (staging / "install-nodeps.txt").write_text("".join(f"{p}\n" for p in pins if _name(p) in NO_DEPS))
         archive = out / "bundle.tar.xz"
